@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make lab` runs the product, `make test` runs every test.
+VENV   ?= .venv
+PYTHON := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Debian's OpenBLAS: model workers preload it (the mlx CPU wheel's own BLAS is many times slower).
+OPENBLAS := /usr/lib/x86_64-linux-gnu/libopenblas.so.0
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
+
+.PHONY: setup system-deps lab test bench clean
+
+setup: system-deps $(STAMP)
+
+# Linux only, and only where apt-get can install; elsewhere workers use mlx's bundled BLAS.
+system-deps:
+	@if [ "$$(uname -s)" = Linux ] && [ ! -e $(OPENBLAS) ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's OpenBLAS for fast CPU generation"; \
+		apt-get update -qq && apt-get install -y -qq libopenblas0-pthread; \
+	fi
+
+$(STAMP): pyproject.toml
+	[ -x $(PYTHON) ] || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q -e ".[test]"
+	# jsonschema's optional rfc3987-syntax adds ~4 s to every server start and nothing needs it.
+	$(PYTHON) -m pip uninstall -q -y rfc3987-syntax
+	touch $(STAMP)
+
+lab: setup
+	$(VENV)/bin/jupyter lab --ip=127.0.0.1 $(ROOT_FLAG) $(LAB_ARGS)
+
+test: setup
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PYTHON) benchmarks/bench_generate.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,117 @@
+"""Generation speed in a model worker with mlx's bundled BLAS vs Debian's OpenBLAS preloaded.
+
+Both run through the real engine (WorkerProxy -> worker process), side by side in one run, on
+the bundled demo model and on a randomly initialised larger Llama built on the fly (random
+weights decode at the same speed as trained ones; the demo is too small for BLAS to matter
+much).
+
+    .venv/bin/python benchmarks/bench_generate.py [--repeats 3] [--max-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import median, save, table  # noqa: E402
+
+from mlx_jupyter.engine.proxy import WorkerProxy, worker_environment  # noqa: E402
+from mlx_jupyter.models.registry import DEMO_MODEL_PATH  # noqa: E402
+
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
+PROMPT = ("In the quiet town by the river, people keep small gardens and share the bread they "
+          "bake. Every morning the baker opens the shop and the children walk to school. ") * 3
+
+BUILD_RANDOM_LLAMA = r"""
+import json, shutil, sys
+from pathlib import Path
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.models import llama
+demo, out, hidden, layers = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+config = json.loads((demo / "config.json").read_text())
+config.update(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=hidden * 8 // 3,
+              num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64)
+mx.random.seed(0)
+model = llama.Model(llama.ModelArgs.from_dict(config))
+out.mkdir(parents=True, exist_ok=True)
+mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
+(out / "config.json").write_text(json.dumps(config))
+for f in demo.iterdir():
+    if f.name.startswith(("tokenizer", "special_tokens", "generation_config")):
+        shutil.copy(f, out / f.name)
+print(sum(v.size for _, v in tree_flatten(model.parameters())))
+"""
+
+
+def build_random_llama(folder: Path, hidden: int, layers: int) -> int:
+    result = subprocess.run(
+        [sys.executable, "-c", BUILD_RANDOM_LLAMA, str(DEMO_MODEL_PATH), str(folder),
+         str(hidden), str(layers)],
+        env=worker_environment(OPENBLAS if Path(OPENBLAS).exists() else None),
+        check=True, capture_output=True, text=True)
+    return int(result.stdout.split()[-1])
+
+
+async def measure(path: Path, blas: str | None, repeats: int, max_tokens: int) -> dict:
+    proxy = WorkerProxy(path.name, path, env=worker_environment(blas))
+    await proxy.start()
+    prompt_tps, decode_tps = [], []
+    try:
+        for i in range(repeats + 1):  # the first run warms up and is not counted
+            params = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 1.0,
+                      "top_p": 1.0, "seed": i, "stop": []}
+            async for event in proxy.generate(f"bench-{i}", params):
+                if event["event"] == "done" and i > 0:
+                    prompt_tps.append(event["worker_timings"]["prompt_tokens_per_second"])
+                    decode_tps.append(event["worker_timings"]["tokens_per_second"])
+    finally:
+        await proxy.stop()
+    return {"load_s": (proxy.load_ms or 0) / 1000, "prompt": median(prompt_tps),
+            "decode": median(decode_tps)}
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    args = parser.parse_args()
+    if not Path(OPENBLAS).exists():
+        sys.exit(f"{OPENBLAS} is missing: apt-get install libopenblas0-pthread")
+
+    scratch = Path(tempfile.mkdtemp(prefix="mlx-bench-"))
+    try:
+        models = [("demo (bundled)", DEMO_MODEL_PATH)]
+        for hidden, layers in [(512, 8), (1024, 12)]:
+            params = build_random_llama(scratch / f"llama-{hidden}x{layers}", hidden, layers)
+            models.append((f"random Llama {params / 1e6:.0f}M fp32",
+                           scratch / f"llama-{hidden}x{layers}"))
+        rows = []
+        for label, path in models:
+            bundled = await measure(path, None, args.repeats, args.max_tokens)
+            openblas = await measure(path, OPENBLAS, args.repeats, args.max_tokens)
+            rows.append([label, bundled["prompt"], openblas["prompt"],
+                         f"{openblas['prompt'] / bundled['prompt']:.1f}x",
+                         bundled["decode"], openblas["decode"],
+                         f"{openblas['decode'] / bundled['decode']:.1f}x"])
+            print(json.dumps({"model": label, "bundled": bundled, "openblas": openblas}))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    body = table(["model", "prompt tok/s bundled BLAS", "prompt tok/s OpenBLAS", "ratio",
+                  "decode tok/s bundled BLAS", "decode tok/s OpenBLAS", "ratio"], rows)
+    body += (f"\n\nMedian of {args.repeats} runs after one warm-up; prompt of "
+             f"~{len(PROMPT.split())} words, up to {args.max_tokens} new tokens, temperature 1.")
+    save("generate_blas", "Generation speed in a model worker: bundled BLAS vs OpenBLAS", body,
+         "python benchmarks/bench_generate.py")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

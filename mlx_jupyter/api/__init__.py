@@ -1,0 +1,1 @@
+"""HTTP layer: route table, thin handlers and pydantic schemas."""

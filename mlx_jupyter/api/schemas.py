@@ -1,0 +1,74 @@
+"""Request bodies, validated with pydantic; errors name the offending field."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..errors import InvalidRequest
+
+MAX_PROMPT_CHARS = 1_000_000
+
+
+class _Body(BaseModel):
+    # strict: "5" is not a number and true is not 1; extra: a misspelt field is an error.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_PROMPT_CHARS)
+
+
+class GenerateRequest(_Body):
+    model: str = Field(min_length=1, max_length=256)
+    prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=1000)
+    max_tokens: int = Field(256, ge=1, le=32768)
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    stop: list[str] = Field(default_factory=list, max_length=16)
+    stream: bool = False
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_string(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, value: list[str]) -> list[str]:
+        if any(not s for s in value):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        return self
+
+    def worker_params(self) -> dict[str, object]:
+        """What the model worker needs, in the protocol's shape."""
+        return self.model_dump(include={"prompt", "messages", "max_tokens", "temperature",
+                                        "top_p", "seed", "stop"})
+
+
+def parse_body(schema: type[_Body], body: bytes) -> _Body:
+    """Validates a JSON body, turning pydantic's report into one line per problem."""
+    try:
+        return schema.model_validate_json(body or b"")
+    except ValidationError as exc:
+        raise InvalidRequest("; ".join(_describe(error) for error in exc.errors())) from None
+
+
+def _describe(error: dict) -> str:
+    location = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "json_invalid":
+        return f"request body is not valid JSON: {error['msg']}"
+    if error["type"] == "extra_forbidden":
+        return f"{location}: unknown field"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{location}: {message}" if location else message

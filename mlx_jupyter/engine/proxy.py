@@ -1,0 +1,203 @@
+"""The server's asynchronous handle on one model worker process.
+
+Never blocks the event loop: the worker is an asyncio subprocess, commands are written to its
+stdin and a reader task routes its events to per-request queues. When the process ends, the
+reader sees EOF at once and fails every open request with a `WorkerError` carrying the exit
+status and the last lines the worker wrote to stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from ..errors import WorkerError
+from .protocol import MAX_LINE_BYTES, decode, encode
+
+log = logging.getLogger(__name__)
+worker_log = logging.getLogger("mlx_jupyter.engine.worker")
+
+STDERR_TAIL_LINES = 20
+
+
+def worker_environment(preload_blas: str | None) -> dict[str, str]:
+    """The worker's environment: the server's, plus a faster BLAS preloaded when asked for."""
+    env = dict(os.environ)
+    if preload_blas:
+        env["LD_PRELOAD"] = " ".join(filter(None, [preload_blas, env.get("LD_PRELOAD")]))
+    return env
+
+
+class WorkerProxy:
+    def __init__(self, model_name: str, model_path: Path, *, env: dict[str, str] | None = None,
+                 start_timeout: float = 300.0, stop_timeout: float = 10.0):
+        self.model_name = model_name
+        self.model_path = model_path
+        self._env = env
+        self._start_timeout = start_timeout
+        self._stop_timeout = stop_timeout
+        self._process: asyncio.subprocess.Process | None = None
+        self._ready: asyncio.Future[dict[str, Any]] | None = None
+        self._requests: dict[str, asyncio.Queue[dict[str, Any] | WorkerError]] = {}
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self.started_at: float | None = None
+        self.load_ms: float | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and self._process.returncode is None
+
+    @property
+    def active_requests(self) -> int:
+        return len(self._requests)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Starts the process and waits until the model is loaded (or fails to load)."""
+        started = time.monotonic()
+        self._process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mlx_jupyter.engine.worker", str(self.model_path),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=self._env, limit=MAX_LINE_BYTES)
+        log.info("started worker pid %s for model %s", self._process.pid, self.model_name)
+        self._ready = asyncio.get_running_loop().create_future()
+        self._tasks = [asyncio.create_task(self._read_events()),
+                       asyncio.create_task(self._read_stderr())]
+        try:
+            ready = await asyncio.wait_for(asyncio.shield(self._ready), self._start_timeout)
+        except asyncio.TimeoutError:
+            await self.stop()
+            raise WorkerError(f"model {self.model_name!r} did not load within "
+                              f"{self._start_timeout:g} s") from None
+        except BaseException:
+            await self.stop()
+            raise
+        self.started_at = time.time()
+        self.load_ms = ready.get("load_ms")
+        log.info("model %s ready in worker pid %s after %.1f s", self.model_name,
+                 self._process.pid, time.monotonic() - started)
+
+    async def stop(self) -> None:
+        """Asks the worker to exit, then kills it if it does not within the stop timeout."""
+        process = self._process
+        if process is None:
+            return
+        self._stopping = True
+        if process.returncode is None:
+            try:
+                process.stdin.write(encode({"op": "shutdown"}))
+                await process.stdin.drain()
+                process.stdin.close()
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            try:
+                await asyncio.wait_for(process.wait(), self._stop_timeout)
+            except asyncio.TimeoutError:
+                log.warning("worker pid %s for %s ignored shutdown; killing it",
+                            process.pid, self.model_name)
+                process.kill()
+                await process.wait()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        log.info("worker pid %s for model %s stopped", process.pid, self.model_name)
+
+    # -- requests -------------------------------------------------------------------------
+
+    async def generate(self, request_id: str, params: dict[str, Any]
+                       ) -> AsyncIterator[dict[str, Any]]:
+        """Yields the worker's events for one request, ending with its "done" event.
+
+        Leaving the iteration early (a client that went away) cancels the request in the worker.
+        """
+        events: asyncio.Queue[dict[str, Any] | WorkerError] = asyncio.Queue()
+        self._requests[request_id] = events
+        finished = False
+        try:
+            await self._send({"op": "generate", "id": request_id, **params})
+            while True:
+                event = await events.get()
+                if isinstance(event, WorkerError):
+                    raise event
+                if event["event"] == "error":
+                    raise WorkerError(f"generation failed in model {self.model_name!r}: "
+                                      f"{event.get('message')}")
+                finished = event["event"] == "done"
+                yield event
+                if finished:
+                    return
+        finally:
+            self._requests.pop(request_id, None)
+            if not finished and self.alive:
+                await self.cancel(request_id)
+
+    async def cancel(self, request_id: str) -> None:
+        try:
+            await self._send({"op": "cancel", "id": request_id})
+        except WorkerError:
+            pass  # a dead worker has nothing left to cancel
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        if not self.alive:
+            raise self._death_error()
+        try:
+            self._process.stdin.write(encode(message))
+            await self._process.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            raise self._death_error() from None
+
+    # -- reader tasks ---------------------------------------------------------------------
+
+    async def _read_events(self) -> None:
+        stdout = self._process.stdout
+        while line := await stdout.readline():
+            try:
+                self._dispatch(decode(line))
+            except ValueError:
+                log.warning("worker %s sent a malformed line: %r", self.model_name, line[:200])
+        # EOF: the process is gone (or going). Wait for its status so the error can say why.
+        await self._process.wait()
+        error = self._death_error()
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(error)
+        for events in self._requests.values():
+            events.put_nowait(error)
+        if not self._stopping:
+            log.error("%s", error)
+
+    def _dispatch(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "ready":
+            if not self._ready.done():
+                self._ready.set_result(event)
+        elif kind == "fatal":
+            if not self._ready.done():
+                self._ready.set_exception(WorkerError(
+                    f"model {self.model_name!r} failed to load: {event.get('message')}"))
+        elif (events := self._requests.get(str(event.get("id")))) is not None:
+            events.put_nowait(event)
+
+    async def _read_stderr(self) -> None:
+        while line := await self._process.stderr.readline():
+            text = line.decode(errors="replace").rstrip()
+            self._stderr_tail.append(text)
+            worker_log.debug("[%s] %s", self.model_name, text)
+
+    def _death_error(self) -> WorkerError:
+        code = self._process.returncode if self._process else None
+        tail = " | ".join(line for line in list(self._stderr_tail)[-3:] if line.strip())
+        detail = f"; last output: {tail}" if tail else ""
+        return WorkerError(f"the worker process for model {self.model_name!r} exited "
+                           f"(code {code}){detail}")

@@ -1,0 +1,30 @@
+"""Domain errors of mlx-jupyter.
+
+Services raise these; the API layer maps them to HTTP statuses in one place
+(`mlx_jupyter.api.handlers`). Each message is one line a user can act on.
+"""
+
+
+class MlxJupyterError(Exception):
+    """Base of every error the services raise on purpose."""
+
+    status = 500
+
+
+class InvalidRequest(MlxJupyterError):
+    status = 400
+
+
+class ModelNotFound(MlxJupyterError):
+    status = 404
+
+    def __init__(self, name: str, available: list[str]):
+        names = ", ".join(sorted(available)) or "none"
+        super().__init__(f"unknown model {name!r}; available models: {names}")
+        self.name = name
+
+
+class WorkerError(MlxJupyterError):
+    """A model worker could not start, or died while it served requests."""
+
+    status = 503

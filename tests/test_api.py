@@ -1,0 +1,155 @@
+"""The REST API on a real Jupyter server (pytest-jupyter) with real model workers."""
+
+import asyncio
+import json
+import os
+import signal
+
+import pytest
+from tornado.httpclient import HTTPClientError
+
+CHAT = [{"role": "user", "content": "What is a notebook?"}]
+
+
+async def post_json(jp_fetch, path, body):
+    return await jp_fetch("mlx", "api", path, method="POST", body=json.dumps(body),
+                          request_timeout=120)
+
+
+def error_of(excinfo):
+    return excinfo.value.code, json.loads(excinfo.value.response.body)["message"]
+
+
+def ndjson(response):
+    return [json.loads(line) for line in response.body.decode().splitlines() if line]
+
+
+async def status(jp_fetch):
+    return json.loads((await jp_fetch("mlx", "api", "status")).body)
+
+
+@pytest.mark.parametrize("method, path", [("GET", "status"), ("POST", "generate")])
+@pytest.mark.parametrize("authorization", ["", "token not-the-token"])
+async def test_every_route_refuses_requests_without_the_token(jp_fetch, method, path,
+                                                              authorization):
+    body = json.dumps({"model": "demo", "prompt": "hi"}) if method == "POST" else None
+    with pytest.raises(HTTPClientError) as excinfo:
+        await jp_fetch("mlx", "api", path, method=method, body=body,
+                       headers={"Authorization": authorization})
+    assert excinfo.value.code == 403
+
+
+async def test_status_before_any_generation_has_no_worker(jp_fetch):
+    answer = await status(jp_fetch)
+    assert answer["version"]
+    assert answer["models"] == []  # loading the extension started nothing
+
+
+async def test_generate_without_stream_answers_with_text_usage_and_timings(jp_fetch):
+    response = await post_json(jp_fetch, "generate", {
+        "model": "demo", "messages": CHAT, "max_tokens": 48, "temperature": 0})
+    answer = json.loads(response.body)
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert answer["model"] == "demo" and answer["request_id"]
+    assert answer["text"].strip()
+    assert answer["finish_reason"] in ("stop", "length")
+    assert answer["usage"]["prompt_tokens"] > 0
+    assert 1 <= answer["usage"]["completion_tokens"] <= 48
+    timings = answer["timings"]
+    assert 0 < timings["ttft_ms"] <= timings["total_ms"]
+    assert timings["tokens_per_second"] > 0
+    loaded = (await status(jp_fetch))["models"]
+    assert [m["name"] for m in loaded] == ["demo"] and loaded[0]["pid"] != os.getpid()
+
+
+async def test_streamed_answer_arrives_as_ndjson_and_equals_the_whole_answer(jp_fetch):
+    body = {"model": "demo", "messages": CHAT, "max_tokens": 48, "temperature": 0}
+    whole = json.loads((await post_json(jp_fetch, "generate", body)).body)
+    response = await post_json(jp_fetch, "generate", {**body, "stream": True})
+    assert response.headers["Content-Type"] == "application/x-ndjson"
+    events = ndjson(response)
+    *texts, done = events
+    assert texts and all(set(event) == {"text"} for event in texts)
+    assert done["done"] is True and done["request_id"] == response.headers["X-Request-Id"]
+    assert "".join(event["text"] for event in texts) == whole["text"]
+    assert done["finish_reason"] == whole["finish_reason"]
+    assert done["usage"] == whole["usage"]
+    assert set(done["timings"]) >= {"ttft_ms", "total_ms", "tokens_per_second"}
+
+
+async def test_max_tokens_seed_and_stop_strings_shape_the_answer(jp_fetch):
+    base = {"model": "demo", "prompt": "The weather today", "temperature": 1.0, "seed": 11}
+    short = json.loads((await post_json(jp_fetch, "generate", {**base, "max_tokens": 5})).body)
+    assert short["finish_reason"] == "length" and short["usage"]["completion_tokens"] == 5
+
+    first = json.loads((await post_json(jp_fetch, "generate", {**base, "max_tokens": 40})).body)
+    again = json.loads((await post_json(jp_fetch, "generate", {**base, "max_tokens": 40})).body)
+    assert first["text"] == again["text"]  # same seed, same answer
+
+    # Stop at a piece of the answer we now know is coming: the text ends just before it.
+    stop = first["text"].strip()[3:6]
+    assert len(stop) == 3
+    cut = json.loads((await post_json(jp_fetch, "generate",
+                                      {**base, "max_tokens": 40, "stop": [stop]})).body)
+    assert cut["finish_reason"] == "stop"
+    assert stop not in cut["text"] and first["text"].startswith(cut["text"])
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"prompt": "hi"}, "model"),
+    ({"model": "demo"}, "exactly one of 'prompt' or 'messages'"),
+    ({"model": "demo", "prompt": "hi", "messages": CHAT}, "exactly one of"),
+    ({"model": "demo", "prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ({"model": "demo", "prompt": "hi", "max_tokens": "5"}, "max_tokens"),
+    ({"model": "demo", "prompt": "hi", "temperature": 9}, "temperature"),
+    ({"model": "demo", "prompt": "hi", "top_p": 0}, "top_p"),
+    ({"model": "demo", "prompt": "hi", "seed": -1}, "seed"),
+    ({"model": "demo", "prompt": "hi", "stop": [""]}, "stop"),
+    ({"model": "demo", "prompt": "hi", "stream": "yes"}, "stream"),
+    ({"model": "demo", "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+    ({"model": "demo", "prompt": "hi", "max_token": 5}, "max_token: unknown field"),
+])
+async def test_bad_bodies_are_refused_with_400_naming_the_field(jp_fetch, body, field):
+    with pytest.raises(HTTPClientError) as excinfo:
+        await post_json(jp_fetch, "generate", body)
+    code, message = error_of(excinfo)
+    assert code == 400 and field in message
+
+
+async def test_malformed_json_and_unknown_model(jp_fetch):
+    with pytest.raises(HTTPClientError) as excinfo:
+        await jp_fetch("mlx", "api", "generate", method="POST", body="{not json")
+    code, message = error_of(excinfo)
+    assert code == 400 and "not valid JSON" in message
+
+    with pytest.raises(HTTPClientError) as excinfo:
+        await post_json(jp_fetch, "generate", {"model": "no-such-model", "prompt": "hi"})
+    code, message = error_of(excinfo)
+    assert code == 404 and "'no-such-model'" in message and "demo" in message
+    assert (await status(jp_fetch))["models"] == []  # nothing was started for it
+
+
+async def test_a_worker_that_dies_fails_its_requests_and_is_replaced(jp_fetch):
+    body = {"model": "demo", "messages": CHAT, "max_tokens": 16, "temperature": 0}
+    await post_json(jp_fetch, "generate", body)
+    [model] = (await status(jp_fetch))["models"]
+    # Freeze the worker so the next requests are surely in flight when it dies.
+    os.kill(model["pid"], signal.SIGSTOP)
+    streamed = asyncio.ensure_future(post_json(jp_fetch, "generate", {**body, "stream": True}))
+    whole = asyncio.ensure_future(post_json(jp_fetch, "generate", body))
+    while (await status(jp_fetch))["models"][0]["active_requests"] < 2:
+        await asyncio.sleep(0.05)
+    os.kill(model["pid"], signal.SIGKILL)
+
+    *_, last = ndjson(await streamed)
+    assert last["finish_reason"] == "error" and "exited" in last["error"]
+    with pytest.raises(HTTPClientError) as excinfo:
+        await whole
+    code, message = error_of(excinfo)
+    assert code == 503 and "worker process for model 'demo' exited" in message
+    assert (await status(jp_fetch))["models"] == []
+
+    answer = json.loads((await post_json(jp_fetch, "generate", body)).body)
+    assert answer["text"].strip()
+    [fresh] = (await status(jp_fetch))["models"]
+    assert fresh["pid"] != model["pid"]
