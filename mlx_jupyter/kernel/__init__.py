@@ -1,0 +1,32 @@
+"""The kernel side of mlx-jupyter: a REST client and the `%%mlx` magic.
+
+Nothing here imports jupyter_server or mlx: kernels stay light. The magics module
+(which needs IPython) is not imported here, so scripts can use the client alone.
+"""
+
+from .client import Client, EventStream, GenerationResult
+from .discovery import ServerInfo, find_server
+from .errors import (
+    AuthenticationError,
+    ConnectionFailed,
+    InvalidRequest,
+    MlxError,
+    ModelNotFound,
+    ServerError,
+    ServerNotFound,
+)
+
+__all__ = [
+    "AuthenticationError",
+    "Client",
+    "ConnectionFailed",
+    "EventStream",
+    "GenerationResult",
+    "InvalidRequest",
+    "MlxError",
+    "ModelNotFound",
+    "ServerError",
+    "ServerInfo",
+    "ServerNotFound",
+    "find_server",
+]
