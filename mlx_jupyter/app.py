@@ -6,6 +6,7 @@ starts that model's worker process.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -42,6 +43,7 @@ class MlxApp(ExtensionApp):
         help="Seconds a model worker gets to exit after a shutdown request before it is killed.")
 
     def initialize_settings(self) -> None:
+        self._route_logs_to_the_server()
         self.manager = ModelManager(ModelRegistry.with_bundled(), WorkerSettings(
             env=worker_environment(self.blas_to_preload()),
             start_timeout=self.worker_start_timeout,
@@ -49,6 +51,14 @@ class MlxApp(ExtensionApp):
         self.queue = InferenceQueue(self.manager)
         self.settings.update({"mlx_jupyter.manager": self.manager,
                               "mlx_jupyter.queue": self.queue})
+
+    def _route_logs_to_the_server(self) -> None:
+        # Our modules log under "mlx_jupyter.*"; show those lines where the server's own go.
+        package_log = logging.getLogger("mlx_jupyter")
+        for handler in self.serverapp.log.handlers:
+            if handler not in package_log.handlers:
+                package_log.addHandler(handler)
+        package_log.setLevel(self.serverapp.log.level)
 
     def initialize_handlers(self) -> None:
         self.handlers.extend(ROUTES)
