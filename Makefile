@@ -16,6 +16,12 @@ system-deps:
 		echo "installing Debian's OpenBLAS for fast CPU generation"; \
 		apt-get update -qq && apt-get install -y -qq libopenblas0-pthread; \
 	fi
+# PostgreSQL binaries for the store's PostgreSQL tests (they start a private cluster of their own).
+	@if [ "$$(uname -s)" = Linux ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+		&& ! command -v initdb >/dev/null && command -v apt-get >/dev/null; then \
+		echo "installing Debian's PostgreSQL for the store's PostgreSQL tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
+	fi
 
 $(STAMP): pyproject.toml
 	[ -x $(PYTHON) ] || python3 -m venv $(VENV)

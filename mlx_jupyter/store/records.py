@@ -1,0 +1,58 @@
+"""RequestRecord: one generation request as the queue hands it to the store."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from typing import Any
+
+from .errors import InvalidField
+from .schema import RequestStatus, utcnow
+
+_STATUSES = frozenset(status.value for status in RequestStatus)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def check_status(status: Any) -> str:
+    value = status.value if isinstance(status, RequestStatus) else status
+    if value not in _STATUSES:
+        raise InvalidField(f"unknown request status {status!r}; "
+                           f"statuses are: {', '.join(sorted(_STATUSES))}")
+    return value
+
+
+@dataclass(kw_only=True, slots=True)
+class RequestRecord:
+    """The columns of a `requests` row, with the model named rather than numbered."""
+
+    model: str
+    id: str = field(default_factory=new_request_id)
+    notebook: str | None = None
+    priority: int = 0
+    status: str = RequestStatus.QUEUED.value
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    output_text: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    created_at: datetime = field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    ttft_ms: float | None = None
+    error: str | None = None
+
+    def to_row(self, model_id: int) -> dict[str, Any]:
+        # A shallow copy: dataclasses.asdict deep-copies and was most of a bulk insert's time.
+        row = {name: getattr(self, name) for name in _COLUMNS}
+        row["model_id"] = model_id
+        row["status"] = check_status(self.status)
+        return row
+
+
+_COLUMNS = tuple(f.name for f in fields(RequestRecord) if f.name != "model")

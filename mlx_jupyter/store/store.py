@@ -1,0 +1,411 @@
+"""Store: the server's one handle on the database (models, requests, settings, status).
+
+Synchronous and thread-safe: the server calls it from a thread pool, never on the event loop.
+Hot paths use Core statements that select only the columns they need; writes that touch many
+rows go out as one executemany. Every write transaction starts with BEGIN IMMEDIATE on SQLite
+(see database.py); reads use deferred transactions and never wait for a writer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import Engine, delete, func, insert, select, update
+from sqlalchemy.engine import URL, Connection
+from sqlalchemy.orm import Session, sessionmaker
+
+from . import queries
+from .database import (
+    create_engine_for,
+    dialect_insert,
+    immediate,
+    is_sqlite,
+    mask_url,
+    pool_info,
+    postgres_settings,
+    sqlite_pragmas,
+    storage_size,
+)
+from .errors import InvalidField, UnknownModel
+from .migrations import current_revision, head_revision, upgrade_to_head
+from .records import RequestRecord, check_status
+from .schema import (
+    FINISHED,
+    UNFINISHED,
+    Base,
+    ModelStatus,
+    RequestStatus,
+    models_table,
+    requests_table,
+    utcnow,
+)
+from .settings import DEFAULT_TTL_SECONDS, SettingsService
+
+log = logging.getLogger(__name__)
+
+models = models_table.c
+requests = requests_table.c
+
+# Columns update_request may change; the rest are fixed once the request is added.
+UPDATABLE_REQUEST_FIELDS = frozenset({
+    "status", "priority", "started_at", "finished_at", "output_text", "finish_reason",
+    "prompt_tokens", "completion_tokens", "ttft_ms", "error"})
+UPDATABLE_MODEL_FIELDS = frozenset({
+    "path", "source", "kind", "size_bytes", "memory_estimate_bytes", "status", "pinned",
+    "last_error", "metadata"})
+MAX_PAGE = 1000
+INTERRUPTED_ERROR = "the server stopped before this request finished"
+
+
+class Store:
+    """Database access for the server. `Store.open(url)` is the usual way in."""
+
+    def __init__(self, url: str | URL, *, settings_ttl: float = DEFAULT_TTL_SECONDS,
+                 **engine_options: Any):
+        self.engine: Engine = create_engine_for(url, **engine_options)
+        self._write_engine = immediate(self.engine)
+        self._write_sessions = sessionmaker(self._write_engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.settings = SettingsService(self.engine, ttl_seconds=settings_ttl)
+        # name -> id, and name -> what ensure_model last wrote (to skip identical upserts).
+        self._model_ids: dict[str, int] = {}
+        self._model_rows: dict[str, tuple[Any, ...]] = {}
+        self._models_lock = threading.Lock()
+
+    @classmethod
+    def open(cls, url: str | URL, *, settings_ttl: float = DEFAULT_TTL_SECONDS,
+             **engine_options: Any) -> Store:
+        """Creates the engine and brings the schema to the newest revision."""
+        store = cls(url, settings_ttl=settings_ttl, **engine_options)
+        try:
+            store.migrate()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def migrate(self) -> str:
+        return upgrade_to_head(self.engine)
+
+    @property
+    def url(self) -> str:
+        """The database URL with the password masked."""
+        return mask_url(self.engine.url)
+
+    def close(self) -> None:
+        """Closes every pooled connection. The store can still be used (it reconnects)."""
+        self.engine.dispose()
+        with self._models_lock:
+            self._model_ids.clear()
+            self._model_rows.clear()
+        log.debug("store %s closed", self.url)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # -- sessions ------------------------------------------------------------------------------
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """An ORM session in a write transaction: committed at the end, rolled back on error."""
+        with self._write_sessions() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def read_session(self) -> Iterator[Session]:
+        """An ORM session for reading only (on SQLite it never waits for a writer)."""
+        with self._read_sessions() as session:
+            yield session
+
+    def _write(self) -> AbstractContextManager[Connection]:
+        """A connection in a write transaction (BEGIN IMMEDIATE on SQLite), committed on exit."""
+        return self._write_engine.begin()
+
+    def _read(self) -> AbstractContextManager[Connection]:
+        """A connection for reads; its deferred transaction is rolled back on exit."""
+        return self.engine.connect()
+
+    # -- models --------------------------------------------------------------------------------
+
+    def ensure_model(self, name: str, path: str, source: str, kind: str = "text", *,
+                     size_bytes: int | None = None, memory_estimate_bytes: int | None = None,
+                     metadata: dict[str, Any] | None = None) -> int:
+        """Registers a model or updates its path/source/kind; returns its id.
+
+        Sizes and metadata are only written when given. Calling it again with the same values
+        costs no database round trip.
+        """
+        wanted = (path, source, kind, size_bytes, memory_estimate_bytes, repr(metadata))
+        with self._models_lock:
+            if self._model_rows.get(name) == wanted:
+                log.debug("model id cache hit: %s", name)
+                return self._model_ids[name]
+        now = utcnow()
+        values: dict[str, Any] = {"name": name, "path": path, "source": source, "kind": kind,
+                                  "size_bytes": size_bytes,
+                                  "memory_estimate_bytes": memory_estimate_bytes,
+                                  "metadata": metadata or {}, "created_at": now, "updated_at": now}
+        changed = {"path", "source", "kind", "updated_at"}
+        changed |= {key for key in ("size_bytes", "memory_estimate_bytes")
+                    if values[key] is not None}
+        if metadata is not None:
+            changed.add("metadata")
+        with self._write() as connection:
+            statement = dialect_insert(self.engine)(models_table).values(**values)
+            statement = statement.on_conflict_do_update(
+                index_elements=[models.name],
+                set_={key: statement.excluded[key] for key in changed})
+            model_id = connection.scalar(statement.returning(models.id))
+        with self._models_lock:
+            self._model_ids[name] = model_id
+            self._model_rows[name] = wanted
+        log.debug("model %s registered with id %s (cache updated)", name, model_id)
+        return model_id
+
+    def model_id(self, name: str) -> int:
+        """The id of a registered model (cached); `UnknownModel` when there is none."""
+        with self._models_lock:
+            cached = self._model_ids.get(name)
+        if cached is not None:
+            return cached
+        log.debug("model id cache miss: %s", name)
+        with self._read() as connection:
+            found = connection.scalar(select(models.id).where(models.name == name))
+        if found is None:
+            raise UnknownModel(name)
+        with self._models_lock:
+            self._model_ids[name] = found
+        return found
+
+    def record_model_use(self, name: str) -> bool:
+        """Counts one use of a model and stamps last_used_at. False when it is not registered."""
+        with self._write() as connection:
+            result = connection.execute(
+                update(models_table).where(models.name == name)
+                .values(use_count=models.use_count + 1, last_used_at=utcnow()))
+        return result.rowcount > 0
+
+    def set_model_status(self, name: str, status: str | ModelStatus,
+                         error: str | None = None) -> bool:
+        """Sets a model's status; `error`, when given, becomes its last_error."""
+        fields: dict[str, Any] = {"status": status}
+        if error is not None:
+            fields["last_error"] = error
+        return self.update_model(name, **fields)
+
+    def update_model(self, name: str, /, **fields: Any) -> bool:
+        """Changes columns of a model (see UPDATABLE_MODEL_FIELDS). False when it is unknown."""
+        unknown = set(fields) - UPDATABLE_MODEL_FIELDS
+        if unknown:
+            raise InvalidField(f"cannot update model field(s) {', '.join(sorted(unknown))}; "
+                               f"updatable: {', '.join(sorted(UPDATABLE_MODEL_FIELDS))}")
+        if "status" in fields:
+            fields["status"] = _model_status(fields["status"])
+        with self._write() as connection:
+            result = connection.execute(update(models_table).where(models.name == name)
+                                        .values(**fields, updated_at=utcnow()))
+        with self._models_lock:  # the next ensure_model must write again
+            self._model_rows.pop(name, None)
+        return result.rowcount > 0
+
+    def list_models(self) -> list[dict[str, Any]]:
+        with self._read() as connection:
+            rows = connection.execute(select(models_table).order_by(models.name)).mappings()
+            return [dict(row) for row in rows]
+
+    def get_model(self, name: str) -> dict[str, Any] | None:
+        with self._read() as connection:
+            row = connection.execute(
+                select(models_table).where(models.name == name)).mappings().first()
+        return dict(row) if row is not None else None
+
+    def delete_model(self, name: str) -> bool:
+        """Forgets a model and, through the foreign key, its requests."""
+        with self._write() as connection:
+            result = connection.execute(delete(models_table).where(models.name == name))
+        with self._models_lock:
+            self._model_ids.pop(name, None)
+            self._model_rows.pop(name, None)
+        log.debug("model %s deleted; id cache invalidated", name)
+        return result.rowcount > 0
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def add_request(self, record: RequestRecord) -> str:
+        row = record.to_row(self.model_id(record.model))
+        with self._write() as connection:
+            connection.execute(insert(requests_table), row)
+        return record.id
+
+    def add_requests(self, records: Iterable[RequestRecord]) -> list[str]:
+        """Adds many requests in one transaction and one executemany."""
+        records = list(records)
+        model_ids = {name: self.model_id(name) for name in {record.model for record in records}}
+        rows = [record.to_row(model_ids[record.model]) for record in records]
+        if rows:
+            with self._write() as connection:
+                connection.execute(insert(requests_table), rows)
+        return [row["id"] for row in rows]
+
+    def update_request(self, request_id: str, /, **fields: Any) -> bool:
+        """Changes columns of a request (see UPDATABLE_REQUEST_FIELDS). False when unknown."""
+        unknown = set(fields) - UPDATABLE_REQUEST_FIELDS
+        if unknown:
+            raise InvalidField(f"cannot update request field(s) {', '.join(sorted(unknown))}; "
+                               f"updatable: {', '.join(sorted(UPDATABLE_REQUEST_FIELDS))}")
+        if not fields:
+            return self.get_request(request_id) is not None
+        if "status" in fields:
+            fields["status"] = check_status(fields["status"])
+        with self._write() as connection:
+            result = connection.execute(
+                update(requests_table).where(requests.id == request_id).values(**fields))
+        return result.rowcount > 0
+
+    def get_request(self, request_id: str) -> dict[str, Any] | None:
+        """Every column of one request, and the model's name."""
+        with self._read() as connection:
+            row = connection.execute(
+                select(requests_table, queries.MODEL_NAME).where(requests.id == request_id)
+            ).mappings().first()
+        return dict(row) if row is not None else None
+
+    def list_requests(self, model: str | None = None, notebook: str | None = None,
+                      status: str | Iterable[str] | None = None, limit: int = 50,
+                      offset: int = 0, preview_chars: int = 200,
+                      ) -> tuple[list[dict[str, Any]], int]:
+        """A page of the history, newest first, and how many requests match in all.
+
+        Rows carry `prompt_preview`/`output_preview` (the first `preview_chars` characters)
+        instead of the full prompt, messages and output; `get_request` has everything.
+        """
+        if limit < 1 or offset < 0:
+            raise InvalidField(f"limit must be at least 1 and offset at least 0, "
+                               f"got limit={limit}, offset={offset}")
+        if isinstance(status, str):
+            status = check_status(status)
+        elif status is not None:
+            status = [check_status(value) for value in status]
+        try:
+            model_id = self.model_id(model) if model is not None else None
+        except UnknownModel:
+            return [], 0
+        filters = queries.history_filters(model_id, notebook, status)
+        with self._read() as connection:  # one transaction: the page and the total agree
+            rows = connection.execute(queries.history_page(
+                filters, limit=min(limit, MAX_PAGE), offset=offset,
+                preview_chars=preview_chars)).mappings().all()
+            total = connection.scalar(queries.history_count(filters))
+        return [dict(row) for row in rows], int(total or 0)
+
+    def claim_next_queued(self, model: str) -> dict[str, Any] | None:
+        """Marks the next queued request of a model as running and returns it (every column).
+
+        Highest priority first, oldest first among equals. Safe with several claimers: SQLite
+        serialises the write transactions; PostgreSQL skips rows another claimer has locked.
+        """
+        model_id = self.model_id(model)
+        with self._write() as connection:
+            request_id = connection.scalar(
+                queries.queue_claim(model_id).with_for_update(skip_locked=True))
+            if request_id is None:
+                return None
+            row = connection.execute(
+                update(requests_table).where(requests.id == request_id)
+                .values(status=RequestStatus.RUNNING.value, started_at=utcnow())
+                .returning(*requests_table.c)).mappings().one()
+        return {**row, "model": model}
+
+    def queue_counts(self) -> dict[str, dict[str, int]]:
+        """Queued and running requests per model name: {"demo": {"queued": 3, "running": 1}}."""
+        statement = (select(queries.MODEL_NAME, requests.status, func.count())
+                     .where(requests.status.in_(UNFINISHED))
+                     .group_by(requests.model_id, requests.status))
+        counts: dict[str, dict[str, int]] = {}
+        with self._read() as connection:
+            for name, status, count in connection.execute(statement):
+                counts.setdefault(name, dict.fromkeys(UNFINISHED, 0))[status] = count
+        return counts
+
+    def mark_unfinished_as_interrupted(self) -> int:
+        """Start-up recovery: requests left queued or running by a previous server process can
+        never finish (their clients are gone). Returns how many were marked interrupted."""
+        with self._write() as connection:
+            result = connection.execute(
+                update(requests_table).where(requests.status.in_(UNFINISHED))
+                .values(status=RequestStatus.INTERRUPTED.value, finished_at=utcnow(),
+                        error=func.coalesce(requests.error, INTERRUPTED_ERROR)))
+        if result.rowcount:
+            log.info("marked %d unfinished request(s) from a previous run as interrupted",
+                     result.rowcount)
+        return result.rowcount
+
+    def prune_history(self, retention_days: int | None = None,
+                      max_rows: int | None = None) -> int:
+        """Deletes finished requests older than `retention_days` and beyond the newest
+        `max_rows` (0: no limit). Defaults come from the settings `history_retention_days` and
+        `max_history_rows`. Returns how many rows were deleted."""
+        if retention_days is None:
+            retention_days = self.settings.get("history_retention_days")
+        if max_rows is None:
+            max_rows = self.settings.get("max_history_rows")
+        finished = requests.status.in_(FINISHED)
+        deleted = 0
+        with self._write() as connection:
+            if retention_days:
+                cutoff = utcnow() - timedelta(days=retention_days)
+                deleted += connection.execute(delete(requests_table).where(
+                    finished, requests.created_at < cutoff)).rowcount
+            if max_rows:
+                # created_at of the oldest row that stays; everything older goes.
+                oldest_kept = connection.scalar(
+                    select(requests.created_at).where(finished)
+                    .order_by(requests.created_at.desc()).offset(max_rows - 1).limit(1))
+                if oldest_kept is not None:
+                    deleted += connection.execute(delete(requests_table).where(
+                        finished, requests.created_at < oldest_kept)).rowcount
+        if deleted:
+            log.info("pruned %d finished request(s) from the history", deleted)
+        return deleted
+
+    # -- status --------------------------------------------------------------------------------
+
+    def get_database_info(self) -> dict[str, Any]:
+        """Dialect, masked URL, pool, pragmas (SQLite) or server settings (PostgreSQL),
+        schema revision, size on disk and row counts."""
+        info: dict[str, Any] = {"dialect": self.engine.dialect.name,
+                                "driver": self.engine.dialect.driver, "url": self.url}
+        info.update(pool_info(self.engine))  # before we check a connection out ourselves
+        with self._read() as connection:
+            info["server_version"] = ".".join(
+                str(part) for part in (self.engine.dialect.server_version_info or ()))
+            info["pragmas"] = sqlite_pragmas(connection) if is_sqlite(self.engine) else None
+            info["server_settings"] = (postgres_settings(connection)
+                                       if self.engine.dialect.name == "postgresql" else None)
+            info.update(storage_size(self.engine, connection))
+            info["row_counts"] = _row_counts(connection)
+        info["schema_revision"] = current_revision(self.engine)
+        info["schema_head"] = head_revision()
+        info["settings_cache"] = self.settings.cache.info()
+        return info
+
+
+def _model_status(status: str | ModelStatus) -> str:
+    value = status.value if isinstance(status, ModelStatus) else status
+    known = [s.value for s in ModelStatus]
+    if value not in known:
+        raise InvalidField(f"unknown model status {status!r}; statuses are: {', '.join(known)}")
+    return value
+
+
+def _row_counts(connection: Connection) -> dict[str, int]:
+    return {table.name: connection.scalar(select(func.count()).select_from(table)) or 0
+            for table in Base.metadata.sorted_tables}

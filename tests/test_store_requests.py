@@ -1,0 +1,352 @@
+"""Models and requests in the store: registration, history, the queue claim, recovery, pruning
+and many threads at once, on a SQLite file and on PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import event
+
+from mlx_jupyter.store import (
+    InvalidField,
+    ModelStatus,
+    RequestRecord,
+    RequestStatus,
+    Store,
+    UnknownModel,
+)
+
+pytest_plugins = ["store_fixtures"]  # database_url, store, postgres_server
+
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def statements_of(store: Store) -> list[str]:
+    seen: list[str] = []
+
+    @event.listens_for(store.engine, "before_cursor_execute")
+    def _record(_conn, _cursor, statement, *_args):
+        seen.append(statement)
+    return seen
+
+
+def run_threads(targets) -> list[BaseException]:
+    errors: list[BaseException] = []
+
+    def guarded(target):
+        def run():
+            try:
+                target()
+            except BaseException as error:  # returned to the test
+                errors.append(error)
+        return run
+
+    threads = [threading.Thread(target=guarded(target)) for target in targets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads), "a thread hung"
+    return errors
+
+
+# -- models -------------------------------------------------------------------------------------
+
+def test_ensure_model_upserts_and_caches_the_id(store):
+    first = store.ensure_model("demo", "/models/demo", "bundled")
+    statements = statements_of(store)
+    assert store.ensure_model("demo", "/models/demo", "bundled") == first
+    assert statements == []  # same values: served from memory
+    assert store.ensure_model("demo", "/elsewhere/demo", "configured", "text",
+                              size_bytes=10, memory_estimate_bytes=20,
+                              metadata={"arch": "llama"}) == first
+    assert [s for s in statements if "models" in s and not s.startswith("BEGIN")] == \
+        [statements[-1]]  # one upsert statement
+    other = store.ensure_model("whisper", "/models/whisper", "huggingface", "audio")
+    assert other != first
+    rows = {row["name"]: row for row in store.list_models()}
+    assert list(rows) == ["demo", "whisper"]
+    demo = rows["demo"]
+    assert (demo["path"], demo["source"], demo["size_bytes"], demo["memory_estimate_bytes"],
+            demo["metadata"], demo["status"], demo["pinned"], demo["use_count"]) == \
+        ("/elsewhere/demo", "configured", 10, 20, {"arch": "llama"}, "available", False, 0)
+    assert rows["whisper"]["kind"] == "audio"
+    # Sizes left out on a later call keep what was stored.
+    store.ensure_model("demo", "/elsewhere/demo", "configured")
+    assert store.get_model("demo")["size_bytes"] == 10
+
+
+def test_ensure_model_from_a_second_store_finds_the_same_row(database_url):
+    with Store.open(database_url) as first, Store(database_url) as second:
+        assert first.ensure_model("m", "/a", "api") == second.ensure_model("m", "/b", "api")
+        assert second.model_id("m") == first.model_id("m")
+        assert first.get_model("m")["path"] == "/b"
+
+
+def test_model_use_and_status(store):
+    store.ensure_model("demo", "/d", "bundled")
+    assert store.record_model_use("demo") and store.record_model_use("demo")
+    assert store.set_model_status("demo", ModelStatus.LOADED)
+    demo = store.get_model("demo")
+    assert demo["use_count"] == 2 and demo["last_used_at"].tzinfo == timezone.utc
+    assert demo["status"] == "loaded" and demo["last_error"] is None
+    assert store.set_model_status("demo", "error", error="out of memory")
+    assert store.get_model("demo")["last_error"] == "out of memory"
+    assert store.update_model("demo", pinned=True)
+    assert store.get_model("demo")["pinned"] is True
+    assert not store.record_model_use("nope") and not store.set_model_status("nope", "loaded")
+    with pytest.raises(InvalidField, match="unknown model status 'sleeping'"):
+        store.set_model_status("demo", "sleeping")
+    with pytest.raises(InvalidField, match="name"):
+        store.update_model("demo", name="renamed")
+
+
+def test_deleting_a_model_deletes_its_requests(store):
+    store.ensure_model("a", "/a", "api")
+    store.ensure_model("b", "/b", "api")
+    store.add_requests([RequestRecord(model="a"), RequestRecord(model="b")])
+    assert store.delete_model("a")
+    assert [m["name"] for m in store.list_models()] == ["b"]
+    rows, total = store.list_requests()
+    assert total == 1 and rows[0]["model"] == "b"
+    with pytest.raises(UnknownModel):
+        store.add_request(RequestRecord(model="a"))
+
+
+# -- requests -----------------------------------------------------------------------------------
+
+def test_add_get_and_update_a_request(store):
+    store.ensure_model("demo", "/d", "bundled")
+    record = RequestRecord(model="demo", notebook="work/analysis.ipynb", priority=5,
+                           messages=[{"role": "user", "content": "Hi"}],
+                           parameters={"max_tokens": 32, "temperature": 0.2, "stop": ["\n"]},
+                           created_at=at(0))
+    assert store.add_request(record) == record.id and len(record.id) == 32
+    got = store.get_request(record.id)
+    assert got["model"] == "demo" and got["status"] == "queued" and got["priority"] == 5
+    assert got["messages"] == [{"role": "user", "content": "Hi"}] and got["prompt"] is None
+    assert got["parameters"] == {"max_tokens": 32, "temperature": 0.2, "stop": ["\n"]}
+    assert got["created_at"] == at(0) and got["started_at"] is None
+
+    assert store.update_request(record.id, status=RequestStatus.RUNNING, started_at=at(1))
+    assert store.update_request(record.id, status="completed", finished_at=at(3),
+                                output_text="Hello!", finish_reason="stop", prompt_tokens=7,
+                                completion_tokens=3, ttft_ms=12.5)
+    got = store.get_request(record.id)
+    assert (got["status"], got["started_at"], got["finished_at"], got["output_text"],
+            got["finish_reason"], got["prompt_tokens"], got["completion_tokens"],
+            got["ttft_ms"]) == ("completed", at(1), at(3), "Hello!", "stop", 7, 3, 12.5)
+
+    assert store.get_request("0" * 32) is None
+    assert store.update_request("0" * 32, status="failed") is False
+    with pytest.raises(InvalidField, match="prompt"):
+        store.update_request(record.id, prompt="rewritten")
+    with pytest.raises(InvalidField, match="unknown request status 'done'"):
+        store.update_request(record.id, status="done")
+    with pytest.raises(UnknownModel, match="'ghost'"):
+        store.add_request(RequestRecord(model="ghost"))
+
+
+def test_add_requests_in_bulk(store):
+    store.ensure_model("a", "/a", "api")
+    store.ensure_model("b", "/b", "api")
+    records = [RequestRecord(model="ab"[i % 2], prompt=f"p{i}", created_at=at(i))
+               for i in range(250)]
+    assert store.add_requests(records) == [r.id for r in records]
+    assert store.add_requests([]) == []
+    assert store.list_requests(model="a")[1] == 125
+    assert store.get_request(records[249].id)["prompt"] == "p249"
+    with pytest.raises(InvalidField):  # one bad record: nothing is added
+        store.add_requests([RequestRecord(model="a"), RequestRecord(model="a", status="nah")])
+    assert store.list_requests()[1] == 250
+
+
+def test_history_filters_order_and_pages(store):
+    store.ensure_model("a", "/a", "api")
+    store.ensure_model("b", "/b", "api")
+    records = []
+    for i in range(30):
+        records.append(RequestRecord(
+            model="ab"[i % 2], notebook=f"nb{i % 3}.ipynb", prompt="x" * 500 + str(i),
+            status="completed" if i % 5 else "failed", output_text="y" * 300,
+            created_at=at(i)))
+    store.add_requests(records)
+    newest_first = [r.id for r in reversed(records)]
+
+    rows, total = store.list_requests(limit=10)
+    assert total == 30 and [r["id"] for r in rows] == newest_first[:10]
+    pages = [store.list_requests(limit=7, offset=offset)[0] for offset in range(0, 35, 7)]
+    assert [r["id"] for page in pages for r in page] == newest_first
+
+    row = rows[0]
+    assert "prompt" not in row and "output_text" not in row and "messages" not in row
+    assert row["prompt_preview"] == "x" * 200 and row["output_preview"] == "y" * 200
+    assert store.list_requests(limit=1, preview_chars=5)[0][0]["prompt_preview"] == "xxxxx"
+    assert store.get_request(row["id"])["prompt"] == "x" * 500 + "29"
+
+    def ids(**filters):
+        rows, total = store.list_requests(limit=100, **filters)
+        assert total == len(rows)
+        return [r["id"] for r in rows]
+
+    def expected(keep):
+        return [r.id for r in reversed(records) if keep(records.index(r))]
+
+    assert ids(model="a") == expected(lambda i: i % 2 == 0)
+    assert ids(notebook="nb1.ipynb") == expected(lambda i: i % 3 == 1)
+    assert ids(status="failed") == expected(lambda i: i % 5 == 0)
+    assert ids(status=["failed", "queued"]) == expected(lambda i: i % 5 == 0)
+    assert ids(model="b", notebook="nb0.ipynb", status="completed") == \
+        expected(lambda i: i % 2 == 1 and i % 3 == 0 and i % 5 != 0)
+    assert store.list_requests(model="never-registered") == ([], 0)
+    rows, total = store.list_requests(model="a", limit=3, offset=2)
+    assert total == 15 and [r["id"] for r in rows] == expected(lambda i: i % 2 == 0)[2:5]
+    with pytest.raises(InvalidField):
+        store.list_requests(limit=0)
+    with pytest.raises(InvalidField):
+        store.list_requests(status="sleeping")
+
+
+# -- queue --------------------------------------------------------------------------------------
+
+def test_claim_takes_highest_priority_first_then_oldest(store):
+    store.ensure_model("a", "/a", "api")
+    store.ensure_model("b", "/b", "api")
+    plan = [("low-old", 0, 0), ("high-new", 5, 4), ("mid", 1, 1), ("high-old", 5, 2),
+            ("low-new", 0, 3), ("negative", -1, -5)]
+    store.add_requests([RequestRecord(id=rid, model="a", priority=priority, created_at=at(t))
+                        for rid, priority, t in plan])
+    store.add_requests([RequestRecord(id="other-model", model="b", priority=99, created_at=at(0)),
+                        RequestRecord(id="done", model="a", priority=99, status="completed",
+                                      created_at=at(0))])
+    claimed = []
+    while (row := store.claim_next_queued("a")) is not None:
+        assert row["status"] == "running" and row["started_at"] is not None
+        assert row["model"] == "a"
+        claimed.append(row["id"])
+    assert claimed == ["high-old", "high-new", "mid", "low-old", "low-new", "negative"]
+    assert store.get_request("other-model")["status"] == "queued"
+    assert store.get_request("high-old")["status"] == "running"
+    assert store.queue_counts() == {"a": {"queued": 0, "running": 6},
+                                    "b": {"queued": 1, "running": 0}}
+
+
+def test_concurrent_claimers_take_each_request_once(store):
+    store.ensure_model("a", "/a", "api")
+    store.add_requests([RequestRecord(id=f"r{i:03d}", model="a", priority=i % 4,
+                                      created_at=at(i)) for i in range(120)])
+    claimed: list[list[str]] = [[] for _ in range(4)]
+
+    def claimer(mine: list[str]):
+        def run():
+            while (row := store.claim_next_queued("a")) is not None:
+                mine.append(row["id"])
+        return run
+
+    assert run_threads([claimer(mine) for mine in claimed]) == []
+    everything = [rid for mine in claimed for rid in mine]
+    assert len(everything) == 120 and len(set(everything)) == 120
+    for mine in claimed:  # each claimer saw the queue's order
+        assert mine == sorted(mine, key=lambda rid: (-(int(rid[1:]) % 4), int(rid[1:])))
+
+
+def test_unfinished_requests_are_marked_interrupted_at_start_up(database_url):
+    with Store.open(database_url) as before_restart:
+        before_restart.ensure_model("a", "/a", "api")
+        before_restart.add_requests([
+            RequestRecord(id="queued", model="a"),
+            RequestRecord(id="running", model="a", status="running", started_at=at(0)),
+            RequestRecord(id="running-error", model="a", status="running", error="boom"),
+            RequestRecord(id="done", model="a", status="completed", finished_at=at(1)),
+            RequestRecord(id="cancelled", model="a", status="cancelled")])
+    with Store.open(database_url) as after_restart:
+        assert after_restart.mark_unfinished_as_interrupted() == 3
+        assert after_restart.mark_unfinished_as_interrupted() == 0
+        for rid in ("queued", "running", "running-error"):
+            row = after_restart.get_request(rid)
+            assert row["status"] == "interrupted" and row["finished_at"] is not None
+            assert row["error"] == ("boom" if rid == "running-error"
+                                    else "the server stopped before this request finished")
+        assert after_restart.get_request("done")["status"] == "completed"
+        assert after_restart.get_request("done")["finished_at"] == at(1)
+        assert after_restart.get_request("cancelled")["status"] == "cancelled"
+        assert after_restart.claim_next_queued("a") is None
+
+
+def test_prune_history(store):
+    store.ensure_model("a", "/a", "api")
+    now = datetime.now(timezone.utc)
+    store.add_requests(
+        [RequestRecord(id=f"old{i}", model="a", status="completed",
+                       created_at=now - timedelta(days=40, seconds=i)) for i in range(3)]
+        + [RequestRecord(id=f"new{i}", model="a", status="completed",
+                         created_at=now - timedelta(seconds=i)) for i in range(5)]
+        + [RequestRecord(id="old-queued", model="a", created_at=now - timedelta(days=90))])
+    assert store.prune_history() == 0  # the defaults keep everything
+    assert store.prune_history(retention_days=30) == 3
+    assert store.prune_history(max_rows=2) == 3
+    rows, _ = store.list_requests()
+    assert [r["id"] for r in rows] == ["new0", "new1", "old-queued"]  # unfinished ones stay
+    store.settings.set("max_history_rows", 1)
+    assert store.prune_history() == 1
+    assert store.get_request("new0") and not store.get_request("new1")
+
+
+# -- many threads -------------------------------------------------------------------------------
+
+WRITERS, WRITES = 8, 200
+
+
+def test_many_writers_and_readers_at_once(store):
+    """8 writer threads x 200 writes (each its own transaction: inserts, and updates of their
+    own rows) while readers page through the history, fetch rows and read settings. No
+    "database is locked", no lost row."""
+    store.ensure_model("a", "/a", "api")
+    store.ensure_model("b", "/b", "api")
+    done = threading.Event()
+    written: list[list[str]] = [[] for _ in range(WRITERS)]
+
+    def writer(number: int):
+        def run():
+            mine = written[number]
+            for i in range(WRITES):
+                if i % 4 == 3:  # every 4th write updates one of this writer's rows
+                    assert store.update_request(mine[-1], status="completed",
+                                                output_text=f"done {number}-{i}")
+                else:
+                    record = RequestRecord(model="ab"[number % 2], notebook=f"nb{number}",
+                                           prompt=f"{number}-{i}", priority=i % 3)
+                    mine.append(store.add_request(record))
+        return run
+
+    def reader():
+        while not done.is_set():
+            rows, _ = store.list_requests(limit=20)
+            for row in rows[:3]:
+                assert store.get_request(row["id"]) is not None
+            store.list_requests(notebook="nb1", status="completed", limit=5)
+            store.settings.get("default_max_tokens")
+
+    writers = [writer(number) for number in range(WRITERS)]
+
+    def writers_then_stop():
+        try:
+            assert run_threads(writers) == []
+        finally:
+            done.set()
+
+    errors = run_threads([writers_then_stop, reader, reader])
+    assert errors == [], errors[:3]
+    expected = [rid for mine in written for rid in mine]
+    assert len(expected) == WRITERS * WRITES * 3 // 4
+    assert store.list_requests(limit=1)[1] == len(expected)
+    for number, mine in enumerate(written):
+        rows, _ = store.list_requests(notebook=f"nb{number}", limit=1000)
+        assert sorted(r["id"] for r in rows) == sorted(mine)
+        assert sum(r["status"] == "completed" for r in rows) == WRITES // 4
