@@ -10,8 +10,9 @@ import logging
 import sys
 from pathlib import Path
 
+from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Bool, Float, Unicode
+from traitlets import Bool, Float, Int, Unicode
 
 from ._version import __version__
 from .api.routes import ROUTES
@@ -19,6 +20,8 @@ from .engine.proxy import worker_environment
 from .models.manager import ModelManager, WorkerSettings
 from .models.registry import ModelRegistry
 from .queue import InferenceQueue
+from .services import BlockingPool, StoreService
+from .store import Store, default_database_url
 
 
 class MlxApp(ExtensionApp):
@@ -42,15 +45,61 @@ class MlxApp(ExtensionApp):
         10.0, config=True,
         help="Seconds a model worker gets to exit after a shutdown request before it is killed.")
 
+    database_url = Unicode(
+        "", config=True,
+        help="SQLAlchemy URL of the database, e.g. postgresql+psycopg://user:pw@host/db. "
+             "Empty: a SQLite file, mlx_jupyter.db, in Jupyter's data directory.")
+    db_pool_size = Int(10, config=True, help="Connections the database pool keeps open.")
+    db_max_overflow = Int(20, config=True,
+                          help="Connections the pool may open beyond db_pool_size under load.")
+    db_pool_recycle = Int(3600, config=True,
+                          help="Seconds after which a pooled connection is replaced.")
+    db_pool_pre_ping = Bool(True, config=True,
+                            help="Check a pooled connection is alive before handing it out.")
+    db_busy_timeout_ms = Int(5000, config=True,
+                             help="SQLite: milliseconds a writer waits for a lock before failing.")
+    settings_cache_ttl = Float(30.0, config=True,
+                               help="Seconds a setting read from the database stays cached "
+                                    "(a write invalidates it at once).")
+    thread_pool_workers = Int(4, config=True,
+                              help="Threads for blocking work (database, file scans), so the "
+                                   "event loop never waits on it.")
+
     def initialize_settings(self) -> None:
         self._route_logs_to_the_server()
-        self.manager = ModelManager(ModelRegistry.with_bundled(), WorkerSettings(
+        registry = ModelRegistry.with_bundled()
+        self.store = self._open_store(registry)
+        self.pool = BlockingPool(self.thread_pool_workers)
+        self.manager = ModelManager(registry, WorkerSettings(
             env=worker_environment(self.blas_to_preload()),
             start_timeout=self.worker_start_timeout,
             stop_timeout=self.worker_stop_timeout))
-        self.queue = InferenceQueue(self.manager)
+        store_service = StoreService(self.store, self.pool)
+        self.queue = InferenceQueue(self.manager, store_service)
         self.settings.update({"mlx_jupyter.manager": self.manager,
-                              "mlx_jupyter.queue": self.queue})
+                              "mlx_jupyter.queue": self.queue,
+                              "mlx_jupyter.store": store_service})
+
+    def _open_store(self, registry: ModelRegistry) -> Store:
+        """Opens the database, migrating it, before the server takes requests."""
+        url = self.database_url
+        if not url:
+            data_dir = Path(jupyter_data_dir())
+            data_dir.mkdir(parents=True, exist_ok=True)
+            url = default_database_url(data_dir)
+        store = Store.open(url, settings_ttl=self.settings_cache_ttl,
+                           pool_size=self.db_pool_size, max_overflow=self.db_max_overflow,
+                           pool_recycle=self.db_pool_recycle,
+                           pool_pre_ping=self.db_pool_pre_ping,
+                           busy_timeout_ms=self.db_busy_timeout_ms)
+        self.log.info("mlx_jupyter: database %s", store.url)
+        interrupted = store.mark_unfinished_as_interrupted()
+        if interrupted:
+            self.log.warning("mlx_jupyter: %d request(s) were unfinished when the server last "
+                             "stopped; marked interrupted", interrupted)
+        for entry in registry.entries():
+            store.ensure_model(entry.name, str(entry.path), entry.source)
+        return store
 
     def _route_logs_to_the_server(self) -> None:
         # Our modules log under "mlx_jupyter.*"; show those lines where the server's own go.
@@ -74,3 +123,5 @@ class MlxApp(ExtensionApp):
 
     async def stop_extension(self) -> None:
         await self.manager.shutdown()
+        self.pool.shutdown()
+        self.store.close()

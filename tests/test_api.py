@@ -96,7 +96,8 @@ async def test_max_tokens_seed_and_stop_strings_shape_the_answer(jp_fetch):
 
 
 @pytest.mark.parametrize("body, field", [
-    ({"prompt": "hi"}, "model"),
+    ({"model": "", "prompt": "hi"}, "model"),
+    ({"model": 3, "prompt": "hi"}, "model"),
     ({"model": "demo"}, "exactly one of 'prompt' or 'messages'"),
     ({"model": "demo", "prompt": "hi", "messages": CHAT}, "exactly one of"),
     ({"model": "demo", "prompt": "hi", "max_tokens": 0}, "max_tokens"),
@@ -108,6 +109,7 @@ async def test_max_tokens_seed_and_stop_strings_shape_the_answer(jp_fetch):
     ({"model": "demo", "prompt": "hi", "stream": "yes"}, "stream"),
     ({"model": "demo", "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
     ({"model": "demo", "prompt": "hi", "max_token": 5}, "max_token: unknown field"),
+    ([1, 2], "Input should be an object"),
 ])
 async def test_bad_bodies_are_refused_with_400_naming_the_field(jp_fetch, body, field):
     with pytest.raises(HTTPClientError) as excinfo:
@@ -148,6 +150,9 @@ async def test_a_worker_that_dies_fails_its_requests_and_is_replaced(jp_fetch):
     code, message = error_of(excinfo)
     assert code == 503 and "worker process for model 'demo' exited" in message
     assert (await status(jp_fetch))["models"] == []
+    failed = json.loads((await jp_fetch("mlx", "api", "requests",
+                                        params={"status": "failed"})).body)["requests"]
+    assert len(failed) == 2 and all("exited" in row["error"] for row in failed)
 
     answer = json.loads((await post_json(jp_fetch, "generate", body)).body)
     assert answer["text"].strip()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import json
 from collections.abc import Awaitable, Callable
@@ -18,7 +19,17 @@ from tornado.iostream import StreamClosedError
 from .._version import __version__
 from ..errors import MlxJupyterError
 from ..queue import Generation
-from .schemas import GenerateRequest, parse_body
+from .schemas import GenerateRequest, HistoryQuery, SettingValue, parse_body, parse_query
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime.datetime | datetime.date):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def to_json(payload: Any) -> str:
+    return json.dumps(payload, default=_json_default)
 
 
 def maps_errors(method: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
@@ -48,9 +59,13 @@ class MlxHandler(ExtensionHandlerMixin, APIHandler):
     def manager(self):
         return self.settings["mlx_jupyter.manager"]
 
+    @property
+    def store(self):
+        return self.settings["mlx_jupyter.store"]
+
     def write_json(self, payload: Any) -> None:
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(payload))
+        self.finish(to_json(payload))
 
 
 class StatusHandler(MlxHandler):
@@ -69,7 +84,8 @@ class GenerateHandler(MlxHandler):
     @maps_errors
     async def post(self) -> None:
         request = parse_body(GenerateRequest, self.request.body)
-        self._generation = await self.queue.submit(request.model, request.worker_params())
+        self._generation = await self.queue.submit(request.queue_params(),
+                                                   notebook=request.notebook)
         if request.stream:
             await self._stream(self._generation)
         else:
@@ -82,7 +98,7 @@ class GenerateHandler(MlxHandler):
         try:
             async with contextlib.aclosing(generation.events()) as events:
                 async for event in events:
-                    self.write(json.dumps(event) + "\n")
+                    self.write(to_json(event) + "\n")
                     await self.flush()
         except MlxJupyterError as exc:
             # The status line is gone already: the error travels as the last event.
@@ -97,3 +113,53 @@ class GenerateHandler(MlxHandler):
         # when the next token fails to write.
         if self._generation is not None:
             tornado.ioloop.IOLoop.current().add_callback(self._generation.cancel)
+
+
+class SettingsHandler(MlxHandler):
+    @tornado.web.authenticated
+    @authorized
+    @maps_errors
+    async def get(self) -> None:
+        self.write_json({"settings": await self.store.settings()})
+
+
+class SettingHandler(MlxHandler):
+    @tornado.web.authenticated
+    @authorized
+    @maps_errors
+    async def get(self, key: str) -> None:
+        self.write_json(await self.store.setting(key))
+
+    @tornado.web.authenticated
+    @authorized
+    @maps_errors
+    async def put(self, key: str) -> None:
+        body = parse_body(SettingValue, self.request.body)
+        self.write_json(await self.store.set_setting(key, body.value))
+
+
+class DatabaseHandler(MlxHandler):
+    @tornado.web.authenticated
+    @authorized
+    @maps_errors
+    async def get(self) -> None:
+        self.write_json(await self.store.database_info())
+
+
+class RequestsHandler(MlxHandler):
+    @tornado.web.authenticated
+    @authorized
+    @maps_errors
+    async def get(self) -> None:
+        query = parse_query(HistoryQuery, self.request.query_arguments)
+        rows, total = await self.store.list_requests(**query.model_dump())
+        self.write_json({"requests": rows, "total": total, "limit": query.limit,
+                         "offset": query.offset})
+
+
+class RequestHandler(MlxHandler):
+    @tornado.web.authenticated
+    @authorized
+    @maps_errors
+    async def get(self, request_id: str) -> None:
+        self.write_json(await self.store.get_request(request_id))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -22,15 +22,18 @@ class ChatMessage(_Body):
 
 
 class GenerateRequest(_Body):
-    model: str = Field(min_length=1, max_length=256)
+    # model, max_tokens, temperature and top_p left out (or null) take the stored settings'
+    # defaults (default_model, default_max_tokens, ...).
+    model: str | None = Field(None, min_length=1, max_length=256)
     prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=1000)
-    max_tokens: int = Field(256, ge=1, le=32768)
-    temperature: float = Field(0.7, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1, le=32768)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
     stop: list[str] = Field(default_factory=list, max_length=16)
     stream: bool = False
+    notebook: str | None = Field(None, max_length=4096)  # the kernel's JPY_SESSION_NAME
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -50,16 +53,40 @@ class GenerateRequest(_Body):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
         return self
 
-    def worker_params(self) -> dict[str, object]:
-        """What the model worker needs, in the protocol's shape."""
-        return self.model_dump(include={"prompt", "messages", "max_tokens", "temperature",
-                                        "top_p", "seed", "stop"})
+    def queue_params(self) -> dict[str, object]:
+        """What the queue needs: the model and what its worker generates with."""
+        return self.model_dump(include={"model", "prompt", "messages", "max_tokens",
+                                        "temperature", "top_p", "seed", "stop"})
+
+
+class HistoryQuery(_Body):
+    model_config = ConfigDict(extra="forbid", strict=False)  # query strings are all text
+
+    model: str | None = Field(None, max_length=256)
+    notebook: str | None = Field(None, max_length=4096)
+    status: Literal["queued", "running", "completed", "cancelled", "failed",
+                    "interrupted"] | None = None
+    limit: int = Field(50, ge=1, le=500)
+    offset: int = Field(0, ge=0)
+
+
+class SettingValue(_Body):
+    value: Any
 
 
 def parse_body(schema: type[_Body], body: bytes) -> _Body:
     """Validates a JSON body, turning pydantic's report into one line per problem."""
     try:
         return schema.model_validate_json(body or b"")
+    except ValidationError as exc:
+        raise InvalidRequest("; ".join(_describe(error) for error in exc.errors())) from None
+
+
+def parse_query(schema: type[_Body], arguments: dict[str, list[bytes]]) -> _Body:
+    """Validates query arguments (the last value of each wins)."""
+    values = {key: raw[-1].decode(errors="replace") for key, raw in arguments.items()}
+    try:
+        return schema.model_validate(values)
     except ValidationError as exc:
         raise InvalidRequest("; ".join(_describe(error) for error in exc.errors())) from None
 

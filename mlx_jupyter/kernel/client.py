@@ -217,6 +217,9 @@ def _generate_body(prompt: str | None, *, model: str, messages: Sequence[Message
                    **options: Any) -> dict[str, Any]:
     """The request body, with only the options that were given (None = server default)."""
     body: dict[str, Any] = {"model": model, "stream": stream}
+    # Jupyter tells a kernel which notebook it serves; the server keeps it in the history.
+    if notebook := os.environ.get("JPY_SESSION_NAME"):
+        body["notebook"] = notebook
     if prompt is not None:
         body["prompt"] = prompt
     if messages is not None:

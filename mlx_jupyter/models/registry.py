@@ -47,3 +47,6 @@ class ModelRegistry:
 
     def names(self) -> list[str]:
         return sorted(self._entries)
+
+    def entries(self) -> list[ModelEntry]:
+        return [self._entries[name] for name in self.names()]

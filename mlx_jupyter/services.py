@@ -1,0 +1,95 @@
+"""The store seen from the event loop: every call runs on the blocking-work thread pool.
+
+The event loop never waits on the database or the disk; handlers and the queue await these
+methods instead of calling the (synchronous) store directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from .errors import MlxJupyterError
+from .store import RequestRecord, Store
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class RequestNotFound(MlxJupyterError):
+    status = 404
+
+    def __init__(self, request_id: str):
+        super().__init__(f"no request with id {request_id!r}")
+
+
+class BlockingPool:
+    """A small thread pool for blocking work: database calls, file scans, hashing."""
+
+    def __init__(self, workers: int):
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="mlx-jupyter")
+
+    async def run(self, function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, functools.partial(function, *args, **kwargs))
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=False)
+
+
+class StoreService:
+    def __init__(self, store: Store, pool: BlockingPool):
+        self.store = store
+        self._pool = pool
+
+    # -- settings -------------------------------------------------------------------------
+
+    async def settings(self) -> dict[str, dict[str, Any]]:
+        return await self._pool.run(self.store.settings.all)
+
+    async def setting_values(self) -> dict[str, Any]:
+        return await self._pool.run(self.store.settings.values)
+
+    async def setting(self, key: str) -> dict[str, Any]:
+        """One setting as `settings()` describes it; UnknownSetting names a wrong key."""
+        return await self._pool.run(self._describe, key)
+
+    async def set_setting(self, key: str, value: Any) -> dict[str, Any]:
+        """Stores a setting and returns its description."""
+        def set_and_describe() -> dict[str, Any]:
+            self.store.settings.set(key, value)
+            return self._describe(key)
+
+        return await self._pool.run(set_and_describe)
+
+    def _describe(self, key: str) -> dict[str, Any]:
+        self.store.settings.spec(key)
+        return {"key": key, **self.store.settings.all()[key]}
+
+    # -- requests -------------------------------------------------------------------------
+
+    async def add_request(self, record: RequestRecord) -> None:
+        await self._pool.run(self.store.add_request, record)
+        await self._pool.run(self.store.record_model_use, record.model)
+
+    async def update_request(self, request_id: str, **fields: Any) -> None:
+        await self._pool.run(self.store.update_request, request_id, **fields)
+
+    async def get_request(self, request_id: str) -> dict[str, Any]:
+        row = await self._pool.run(self.store.get_request, request_id)
+        if row is None:
+            raise RequestNotFound(request_id)
+        return row
+
+    async def list_requests(self, **filters: Any) -> tuple[list[dict[str, Any]], int]:
+        return await self._pool.run(self.store.list_requests, **filters)
+
+    # -- database -------------------------------------------------------------------------
+
+    async def database_info(self) -> dict[str, Any]:
+        return await self._pool.run(self.store.get_database_info)
