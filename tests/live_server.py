@@ -22,9 +22,9 @@ class LiveServer:
     runtime_dir: Path
     root_dir: Path
 
-    def get(self, path: str) -> httpx.Response:
-        return httpx.get(self.url + path, headers={"Authorization": f"token {self.token}"},
-                         timeout=30)
+    def get(self, path: str, params: dict | None = None) -> httpx.Response:
+        return httpx.get(self.url + path, params=params,
+                         headers={"Authorization": f"token {self.token}"}, timeout=30)
 
 
 def free_port() -> int:
@@ -37,7 +37,9 @@ def start_server(root: Path, log_path: Path, timeout: float = 90.0) -> LiveServe
     runtime_dir, root_dir = root / "runtime", root / "notebooks"
     root_dir.mkdir(parents=True, exist_ok=True)
     token, port = secrets.token_hex(16), free_port()
-    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime_dir), "HF_HUB_OFFLINE": "1"}
+    # Its own runtime and data folders: kernels find it there, and its database is a new one.
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime_dir),
+           "JUPYTER_DATA_DIR": str(root / "data"), "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root",
                "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
                "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
