@@ -1,0 +1,396 @@
+"""Rebuild the bundled demo model (mlx_jupyter/demo) from the text in scripts/demo_corpus.
+
+The demo model is a toy: a ~1M parameter Llama that answers short chat questions in simple
+English. It exists so the extension, its tests and its demos have a real model to load
+offline. Everything here is seeded, so two runs on the same machine and software give
+byte-identical files.
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 HF_HUB_OFFLINE=1 \\
+        .venv/bin/python scripts/train_demo_model.py
+
+(On Linux the LD_PRELOAD swaps the slow BLAS bundled with the mlx CPU wheel for OpenBLAS.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+# tokenizers trains with a thread pool; one thread keeps the run simple and reproducible.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+from mlx_lm.models.llama import Model, ModelArgs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = Path(__file__).resolve().parent / "demo_corpus"
+
+BOS, USER, ASSISTANT, SYSTEM, END, PAD = (
+    "<|bos|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|pad|>")
+SPECIAL_TOKENS = [BOS, USER, ASSISTANT, SYSTEM, END, PAD]  # ids 0..5, in this order
+VOCAB_SIZE = 2048
+CONTEXT = 256
+
+# Renders each message as <|role|>content<|end|>; the generation prompt opens an assistant turn.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+MODEL_ARGS = dict(
+    model_type="llama",
+    hidden_size=128,
+    num_hidden_layers=4,
+    intermediate_size=384,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    rms_norm_eps=1e-5,
+    vocab_size=VOCAB_SIZE,
+    rope_theta=10000.0,
+    max_position_embeddings=CONTEXT,
+    tie_word_embeddings=True,
+)
+
+KEEP_CAPITALIZED = {"I", "Python", "Jupyter", "JupyterLab", "MLX", "NumPy"}
+SELF_CHECK_PROMPTS = ["Hello!", "What is a Jupyter notebook?", "Write a poem about the sea."]
+
+
+# --- corpus ---------------------------------------------------------------------------------
+
+def load_dialogues() -> list[dict]:
+    with open(CORPUS / "dialogues.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_fragments() -> dict:
+    return json.loads((CORPUS / "fragments.json").read_text(encoding="utf-8"))
+
+
+def combine_fragments(frag: dict, rng: random.Random) -> list[dict]:
+    """Multiplies the hand-written fragment tables into more (still natural) dialogues.
+
+    Each table pairs a few question phrasings with answers; every item is asked in one or two
+    of them, so the model sees the same fact behind different wordings.
+    """
+    out: list[dict] = []
+
+    def ask(forms: list[str], answer: str, k: int = 2, **slots: str) -> None:
+        for form in rng.sample(forms, min(k, len(forms))):
+            out.append({"user": form.format(**slots), "assistant": answer})
+
+    g = frag["greetings"]
+    for user in g["user"]:
+        for answer in rng.sample(g["assistant"], 2):
+            out.append({"user": user, "assistant": answer})
+    for item in frag["feelings"]["items"]:
+        ask(frag["feelings"]["questions"], item["answer"], feeling=item["feeling"])
+    for item in frag["explain"]["items"]:
+        ask(frag["explain"]["questions"], item["answer"], topic=item["topic"])
+    for item in frag["python"]["items"]:
+        ask(frag["python"]["questions"], item["answer"], task=item["task"])
+    for item in frag["animals"]["items"]:
+        for form in rng.sample(frag["animals"]["questions"], 3):
+            facts = rng.sample(item["facts"], 2)
+            out.append({"user": form.format(name=item["name"]), "assistant": " ".join(facts)})
+    for item in frag["recipes"]["items"]:
+        ask(frag["recipes"]["how"], item["steps"], dish=item["dish"])
+        ask(frag["recipes"]["need"], f"You need {item['needs']}.", k=1, dish=item["dish"])
+    for item in frag["weather"]["items"]:
+        ask(frag["weather"]["wear"], item["wear"], condition=item["condition"])
+        ask(frag["weather"]["do"], item["do"], condition=item["condition"])
+    for item in frag["travel"]["items"]:
+        ask(frag["travel"]["tips"], item["tips"], place=item["place"])
+        ask(frag["travel"]["pack"], item["pack"], k=1, place=item["place"])
+    for country, capital in frag["capitals"]["items"]:
+        ask(frag["capitals"]["questions"], f"The capital of {country} is {capital}.", k=1,
+            country=country)
+    for word, opposite in frag["opposites"]["items"]:
+        ask(frag["opposites"]["questions"], f"The opposite of {word} is {opposite}.", k=1,
+            word=word)
+    out.extend(make_stories(frag["stories"], rng))
+    # Questions beyond a toy model get a short, honest answer, so that unfamiliar prompts
+    # fall back to grammatical sentences instead of word salad.
+    hard = frag["too_hard"]
+    for topic in hard["topics"]:
+        for form in rng.sample(hard["questions"], 2):
+            out.append({"user": form.format(topic=topic),
+                        "assistant": rng.choice(hard["answers"])})
+    for user in frag["unclear"]["questions"]:
+        out.append({"user": user, "assistant": rng.choice(frag["unclear"]["answers"])})
+    for _, city in frag["capitals"]["items"]:
+        out.append({"user": rng.choice(frag["live_weather"]["questions"]).format(city=city),
+                    "assistant": rng.choice(frag["live_weather"]["answers"])})
+    for _ in range(30):
+        a, b = rng.randint(2, 999), rng.randint(2, 99)
+        out.append({"user": rng.choice(frag["math"]["questions"]).format(a=a, b=b),
+                    "assistant": rng.choice(frag["math"]["answers"])})
+    return out
+
+
+def make_stories(s: dict, rng: random.Random) -> list[dict]:
+    stories = []
+    for hero in s["heroes"]:
+        for form in rng.sample(s["questions"], 3):
+            setting, event, ending = (rng.choice(s[k]) for k in ("settings", "events", "endings"))
+            story = (f"Once upon a time, {hero['name']} lived {setting}. "
+                     f"{event.format(the=hero['the'])} {ending.format(the=hero['the'])}")
+            stories.append({"user": form.format(short=hero["short"]), "assistant": story})
+    return stories
+
+
+def rephrase(dialogues: list[dict], prefixes: list[str], rng: random.Random) -> list[dict]:
+    """The hand-written questions once more, worded a little differently (a prefix, lower case,
+    no final punctuation), so the model ties answers to the words that matter, not to one
+    exact phrasing."""
+    out = []
+    for d in dialogues:
+        q = d["user"]
+        first, rest = q.split(" ", 1) if " " in q else (q, "")
+        lowered = q if first in KEEP_CAPITALIZED else first.lower() + (" " + rest if rest else "")
+        style = rng.randrange(3)
+        if style == 0:
+            variant = rng.choice(prefixes) + lowered
+        elif style == 1:
+            variant = lowered
+        else:
+            variant = q.rstrip("?.!")
+        out.append({"user": variant, "assistant": d["assistant"]})
+    return out
+
+
+def build_conversations(rng: random.Random) -> tuple[list[list[dict]], list[str]]:
+    """Chat conversations (some with a system prompt, some two turns long) and plain texts.
+
+    The plain texts (a share of the answers on their own) teach the model to write and then
+    stop on a bare prompt without the chat template as well.
+    """
+    frag = load_fragments()
+    written = load_dialogues()
+    dialogues = (written + rephrase(written, frag["user_prefixes"], rng)
+                 + combine_fragments(frag, rng))
+    systems = frag["system_prompts"]
+    conversations, plain = [], []
+    for d in dialogues:
+        messages = []
+        if rng.random() < 0.15:
+            messages.append({"role": "system", "content": rng.choice(systems)})
+        turns = [d] + ([rng.choice(dialogues)] if rng.random() < 0.15 else [])
+        for t in turns:
+            messages += [{"role": "user", "content": t["user"]},
+                         {"role": "assistant", "content": t["assistant"]}]
+        conversations.append(messages)
+        if rng.random() < 0.25:
+            plain.append(d["assistant"])
+    return conversations, plain
+
+
+# --- tokenizer ------------------------------------------------------------------------------
+
+def train_tokenizer(texts: list[str], out: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    # A plain encode() gets <|bos|> like in training; the chat template writes its own.
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, 0)])
+    tok.save(str(out / "tokenizer.json"))
+
+
+def write_tokenizer_config(out: Path) -> None:
+    specials = {"bos_token": BOS, "eos_token": END, "pad_token": PAD}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **specials,
+        "additional_special_tokens": [USER, ASSISTANT, SYSTEM],
+        "model_max_length": CONTEXT,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    write_json(out / "tokenizer_config.json", config)
+    write_json(out / "special_tokens_map.json",
+               {**specials, "additional_special_tokens": [USER, ASSISTANT, SYSTEM]})
+
+
+def tokenize_corpus(out: Path, conversations: list[list[dict]], plain: list[str]):
+    """Token ids plus a 0/1 mask per example: the loss only counts what the model should say."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    examples = []
+    for messages in conversations:
+        ids, mask = [], []
+        # Prefix up to each assistant turn is context (mask 0); the turn and its <|end|> are 1.
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prompt = tok.apply_chat_template(messages[:i], add_generation_prompt=True,
+                                             tokenize=False)
+            full = tok.apply_chat_template(messages[:i + 1], tokenize=False)
+            p_ids = tok.encode(prompt, add_special_tokens=False)
+            f_ids = tok.encode(full, add_special_tokens=False)
+            assert f_ids[:len(p_ids)] == p_ids and p_ids[:len(ids)] == ids
+            mask += [0] * (len(p_ids) - len(ids)) + [1] * (len(f_ids) - len(p_ids))
+            ids = f_ids
+        examples.append((ids, mask))
+    for text in plain:
+        ids = tok.encode(text) + [tok.eos_token_id]
+        examples.append((ids, [0] + [1] * (len(ids) - 1)))
+    assert all(len(ids) <= CONTEXT + 1 for ids, _ in examples)
+    return examples, tok
+
+
+# --- model and training ---------------------------------------------------------------------
+
+def batches(examples, rng: random.Random, tokens_per_batch: int):
+    """Endless batches of similar-length examples (little padding), in seeded random order.
+
+    Every example is its own row starting at position 0, exactly as at inference.
+    """
+    while True:
+        order = list(examples)
+        rng.shuffle(order)
+        order.sort(key=lambda e: len(e[0]))  # stable: ties stay shuffled
+        epoch, rows = [], []
+        for ex in order:
+            if rows and (len(rows) + 1) * len(ex[0]) > tokens_per_batch:
+                epoch.append(rows)
+                rows = []
+            rows.append(ex)
+        epoch.append(rows)
+        rng.shuffle(epoch)
+        for rows in epoch:
+            yield to_arrays(rows)
+
+
+def to_arrays(rows):
+    width = max(len(ids) for ids, _ in rows)
+    pad = SPECIAL_TOKENS.index(PAD)
+    ids = mx.array([ids + [pad] * (width - len(ids)) for ids, _ in rows])
+    mask = mx.array([m + [0] * (width - len(m)) for _, m in rows], dtype=mx.float32)
+    # Predict token t+1 from tokens ..t; the mask belongs to the predicted token.
+    return ids[:, :-1], ids[:, 1:], mask[:, 1:]
+
+
+def loss_fn(model, inputs, targets, mask):
+    losses = nn.losses.cross_entropy(model(inputs), targets) * mask
+    return losses.sum() / mask.sum()
+
+
+def train(model, examples, rng: random.Random, steps: int, lr: float, batch_tokens: int) -> None:
+    warmup = max(1, steps // 15)
+    schedule = optim.join_schedules(
+        [optim.linear_schedule(lr / 100, lr, warmup),
+         optim.cosine_decay(lr, steps - warmup, end=lr / 30)], [warmup])
+    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    data = batches(examples, rng, tokens_per_batch=batch_tokens)
+    started, running = time.perf_counter(), None
+    for step in range(1, steps + 1):
+        loss, grads = loss_and_grad(model, *next(data))
+        grads, _ = optim.clip_grad_norm(grads, 1.0)
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state, loss)
+        running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+        if step % 25 == 0 or step == steps:
+            print(f"step {step:4d}/{steps}  loss {running:.3f}  "
+                  f"lr {schedule(step).item():.2e}  {time.perf_counter() - started:6.1f}s",
+                  flush=True)
+
+
+def save_model(model, out: Path, tok, dtype: str) -> None:
+    params = sorted(tree_flatten(model.parameters()))  # names as mlx_lm.load expects them
+    weights = {name: value.astype(getattr(mx, dtype)) for name, value in params}
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    bos, eos = tok.convert_tokens_to_ids([BOS, END])
+    write_json(out / "config.json", {
+        "architectures": ["LlamaForCausalLM"], **MODEL_ARGS,
+        "bos_token_id": bos, "eos_token_id": eos,
+        "pad_token_id": tok.convert_tokens_to_ids(PAD), "torch_dtype": dtype})
+    write_json(out / "generation_config.json",
+               {"bos_token_id": bos, "eos_token_id": eos,
+                "pad_token_id": tok.convert_tokens_to_ids(PAD)})
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# --- self-check -----------------------------------------------------------------------------
+
+def self_check(out: Path) -> None:
+    """Load the folder the way the extension does and print a few answers."""
+    from mlx_lm import load, stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    model, tokenizer = load(str(out))
+    for temp in (0.0, 0.7):
+        mx.random.seed(0)
+        print(f"\n--- temperature {temp} ---")
+        for question in SELF_CHECK_PROMPTS:
+            prompt = tokenizer.apply_chat_template(
+                [{"role": "user", "content": question}], add_generation_prompt=True,
+                tokenize=False)
+            text, last = "", None
+            for last in stream_generate(model, tokenizer, prompt, max_tokens=64,
+                                        sampler=make_sampler(temp=temp)):
+                text += last.text
+            print(f"> {question}\n{text!r}\n  [finish={last.finish_reason}, "
+                  f"tokens={last.generation_tokens}]")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "mlx_jupyter" / "demo")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    # Peak learning rate: 1.5e-3 and up trained far slower for this model, 5e-4 a bit slower.
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-tokens", type=int, default=4096)
+    # float32 fits the 5 MB budget and runs about twice as fast as float16 on a CPU.
+    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    rng = random.Random(args.seed)
+    mx.random.seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    conversations, plain = build_conversations(rng)
+    texts = [m["content"] for c in conversations for m in c] + plain
+    print(f"corpus: {len(conversations)} conversations, {len(plain)} plain texts, "
+          f"{sum(len(t.encode()) for t in texts) / 1024:.0f} KiB")
+    train_tokenizer(texts, args.out)
+    write_tokenizer_config(args.out)
+    examples, tok = tokenize_corpus(args.out, conversations, plain)
+    print(f"tokens: {sum(len(ids) for ids, _ in examples)} in {len(examples)} examples")
+
+    model = Model(ModelArgs.from_dict(MODEL_ARGS))
+    mx.eval(model.parameters())
+    print(f"parameters: {sum(v.size for _, v in tree_flatten(model.parameters())):,}")
+    train(model, examples, rng, args.steps, args.lr, args.batch_tokens)
+    save_model(model, args.out, tok, args.dtype)
+    print(f"trained and saved to {args.out} in {time.perf_counter() - started:.0f}s")
+
+    self_check(args.out)
+    print(f"\ntotal time {time.perf_counter() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
