@@ -12,12 +12,13 @@ from pathlib import Path
 
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Bool, Float, Int, Unicode
+from traitlets import Bool, Dict, Float, Int, Unicode, Union
 
 from ._version import __version__
 from .api.routes import ROUTES
 from .engine.proxy import worker_environment
-from .models.manager import ModelManager, WorkerSettings
+from .models.manager import Limits, ModelManager, WorkerSettings
+from .models.memory import KIND_OVERHEADS, MemoryEstimator, budget_bytes, system_memory
 from .models.registry import ModelRegistry
 from .queue import InferenceQueue
 from .services import BlockingPool, StoreService
@@ -65,16 +66,37 @@ class MlxApp(ExtensionApp):
                               help="Threads for blocking work (database, file scans), so the "
                                    "event loop never waits on it.")
 
+    memory_budget = Union(
+        [Int(), Float(), Unicode()], default_value="", config=True,
+        help="Memory the loaded models may use together, by estimate: bytes (int), a fraction "
+             "of RAM (0.5), or text such as '12GB', '8GiB', '75%'. Empty: 80% of RAM.")
+    max_loaded_models = Int(3, config=True, help="Most models loaded at once.")
+    idle_unload_seconds = Float(
+        300.0, config=True,
+        help="Unload a model nobody used for this long (pinned models stay). 0: never.")
+    memory_overheads = Dict(
+        dict(KIND_OVERHEADS), config=True,
+        help="Estimated memory of a loaded model = weight bytes x this factor, by model kind.")
+    memory_estimate_ttl = Float(300.0, config=True,
+                                help="Seconds a model's memory estimate stays cached (a change "
+                                     "to its files invalidates it at once).")
+
     def initialize_settings(self) -> None:
         self._route_logs_to_the_server()
         registry = ModelRegistry.with_bundled()
         self.store = self._open_store(registry)
         self.pool = BlockingPool(self.thread_pool_workers)
-        self.manager = ModelManager(registry, WorkerSettings(
-            env=worker_environment(self.blas_to_preload()),
-            start_timeout=self.worker_start_timeout,
-            stop_timeout=self.worker_stop_timeout))
         store_service = StoreService(self.store, self.pool)
+        estimator = MemoryEstimator(self.memory_estimate_ttl, self.memory_overheads)
+        limits = Limits(budget_bytes=budget_bytes(self.memory_budget, system_memory().total),
+                        max_loaded_models=self.max_loaded_models,
+                        idle_unload_seconds=self.idle_unload_seconds)
+        self.manager = ModelManager(
+            registry, WorkerSettings(env=worker_environment(self.blas_to_preload()),
+                                     start_timeout=self.worker_start_timeout,
+                                     stop_timeout=self.worker_stop_timeout),
+            limits, estimate=lambda path: estimator.estimate(path).estimate_bytes,
+            run_blocking=self.pool.run, on_status=store_service.record_model_status)
         self.queue = InferenceQueue(self.manager, store_service)
         self.settings.update({"mlx_jupyter.manager": self.manager,
                               "mlx_jupyter.queue": self.queue,
@@ -123,5 +145,6 @@ class MlxApp(ExtensionApp):
 
     async def stop_extension(self) -> None:
         await self.manager.shutdown()
+        await self.settings["mlx_jupyter.store"].flush()
         self.pool.shutdown()
         self.store.close()

@@ -28,3 +28,15 @@ class WorkerError(MlxJupyterError):
     """A model worker could not start, or died while it served requests."""
 
     status = 503
+
+
+class ModelDoesNotFit(MlxJupyterError):
+    """Loading would exceed the memory budget or the loaded-model limit, even after eviction."""
+
+    status = 409
+
+
+class ModelBusy(MlxJupyterError):
+    """The model has requests in flight, so it cannot be unloaded now."""
+
+    status = 409

@@ -8,9 +8,10 @@ recorded in the store from the moment it is submitted until it ends, however it 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,7 @@ class Generation:
     _worker: WorkerProxy
     _params: dict[str, Any]
     _store: StoreService
+    _release: Callable[[], None]  # tells the manager this request no longer uses the model
     _submitted: float = field(default_factory=time.perf_counter)
     _first_text: float | None = None
 
@@ -72,6 +74,7 @@ class Generation:
             raise
         finally:
             await worker_events.aclose()
+            self._release()
             await self._record_end(outcome, "".join(pieces))
 
     async def result(self) -> dict[str, Any]:
@@ -137,13 +140,14 @@ class InferenceQueue:
         record.started_at = record.created_at
         await self.store.add_request(record)
         try:
-            worker = await self.manager.worker(model)
+            worker = await self.manager.acquire(model)
         except MlxJupyterError as exc:
             await self.store.update_request(record.id, status=RequestStatus.FAILED,
                                             finish_reason="error", error=str(exc),
                                             finished_at=utcnow())
             raise
-        return Generation(record.id, model, worker, params, self.store, started)
+        return Generation(record.id, model, worker, params, self.store,
+                          functools.partial(self.manager.release, model), started)
 
     async def _with_defaults(self, params: dict[str, Any]) -> dict[str, Any]:
         missing = [key for key in (*SETTING_DEFAULTS, "model") if params.get(key) is None]

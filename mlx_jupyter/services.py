@@ -46,6 +46,29 @@ class StoreService:
     def __init__(self, store: Store, pool: BlockingPool):
         self.store = store
         self._pool = pool
+        self._last_model_write: asyncio.Future[None] | None = None
+
+    # -- models ---------------------------------------------------------------------------
+
+    def record_model_status(self, name: str, status: str, error: str | None = None) -> None:
+        """Persists a model's status without waiting; writes keep the order of the calls
+        (each waits for the one before), so the database never ends on a stale status."""
+        previous = self._last_model_write
+
+        async def write() -> None:
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)
+            try:
+                await self._pool.run(self.store.set_model_status, name, status, error)
+            except Exception:
+                log.exception("could not record status %s of model %s", status, name)
+
+        self._last_model_write = asyncio.ensure_future(write())
+
+    async def flush(self) -> None:
+        """Waits for the status writes in flight (at shutdown, and in tests)."""
+        if self._last_model_write is not None:
+            await self._last_model_write
 
     # -- settings -------------------------------------------------------------------------
 

@@ -28,6 +28,10 @@ async def status(jp_fetch):
     return json.loads((await jp_fetch("mlx", "api", "status")).body)
 
 
+async def loaded(jp_fetch):
+    return (await status(jp_fetch))["models"]["loaded"]
+
+
 @pytest.mark.parametrize("method, path", [("GET", "status"), ("POST", "generate")])
 @pytest.mark.parametrize("authorization", ["", "token not-the-token"])
 async def test_every_route_refuses_requests_without_the_token(jp_fetch, method, path,
@@ -42,7 +46,10 @@ async def test_every_route_refuses_requests_without_the_token(jp_fetch, method, 
 async def test_status_before_any_generation_has_no_worker(jp_fetch):
     answer = await status(jp_fetch)
     assert answer["version"]
-    assert answer["models"] == []  # loading the extension started nothing
+    assert answer["models"]["loaded"] == []  # loading the extension started nothing
+    assert answer["models"]["loaded_count"] == 0
+    memory = answer["memory"]
+    assert 0 < memory["budget"] <= memory["total"] and memory["used_by_models"] == 0
 
 
 async def test_generate_without_stream_answers_with_text_usage_and_timings(jp_fetch):
@@ -58,8 +65,9 @@ async def test_generate_without_stream_answers_with_text_usage_and_timings(jp_fe
     timings = answer["timings"]
     assert 0 < timings["ttft_ms"] <= timings["total_ms"]
     assert timings["tokens_per_second"] > 0
-    loaded = (await status(jp_fetch))["models"]
-    assert [m["name"] for m in loaded] == ["demo"] and loaded[0]["pid"] != os.getpid()
+    models = await loaded(jp_fetch)
+    assert [m["name"] for m in models] == ["demo"] and models[0]["pid"] != os.getpid()
+    assert models[0]["status"] == "loaded" and models[0]["rss_bytes"] > 0
 
 
 async def test_streamed_answer_arrives_as_ndjson_and_equals_the_whole_answer(jp_fetch):
@@ -128,18 +136,18 @@ async def test_malformed_json_and_unknown_model(jp_fetch):
         await post_json(jp_fetch, "generate", {"model": "no-such-model", "prompt": "hi"})
     code, message = error_of(excinfo)
     assert code == 404 and "'no-such-model'" in message and "demo" in message
-    assert (await status(jp_fetch))["models"] == []  # nothing was started for it
+    assert (await loaded(jp_fetch)) == []  # nothing was started for it
 
 
 async def test_a_worker_that_dies_fails_its_requests_and_is_replaced(jp_fetch):
     body = {"model": "demo", "messages": CHAT, "max_tokens": 16, "temperature": 0}
     await post_json(jp_fetch, "generate", body)
-    [model] = (await status(jp_fetch))["models"]
+    [model] = await loaded(jp_fetch)
     # Freeze the worker so the next requests are surely in flight when it dies.
     os.kill(model["pid"], signal.SIGSTOP)
     streamed = asyncio.ensure_future(post_json(jp_fetch, "generate", {**body, "stream": True}))
     whole = asyncio.ensure_future(post_json(jp_fetch, "generate", body))
-    while (await status(jp_fetch))["models"][0]["active_requests"] < 2:
+    while (await loaded(jp_fetch))[0]["active_requests"] < 2:
         await asyncio.sleep(0.05)
     os.kill(model["pid"], signal.SIGKILL)
 
@@ -149,12 +157,12 @@ async def test_a_worker_that_dies_fails_its_requests_and_is_replaced(jp_fetch):
         await whole
     code, message = error_of(excinfo)
     assert code == 503 and "worker process for model 'demo' exited" in message
-    assert (await status(jp_fetch))["models"] == []
+    assert (await loaded(jp_fetch)) == []
     failed = json.loads((await jp_fetch("mlx", "api", "requests",
                                         params={"status": "failed"})).body)["requests"]
     assert len(failed) == 2 and all("exited" in row["error"] for row in failed)
 
     answer = json.loads((await post_json(jp_fetch, "generate", body)).body)
     assert answer["text"].strip()
-    [fresh] = (await status(jp_fetch))["models"]
+    [fresh] = await loaded(jp_fetch)
     assert fresh["pid"] != model["pid"]

@@ -704,12 +704,18 @@ def test_no_server_is_one_red_line(kernel: Kernel, monkeypatch: pytest.MonkeyPat
 
 
 def test_status_command(mlx: Kernel, fake_server: FakeServer):
+    gib = 1024**3
     fake_server.routes[STATUS] = json_reply(200, {
-        "version": "0.1.0", "models": [{"name": "demo", "pid": 42, "state": "ready"}]})
+        "version": "0.1.0",
+        "memory": {"total": 16 * gib, "available": 8 * gib, "budget": 12 * gib,
+                   "used_by_models": gib // 2},
+        "models": {"loaded_count": 1, "loaded": [
+            {"name": "demo", "pid": 42, "status": "loaded", "rss_bytes": gib // 4}]}})
     output = mlx.run("%mlx status")
     assert_no_traceback(output)
     assert f"mlx-jupyter 0.1.0 at {fake_server.url}" in output.stdout
-    assert "demo: ready (pid 42)" in output.stdout
+    assert "0.50 GB used by models of a 12.00 GB budget" in output.stdout
+    assert "demo: loaded (pid 42, 0.25 GB resident)" in output.stdout
 
 
 def test_help_and_unknown_commands(mlx: Kernel):

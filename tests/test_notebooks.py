@@ -64,6 +64,6 @@ def test_mlx_runs_in_the_worker_never_in_the_server_process(live_server):
                         json={"model": "demo", "prompt": "The sea", "max_tokens": 8})
     assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] >= 1
     assert "libmlx" not in maps.read_text()
-    loaded = live_server.get("mlx/api/status").json()["models"]
+    loaded = live_server.get("mlx/api/status").json()["models"]["loaded"]
     assert loaded and all(Path(f"/proc/{m['pid']}/maps").read_text().count("libmlx")
                           for m in loaded)

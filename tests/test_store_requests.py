@@ -75,7 +75,7 @@ def test_ensure_model_upserts_and_caches_the_id(store):
     demo = rows["demo"]
     assert (demo["path"], demo["source"], demo["size_bytes"], demo["memory_estimate_bytes"],
             demo["metadata"], demo["status"], demo["pinned"], demo["use_count"]) == \
-        ("/elsewhere/demo", "configured", 10, 20, {"arch": "llama"}, "available", False, 0)
+        ("/elsewhere/demo", "configured", 10, 20, {"arch": "llama"}, "unloaded", False, 0)
     assert rows["whisper"]["kind"] == "audio"
     # Sizes left out on a later call keep what was stored.
     store.ensure_model("demo", "/elsewhere/demo", "configured")
@@ -96,7 +96,7 @@ def test_model_use_and_status(store):
     demo = store.get_model("demo")
     assert demo["use_count"] == 2 and demo["last_used_at"].tzinfo == timezone.utc
     assert demo["status"] == "loaded" and demo["last_error"] is None
-    assert store.set_model_status("demo", "error", error="out of memory")
+    assert store.set_model_status("demo", "failed", error="out of memory")
     assert store.get_model("demo")["last_error"] == "out of memory"
     assert store.update_model("demo", pinned=True)
     assert store.get_model("demo")["pinned"] is True

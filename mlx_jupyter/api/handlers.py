@@ -73,7 +73,7 @@ class StatusHandler(MlxHandler):
     @authorized
     @maps_errors
     async def get(self) -> None:
-        self.write_json({"version": __version__, "models": self.manager.loaded_models()})
+        self.write_json({"version": __version__, **self.manager.get_system_status()})
 
 
 class GenerateHandler(MlxHandler):

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,10 @@ def worker_environment(preload_blas: str | None) -> dict[str, str]:
 
 class WorkerProxy:
     def __init__(self, model_name: str, model_path: Path, *, env: dict[str, str] | None = None,
-                 start_timeout: float = 300.0, stop_timeout: float = 10.0):
+                 start_timeout: float = 300.0, stop_timeout: float = 10.0,
+                 on_exit: Callable[[WorkerProxy], None] | None = None):
         self.model_name = model_name
+        self._on_exit = on_exit  # told when the process ends unasked (a crash, a kill)
         self.model_path = model_path
         self._env = env
         self._start_timeout = start_timeout
@@ -63,6 +65,11 @@ class WorkerProxy:
     @property
     def active_requests(self) -> int:
         return len(self._requests)
+
+    @property
+    def exit_error(self) -> str:
+        """Why the process ended: exit status and its last words on stderr."""
+        return str(self._death_error())
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -176,6 +183,8 @@ class WorkerProxy:
             events.put_nowait(error)
         if not self._stopping:
             log.error("%s", error)
+            if self._on_exit is not None:
+                self._on_exit(self)
 
     def _dispatch(self, event: dict[str, Any]) -> None:
         kind = event.get("event")

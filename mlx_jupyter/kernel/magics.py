@@ -145,11 +145,17 @@ class MlxMagics(Magics):
         client = self._get_client()
         status = client.status()
         print(f"mlx-jupyter {status.get('version', '?')} at {client.url}")
-        models = status.get("models") or []
+        memory = status.get("memory") or {}
+        if memory:
+            print(f"memory: {_gb(memory.get('used_by_models'))} used by models of a "
+                  f"{_gb(memory.get('budget'))} budget; {_gb(memory.get('available'))} of "
+                  f"{_gb(memory.get('total'))} available")
+        models = (status.get("models") or {}).get("loaded") or []
         if not models:
             print("no models loaded")
         for model in models:
-            print(f"  {model.get('name')}: {model.get('state')} (pid {model.get('pid')})")
+            print(f"  {model.get('name')}: {model.get('status')} (pid {model.get('pid')}, "
+                  f"{_gb(model.get('rss_bytes'))} resident)")
 
     # -- %%mlx --------------------------------------------------------------------------
 
@@ -225,6 +231,10 @@ def _footer(model: str, result: GenerationResult | None) -> str:
     if result.finish_reason != "stop":
         parts.append(result.finish_reason)
     return " · ".join(parts)
+
+
+def _gb(value: object) -> str:
+    return f"{value / 1024**3:.2f} GB" if isinstance(value, int | float) else "?"
 
 
 def _show_error(message: str) -> None:

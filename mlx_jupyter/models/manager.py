@@ -1,20 +1,36 @@
-"""Keeps one worker process per model in use, started on first demand.
+"""Keeps models loaded, each in its own worker process, within a memory budget.
 
-For now every model that was asked for stays loaded until the server stops; the memory budget,
-eviction and idle unload plug in here later.
+A model is loaded on demand (a generation, or an explicit load). A load that does not fit the
+budget or the loaded-model limit first evicts the least recently used models that are idle and
+not pinned; if it still would not fit, it is refused and nothing is disturbed. A model with
+requests in flight is never evicted. An idle model unloads itself after `idle_unload_seconds`:
+each loaded model holds one timer, re-armed whenever its last request ends, so nothing polls.
+
+All state lives on the event loop; `_placement` (an asyncio lock) makes load decisions one at a
+time, so two loads never both count the same free memory, and two simultaneous loads of one
+model share a single load.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from ..engine.proxy import WorkerProxy
+from ..errors import ModelBusy, ModelDoesNotFit
+from ..store.schema import ModelStatus, utcnow
+from .memory import process_rss, system_memory
 from .registry import ModelRegistry
 
 log = logging.getLogger(__name__)
+
+GB = 1024**3
 
 
 @dataclass(frozen=True)
@@ -24,36 +40,257 @@ class WorkerSettings:
     stop_timeout: float = 10.0
 
 
+@dataclass(frozen=True)
+class Limits:
+    budget_bytes: int
+    max_loaded_models: int = 3
+    idle_unload_seconds: float = 300.0  # 0: never unload idle models
+
+
+@dataclass
+class ModelSlot:
+    """What the manager knows of one model while it has dealings with it."""
+
+    name: str
+    path: Path
+    status: ModelStatus = ModelStatus.UNLOADED
+    worker: WorkerProxy | None = None
+    estimate_bytes: int = 0
+    pinned: bool = False
+    active_requests: int = 0
+    last_used: float = 0.0  # monotonic, for LRU order
+    last_used_at: datetime | None = None
+    error: str | None = None
+    loading: asyncio.Task[None] | None = None
+    idle_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self.status == ModelStatus.LOADED and self.worker is not None \
+            and self.worker.alive
+
+    @property
+    def evictable(self) -> bool:
+        return self.loaded and not self.pinned and self.active_requests == 0
+
+
 class ModelManager:
-    def __init__(self, registry: ModelRegistry, worker_settings: WorkerSettings):
+    def __init__(self, registry: ModelRegistry, worker_settings: WorkerSettings, limits: Limits,
+                 *, estimate: Callable[[Path], Any], run_blocking: Callable[..., Any],
+                 on_status: Callable[..., Any] | None = None):
+        """`estimate(path)` gives a model's memory estimate in bytes and runs on the thread
+        pool through `run_blocking`; `on_status(name, status, error)` persists changes."""
         self.registry = registry
+        self.limits = limits
         self._settings = worker_settings
-        self._workers: dict[str, WorkerProxy] = {}
-        self._start_locks: dict[str, asyncio.Lock] = {}
+        self._estimate = estimate
+        self._run_blocking = run_blocking
+        self._on_status = on_status
+        self._slots: dict[str, ModelSlot] = {}
+        self._placement = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
 
-    async def worker(self, name: str) -> WorkerProxy:
-        """The running worker for a model, starting a fresh one if it is not running (or died)."""
-        entry = self.registry.get(name)
-        lock = self._start_locks.setdefault(name, asyncio.Lock())
-        async with lock:  # concurrent first requests share one start
-            proxy = self._workers.get(name)
-            if proxy is not None and proxy.alive:
-                return proxy
-            if proxy is not None:
-                log.warning("worker for model %s is gone; starting a new one", name)
-            proxy = WorkerProxy(name, entry.path, env=self._settings.env,
-                                start_timeout=self._settings.start_timeout,
-                                stop_timeout=self._settings.stop_timeout)
-            self._workers.pop(name, None)
-            await proxy.start()
-            self._workers[name] = proxy
-            return proxy
+    # -- queries --------------------------------------------------------------------------
 
-    def loaded_models(self) -> list[dict[str, Any]]:
-        return [{"name": name, "pid": proxy.pid, "state": "loaded",
-                 "active_requests": proxy.active_requests, "load_ms": proxy.load_ms}
-                for name, proxy in sorted(self._workers.items()) if proxy.alive]
+    def slot(self, name: str) -> ModelSlot:
+        if name not in self._slots:
+            entry = self.registry.get(name)  # raises ModelNotFound
+            self._slots[name] = ModelSlot(name, entry.path)
+        return self._slots[name]
+
+    def loaded(self) -> list[ModelSlot]:
+        return [slot for slot in self._slots.values() if slot.loaded]
+
+    def used_bytes(self) -> int:
+        """Memory held by models, by estimate: loaded ones and those being loaded."""
+        return sum(slot.estimate_bytes for slot in self._slots.values()
+                   if slot.loaded or slot.status == ModelStatus.LOADING)
+
+    def describe(self, slot: ModelSlot) -> dict[str, Any]:
+        worker = slot.worker
+        return {"name": slot.name, "status": slot.status.value,
+                "pid": worker.pid if worker else None,
+                "estimate_bytes": slot.estimate_bytes,
+                "rss_bytes": process_rss(worker.pid) if worker and worker.alive else None,
+                "pinned": slot.pinned, "active_requests": slot.active_requests,
+                "last_used_at": slot.last_used_at, "error": slot.error}
+
+    def get_system_status(self) -> dict[str, Any]:
+        """Memory and loaded models; cheap (psutil reads of /proc, no database, no disk)."""
+        memory = system_memory()
+        loaded = [self.describe(slot) for slot in self.loaded()]
+        used = self.used_bytes()
+        return {"memory": {"total": memory.total, "available": memory.available,
+                           "budget": self.limits.budget_bytes, "used_by_models": used,
+                           "rss_of_models": sum(m["rss_bytes"] or 0 for m in loaded)},
+                "models": {"loaded_count": len(loaded), "total_memory_gb": round(used / GB, 3),
+                           "max_loaded": self.limits.max_loaded_models, "loaded": loaded}}
+
+    # -- requests' use of a model ---------------------------------------------------------
+
+    async def acquire(self, name: str) -> WorkerProxy:
+        """The model's worker, loading the model first if needed; counts a request in flight
+        until `release`. A model in use is never evicted or unloaded for idleness."""
+        slot = self.slot(name)
+        slot.active_requests += 1  # before loading: a concurrent load must not evict it
+        self._stop_idle_timer(slot)
+        try:
+            await self.load(name)
+        except BaseException:
+            self.release(name)
+            raise
+        self._touch(slot)
+        return slot.worker
+
+    def release(self, name: str) -> None:
+        slot = self._slots[name]
+        slot.active_requests = max(0, slot.active_requests - 1)
+        self._touch(slot)
+        if slot.active_requests == 0:
+            self._start_idle_timer(slot)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def load(self, name: str) -> ModelSlot:
+        slot = self.slot(name)
+        if slot.loaded:
+            return slot
+        if slot.loading is None:
+            slot.loading = asyncio.create_task(self._load(slot))
+            slot.loading.add_done_callback(lambda _task: setattr(slot, "loading", None))
+        await asyncio.shield(slot.loading)  # a caller that gives up does not stop the load
+        return slot
+
+    async def unload(self, name: str, *, reason: str = "requested") -> ModelSlot:
+        slot = self.slot(name)
+        if slot.loading is not None:
+            await asyncio.shield(slot.loading)
+        if slot.active_requests:
+            raise ModelBusy(f"model {name!r} has {slot.active_requests} request(s) in flight; "
+                            f"cancel them or wait, then unload")
+        if slot.loaded:
+            await self._stop(slot, reason)
+        return slot
+
+    def pin(self, name: str, pinned: bool = True) -> ModelSlot:
+        slot = self.slot(name)
+        slot.pinned = pinned
+        if pinned:
+            self._stop_idle_timer(slot)
+        elif slot.loaded and slot.active_requests == 0:
+            self._start_idle_timer(slot)
+        log.info("model %s %s", name, "pinned" if pinned else "unpinned")
+        return slot
 
     async def shutdown(self) -> None:
-        workers, self._workers = list(self._workers.values()), {}
-        await asyncio.gather(*(proxy.stop() for proxy in workers), return_exceptions=True)
+        for slot in self._slots.values():
+            self._stop_idle_timer(slot)
+        workers = [slot.worker for slot in self._slots.values() if slot.worker is not None]
+        await asyncio.gather(*(worker.stop() for worker in workers), return_exceptions=True)
+
+    async def _load(self, slot: ModelSlot) -> None:
+        async with self._placement:
+            if slot.loaded:
+                return
+            slot.estimate_bytes = int(await self._run_blocking(self._estimate, slot.path))
+            for victim in self._eviction_plan(slot):
+                await self._stop(victim, "evicted to make room for " + repr(slot.name))
+            self._set_status(slot, ModelStatus.LOADING)
+            worker = WorkerProxy(slot.name, slot.path, env=self._settings.env,
+                                 start_timeout=self._settings.start_timeout,
+                                 stop_timeout=self._settings.stop_timeout,
+                                 on_exit=self._worker_exited)
+            try:
+                await worker.start()
+            except BaseException as exc:
+                self._set_status(slot, ModelStatus.FAILED, error=str(exc))
+                raise
+            slot.worker = worker
+            self._touch(slot)
+            self._set_status(slot, ModelStatus.LOADED)
+            if slot.active_requests == 0:
+                self._start_idle_timer(slot)
+
+    def _eviction_plan(self, slot: ModelSlot) -> list[ModelSlot]:
+        """The least recently used idle models to unload so that `slot` fits; raises
+        ModelDoesNotFit, having touched nothing, when no such set exists."""
+        budget, used = self.limits.budget_bytes, self.used_bytes()
+        loaded = [s for s in self.loaded() if s is not slot]
+        plan: list[ModelSlot] = []
+        candidates = sorted((s for s in loaded if s.evictable), key=lambda s: s.last_used)
+        while (used + slot.estimate_bytes > budget
+               or len(loaded) - len(plan) + 1 > self.limits.max_loaded_models):
+            if not candidates:
+                raise ModelDoesNotFit(self._refusal(slot, loaded, used))
+            victim = candidates.pop(0)
+            plan.append(victim)
+            used -= victim.estimate_bytes
+        return plan
+
+    def _refusal(self, slot: ModelSlot, loaded: list[ModelSlot], used: int) -> str:
+        budget = self.limits.budget_bytes
+        kept = ", ".join(f"{s.name} ({'pinned' if s.pinned else 'busy'}, "
+                         f"{s.estimate_bytes / GB:.2f} GB)" for s in loaded if not s.evictable)
+        if slot.estimate_bytes > budget:
+            return (f"model {slot.name!r} needs about {slot.estimate_bytes / GB:.2f} GB, more "
+                    f"than the whole memory budget of {budget / GB:.2f} GB")
+        if len(loaded) + 1 > self.limits.max_loaded_models and kept:
+            return (f"cannot load {slot.name!r}: {len(loaded)} models are loaded (the limit is "
+                    f"{self.limits.max_loaded_models}) and none can be unloaded now: {kept}")
+        return (f"model {slot.name!r} needs about {slot.estimate_bytes / GB:.2f} GB but only "
+                f"{max(0, budget - used) / GB:.2f} GB of the {budget / GB:.2f} GB budget is "
+                f"free, and the models holding the rest cannot be unloaded now: {kept or 'none'}")
+
+    async def _stop(self, slot: ModelSlot, reason: str) -> None:
+        self._stop_idle_timer(slot)
+        self._set_status(slot, ModelStatus.UNLOADING)
+        worker, slot.worker = slot.worker, None
+        if worker is not None:
+            await worker.stop()
+        log.info("model %s unloaded (%s)", slot.name, reason)
+        self._set_status(slot, ModelStatus.UNLOADED)
+
+    def _worker_exited(self, worker: WorkerProxy) -> None:
+        slot = self._slots.get(worker.model_name)
+        if slot is not None and slot.worker is worker:
+            slot.worker = None
+            self._stop_idle_timer(slot)
+            self._set_status(slot, ModelStatus.FAILED, error=worker.exit_error)
+
+    # -- idle unload ----------------------------------------------------------------------
+
+    def _start_idle_timer(self, slot: ModelSlot) -> None:
+        self._stop_idle_timer(slot)
+        if slot.pinned or not slot.loaded or self.limits.idle_unload_seconds <= 0:
+            return
+        slot.idle_timer = asyncio.get_running_loop().call_later(
+            self.limits.idle_unload_seconds, self._unload_idle, slot)
+
+    def _stop_idle_timer(self, slot: ModelSlot) -> None:
+        if slot.idle_timer is not None:
+            slot.idle_timer.cancel()
+            slot.idle_timer = None
+
+    def _unload_idle(self, slot: ModelSlot) -> None:
+        slot.idle_timer = None
+        if slot.evictable:
+            task = asyncio.create_task(self._stop(slot, "idle for "
+                                                  f"{self.limits.idle_unload_seconds:g} s"))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    # -- bookkeeping ----------------------------------------------------------------------
+
+    def _touch(self, slot: ModelSlot) -> None:
+        slot.last_used = time.monotonic()
+        slot.last_used_at = utcnow()
+
+    def _set_status(self, slot: ModelSlot, status: ModelStatus, error: str | None = None) -> None:
+        slot.status = status
+        slot.error = error if status == ModelStatus.FAILED else None
+        if error:
+            log.warning("model %s %s: %s", slot.name, status, error)
+        else:
+            log.debug("model %s %s", slot.name, status)
+        if self._on_status is not None:
+            self._on_status(slot.name, status.value, slot.error)

@@ -75,11 +75,11 @@ FINISHED = tuple(s.value for s in RequestStatus if s.value not in UNFINISHED)
 
 
 class ModelStatus(enum.StrEnum):
-    AVAILABLE = "available"  # registered, not loaded
+    UNLOADED = "unloaded"  # registered, not loaded
     LOADING = "loading"
     LOADED = "loaded"
     UNLOADING = "unloading"
-    ERROR = "error"
+    FAILED = "failed"  # the last load failed or its worker died; last_error says why
 
 
 class Base(DeclarativeBase):
@@ -105,8 +105,8 @@ class Model(Base):
     kind: Mapped[str] = mapped_column(String(16), default="text", server_default="text")
     size_bytes: Mapped[int | None] = mapped_column(BigInteger)
     memory_estimate_bytes: Mapped[int | None] = mapped_column(BigInteger)
-    status: Mapped[str] = mapped_column(String(16), default=ModelStatus.AVAILABLE.value,
-                                        server_default=ModelStatus.AVAILABLE.value)
+    status: Mapped[str] = mapped_column(String(16), default=ModelStatus.UNLOADED.value,
+                                        server_default=ModelStatus.UNLOADED.value)
     pinned: Mapped[bool] = mapped_column(default=False, server_default=false())
     last_used_at: Mapped[datetime | None]
     use_count: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))

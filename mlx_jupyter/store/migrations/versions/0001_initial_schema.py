@@ -31,7 +31,7 @@ def upgrade() -> None:
         sa.Column("kind", sa.String(16), server_default="text", nullable=False),
         sa.Column("size_bytes", sa.BigInteger(), nullable=True),
         sa.Column("memory_estimate_bytes", sa.BigInteger(), nullable=True),
-        sa.Column("status", sa.String(16), server_default="available", nullable=False),
+        sa.Column("status", sa.String(16), server_default="unloaded", nullable=False),
         sa.Column("pinned", sa.Boolean(), server_default=sa.false(), nullable=False),
         sa.Column("last_used_at", TIMESTAMP, nullable=True),
         sa.Column("use_count", sa.Integer(), server_default=sa.text("0"), nullable=False),
