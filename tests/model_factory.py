@@ -1,0 +1,138 @@
+"""Small random-weight Llama model folders for tests and benchmarks, written in milliseconds.
+
+Weights are written by the `safetensors` package (numpy), an implementation independent of
+the header reader under test; the tokenizer files are the bundled demo model's, so the folders
+load in mlx-lm. Files are backdated by default: caches do not trust folders written within the
+last two seconds (see `mlx_jupyter.models.memory.RACY_WINDOW_NS`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+DEMO = Path(__file__).resolve().parent.parent / "mlx_jupyter" / "demo"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+VOCAB_SIZE = 2048  # the demo tokenizer's
+
+
+@dataclass(frozen=True)
+class FakeModel:
+    path: Path
+    weight_bytes: int  # exact bytes of every tensor written
+    weight_files: tuple[Path, ...]
+
+
+def llama_config(hidden: int, layers: int, dtype: str = "float32") -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": hidden, "num_hidden_layers": layers,
+            "intermediate_size": hidden * 3, "num_attention_heads": max(1, hidden // 32),
+            "num_key_value_heads": max(1, hidden // 32), "rms_norm_eps": 1e-5,
+            "vocab_size": VOCAB_SIZE, "rope_theta": 10000.0, "max_position_embeddings": 256,
+            "tie_word_embeddings": True, "bos_token_id": 0, "eos_token_id": 4,
+            "pad_token_id": 5, "torch_dtype": dtype}
+
+
+def llama_tensors(hidden: int, layers: int, dtype: str = "float32",
+                  seed: int = 0) -> dict[str, np.ndarray]:
+    """Random tensors with the names and shapes mlx-lm's Llama expects."""
+    rng = np.random.default_rng(seed)
+
+    def random(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(dtype)
+
+    inner = hidden * 3
+    tensors = {"model.embed_tokens.weight": random(VOCAB_SIZE, hidden),
+               "model.norm.weight": np.ones(hidden, dtype=dtype)}
+    for i in range(layers):
+        prefix = f"model.layers.{i}"
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            tensors[f"{prefix}.self_attn.{proj}.weight"] = random(hidden, hidden)
+        tensors[f"{prefix}.mlp.gate_proj.weight"] = random(inner, hidden)
+        tensors[f"{prefix}.mlp.up_proj.weight"] = random(inner, hidden)
+        tensors[f"{prefix}.mlp.down_proj.weight"] = random(hidden, inner)
+        tensors[f"{prefix}.input_layernorm.weight"] = np.ones(hidden, dtype=dtype)
+        tensors[f"{prefix}.post_attention_layernorm.weight"] = np.ones(hidden, dtype=dtype)
+    return tensors
+
+
+def make_model(folder: str | os.PathLike[str], *, hidden: int = 64, layers: int = 2,
+               dtype: str = "float32", shards: int = 1, extra_files: int = 0,
+               config: dict | None = None, tokenizer: bool = True,
+               age_seconds: float = 60.0) -> FakeModel:
+    """A loadable Llama model folder: config.json, weights in `shards` files (with the index
+    mlx-lm writes when there are several), the demo tokenizer and `extra_files` small files.
+    Weight bytes: 4·hidden·(2048 + 3·layers·hidden) at float32, roughly."""
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config or llama_config(hidden, layers, dtype)))
+    files = _write_weights(path, llama_tensors(hidden, layers, dtype), shards)
+    if tokenizer:
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(DEMO / name, path / name)
+    for i in range(extra_files):
+        (path / f"extra-{i:05d}.txt").write_text(f"file {i}\n")
+    if age_seconds:
+        backdate(path, age_seconds)
+    weight_bytes = sum(t.nbytes for t in llama_tensors(hidden, layers, dtype).values())
+    return FakeModel(path, weight_bytes, tuple(files))
+
+
+def _write_weights(path: Path, tensors: dict[str, np.ndarray], shards: int) -> list[Path]:
+    if shards == 1:
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "mlx"})
+        return [path / "model.safetensors"]
+    names = list(tensors)
+    if shards > len(names):
+        raise ValueError(f"{shards} shards need at least as many tensors; add layers")
+    files, weight_map = [], {}
+    for i, group in enumerate(np.array_split(np.array(names, dtype=object), shards)):
+        file_name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({name: tensors[name] for name in group}, str(path / file_name),
+                  metadata={"format": "mlx"})
+        weight_map.update(dict.fromkeys(group, file_name))
+        files.append(path / file_name)
+    total = sum(t.nbytes for t in tensors.values())
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return files
+
+
+def backdate(path: str | os.PathLike[str], seconds: float = 60.0) -> None:
+    """Moves the mtime of a folder and the files in it `seconds` into the past."""
+    then = time.time_ns() - int(seconds * 1e9)
+    for entry in os.scandir(path):
+        os.utime(entry.path, ns=(then, then), follow_symlinks=False)
+    os.utime(path, ns=(then, then))
+
+
+def make_hf_cache_repo(cache_dir: str | os.PathLike[str], repo_id: str, source: Path, *,
+                       repo_type: str = "model", commit: str | None = None,
+                       age_seconds: float = 60.0) -> Path:
+    """Puts a folder into a Hugging Face cache the way huggingface_hub lays it out:
+    <type>s--org--name/{blobs/<hash>, snapshots/<commit>/<file> -> ../../blobs/<hash>,
+    refs/main}. Returns the snapshot folder."""
+    repo_dir = Path(cache_dir) / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    commit = commit or hashlib.sha1(repo_id.encode()).hexdigest()
+    snapshot = repo_dir / "snapshots" / commit
+    (repo_dir / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    for file in sorted(source.iterdir()):
+        blob_hash = hashlib.sha256(file.read_bytes()).hexdigest()
+        shutil.copyfile(file, repo_dir / "blobs" / blob_hash)
+        (snapshot / file.name).symlink_to(Path("..", "..", "blobs", blob_hash))
+    (repo_dir / "refs" / "main").write_text(commit)
+    if age_seconds:
+        for folder in (repo_dir / "blobs", snapshot, repo_dir / "refs", repo_dir / "snapshots",
+                       repo_dir):
+            backdate(folder, age_seconds)
+    return snapshot
