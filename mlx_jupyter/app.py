@@ -12,7 +12,7 @@ from pathlib import Path
 
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Bool, Dict, Float, Int, Unicode, Union
+from traitlets import Bool, Dict, Float, Int, List, Unicode, Union
 
 from ._version import __version__
 from .api.routes import ROUTES
@@ -20,6 +20,7 @@ from .engine.proxy import worker_environment
 from .models.manager import Limits, ModelManager, WorkerSettings
 from .models.memory import KIND_OVERHEADS, MemoryEstimator, budget_bytes, system_memory
 from .models.registry import ModelRegistry
+from .models.service import ModelService
 from .queue import InferenceQueue
 from .services import BlockingPool, StoreService
 from .store import Store, default_database_url
@@ -81,13 +82,27 @@ class MlxApp(ExtensionApp):
                                 help="Seconds a model's memory estimate stays cached (a change "
                                      "to its files invalidates it at once).")
 
+    model_dirs = List(
+        Unicode(), config=True,
+        help="Folders whose subfolders are MLX models, each listed under its folder's name.")
+    allowed_model_roots = List(
+        Unicode(), config=True,
+        help="Folders under which POST mlx/api/models may register a model (links are "
+             "followed before the check). Empty: the server's root_dir.")
+    scan_huggingface_cache = Bool(
+        True, config=True,
+        help="List the MLX-format models in the Hugging Face cache (HF_HUB_CACHE).")
+
     def initialize_settings(self) -> None:
         self._route_logs_to_the_server()
-        registry = ModelRegistry.with_bundled()
-        self.store = self._open_store(registry)
+        estimator = MemoryEstimator(self.memory_estimate_ttl, self.memory_overheads)
+        registry = ModelRegistry.with_bundled(
+            model_dirs=self.model_dirs, estimator=estimator,
+            allowed_roots=self.allowed_model_roots or [self.serverapp.root_dir],
+            hf_cache=self.scan_huggingface_cache)
+        self.store = self._open_store()
         self.pool = BlockingPool(self.thread_pool_workers)
         store_service = StoreService(self.store, self.pool)
-        estimator = MemoryEstimator(self.memory_estimate_ttl, self.memory_overheads)
         limits = Limits(budget_bytes=budget_bytes(self.memory_budget, system_memory().total),
                         max_loaded_models=self.max_loaded_models,
                         idle_unload_seconds=self.idle_unload_seconds)
@@ -97,12 +112,15 @@ class MlxApp(ExtensionApp):
                                      stop_timeout=self.worker_stop_timeout),
             limits, estimate=lambda path: estimator.estimate(path).estimate_bytes,
             run_blocking=self.pool.run, on_status=store_service.record_model_status)
+        models = ModelService(registry, self.manager, store_service, self.pool)
+        models.restore()
         self.queue = InferenceQueue(self.manager, store_service)
         self.settings.update({"mlx_jupyter.manager": self.manager,
                               "mlx_jupyter.queue": self.queue,
+                              "mlx_jupyter.models": models,
                               "mlx_jupyter.store": store_service})
 
-    def _open_store(self, registry: ModelRegistry) -> Store:
+    def _open_store(self) -> Store:
         """Opens the database, migrating it, before the server takes requests."""
         url = self.database_url
         if not url:
@@ -119,8 +137,6 @@ class MlxApp(ExtensionApp):
         if interrupted:
             self.log.warning("mlx_jupyter: %d request(s) were unfinished when the server last "
                              "stopped; marked interrupted", interrupted)
-        for entry in registry.entries():
-            store.ensure_model(entry.name, str(entry.path), entry.source)
         return store
 
     def _route_logs_to_the_server(self) -> None:

@@ -65,6 +65,18 @@ class StoreService:
 
         self._last_model_write = asyncio.ensure_future(write())
 
+    async def ensure_model(self, name: str, path: str, source: str, kind: str) -> None:
+        await self._pool.run(self.store.ensure_model, name, path, source, kind)
+
+    async def update_model(self, name: str, **fields: Any) -> None:
+        await self._pool.run(self.store.update_model, name, **fields)
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        return await self._pool.run(self.store.list_models)
+
+    async def get_model(self, name: str) -> dict[str, Any] | None:
+        return await self._pool.run(self.store.get_model, name)
+
     async def flush(self) -> None:
         """Waits for the status writes in flight (at shutdown, and in tests)."""
         if self._last_model_write is not None:

@@ -36,7 +36,7 @@ def models(tmp_path_factory):
 
 
 def manager_for(models, *, models_fitting=3, max_loaded=3, idle=0.0, statuses=None):
-    registry = ModelRegistry()
+    registry = ModelRegistry(allowed_roots={m.path.parent for m in models.values()}, hf_cache=False)
     for name, model in models.items():
         registry.add(ModelEntry(name, model.path, "registered"))
     one = estimate(next(iter(models.values())).path)

@@ -19,7 +19,15 @@ from tornado.iostream import StreamClosedError
 from .._version import __version__
 from ..errors import MlxJupyterError
 from ..queue import Generation
-from .schemas import GenerateRequest, HistoryQuery, SettingValue, parse_body, parse_query
+from .schemas import (
+    ForgetQuery,
+    GenerateRequest,
+    HistoryQuery,
+    RegisterModel,
+    SettingValue,
+    parse_body,
+    parse_query,
+)
 
 
 def _json_default(value: Any) -> Any:
@@ -58,6 +66,10 @@ class MlxHandler(ExtensionHandlerMixin, APIHandler):
     @property
     def manager(self):
         return self.settings["mlx_jupyter.manager"]
+
+    @property
+    def models(self):
+        return self.settings["mlx_jupyter.models"]
 
     @property
     def store(self):
@@ -163,3 +175,47 @@ class RequestHandler(MlxHandler):
     @maps_errors
     async def get(self, request_id: str) -> None:
         self.write_json(await self.store.get_request(request_id))
+
+
+class ModelsHandler(MlxHandler):
+    @tornado.web.authenticated
+    @authorized
+    @maps_errors
+    async def get(self) -> None:
+        self.write_json({"models": await self.models.list()})
+
+    @tornado.web.authenticated
+    @authorized
+    @maps_errors
+    async def post(self) -> None:
+        body = parse_body(RegisterModel, self.request.body)
+        self.set_status(201)
+        self.write_json(await self.models.register(body.name, body.path))
+
+
+class ModelHandler(MlxHandler):
+    @tornado.web.authenticated
+    @authorized
+    @maps_errors
+    async def get(self, name: str) -> None:
+        self.write_json(await self.models.get(name))
+
+    @tornado.web.authenticated
+    @authorized
+    @maps_errors
+    async def delete(self, name: str) -> None:
+        query = parse_query(ForgetQuery, self.request.query_arguments)
+        self.write_json(await self.models.forget(name, delete_files=query.delete_files))
+
+
+class ModelActionHandler(MlxHandler):
+    """POST models/{name}/load | unload | pin | unpin."""
+
+    @tornado.web.authenticated
+    @authorized
+    @maps_errors
+    async def post(self, name: str, action: str) -> None:
+        if action in ("pin", "unpin"):
+            self.write_json(await self.models.pin(name, action == "pin"))
+        else:
+            self.write_json(await getattr(self.models, action)(name))

@@ -3,6 +3,9 @@
 from .handlers import (
     DatabaseHandler,
     GenerateHandler,
+    ModelActionHandler,
+    ModelHandler,
+    ModelsHandler,
     RequestHandler,
     RequestsHandler,
     SettingHandler,
@@ -15,6 +18,11 @@ API = r"mlx/api"
 ROUTES = [
     (rf"{API}/status", StatusHandler),
     (rf"{API}/generate", GenerateHandler),
+    (rf"{API}/models", ModelsHandler),
+    # Names may hold one "/" (Hugging Face repo ids such as mlx-community/Llama-3.2-1B).
+    (rf"{API}/models/(?P<name>[^/]+(?:/[^/]+)?)/(?P<action>load|unload|pin|unpin)",
+     ModelActionHandler),
+    (rf"{API}/models/(?P<name>[^/]+(?:/[^/]+)?)", ModelHandler),
     (rf"{API}/settings", SettingsHandler),
     (rf"{API}/settings/(?P<key>[A-Za-z0-9_.-]+)", SettingHandler),
     (rf"{API}/database", DatabaseHandler),

@@ -99,3 +99,14 @@ def _describe(error: dict) -> str:
         return f"{location}: unknown field"
     message = error["msg"].removeprefix("Value error, ")
     return f"{location}: {message}" if location else message
+
+
+class RegisterModel(_Body):
+    name: str = Field(min_length=1, max_length=128)
+    path: str = Field(min_length=1, max_length=4096)
+
+
+class ForgetQuery(_Body):
+    model_config = ConfigDict(extra="forbid", strict=False)  # query strings are all text
+
+    delete_files: bool = False

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.proxy import WorkerProxy
-from ..errors import ModelBusy, ModelDoesNotFit
+from ..errors import MlxJupyterError, ModelBusy, ModelDoesNotFit
 from ..store.schema import ModelStatus, utcnow
 from .memory import process_rss, system_memory
 from .registry import ModelRegistry
@@ -97,6 +97,15 @@ class ModelManager:
             entry = self.registry.get(name)  # raises ModelNotFound
             self._slots[name] = ModelSlot(name, entry.path)
         return self._slots[name]
+
+    def slots(self) -> dict[str, ModelSlot]:
+        return dict(self._slots)
+
+    def forget(self, name: str) -> None:
+        """Drops what the manager knew of an unloaded model (it was unregistered)."""
+        slot = self._slots.get(name)
+        if slot is not None and not slot.loaded and slot.loading is None:
+            del self._slots[name]
 
     def loaded(self) -> list[ModelSlot]:
         return [slot for slot in self._slots.values() if slot.loaded]
@@ -192,7 +201,12 @@ class ModelManager:
         async with self._placement:
             if slot.loaded:
                 return
-            slot.estimate_bytes = int(await self._run_blocking(self._estimate, slot.path))
+            try:  # the folder is checked again (cached unless it changed): it may have moved
+                slot.path = await self._run_blocking(self.registry.resolve, slot.name)
+                slot.estimate_bytes = int(await self._run_blocking(self._estimate, slot.path))
+            except MlxJupyterError as exc:
+                self._set_status(slot, ModelStatus.FAILED, error=str(exc))
+                raise
             for victim in self._eviction_plan(slot):
                 await self._stop(victim, "evicted to make room for " + repr(slot.name))
             self._set_status(slot, ModelStatus.LOADING)

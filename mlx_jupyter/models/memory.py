@@ -15,7 +15,7 @@ import re
 import struct
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -236,7 +236,7 @@ class MemoryEstimator:
 
     def __init__(self, ttl_seconds: float = 300.0,
                  overheads: Mapping[str, float] | None = None,
-                 clock=time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl_seconds = ttl_seconds
         self.overheads = dict(KIND_OVERHEADS if overheads is None else overheads)
         self._clock = clock
@@ -333,30 +333,36 @@ def _is_fingerprinted(name: str) -> bool:
 
 def folder_fingerprint(folder: Path) -> tuple:
     """The fingerprint of a folder (one listing, then one stat per file it covers)."""
-    folder_stat = os.stat(folder)
     names = sorted(entry.name for entry in os.scandir(folder) if _is_fingerprinted(entry.name))
-    return _fingerprint(folder, folder_stat, names)
+    return _fingerprint(folder, names)
 
 
 def fingerprint_matches(folder: Path, fingerprint: tuple) -> bool:
     """Whether a folder still has a fingerprint, checked with stats only (no listing)."""
     try:
-        folder_stat = os.stat(folder)
-        names = [item[0] for item in fingerprint[1]]
-        return _fingerprint(folder, folder_stat, names) == fingerprint
+        return _fingerprint(folder, [item[0] for item in fingerprint[1]]) == fingerprint
     except OSError:
         return False
 
 
-def _fingerprint(folder: Path, folder_stat: os.stat_result, names: list[str]) -> tuple:
-    files = []
-    for name in names:
-        try:
-            st = os.stat(folder / name)
-            files.append((name, st.st_size, st.st_mtime_ns, st.st_ino))
-        except FileNotFoundError:
-            files.append((name, -1, 0, 0))
-    return ((folder_stat.st_dev, folder_stat.st_ino, folder_stat.st_mtime_ns), tuple(files))
+def _fingerprint(folder: Path, names: list[str]) -> tuple:
+    # Stats relative to the open folder: the kernel walks the folder's path once, not per
+    # file, which halves the cost for a model of many shards.
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        folder_stat = os.fstat(fd)
+        files = tuple(_file_key(name, fd) for name in names)
+    finally:
+        os.close(fd)
+    return ((folder_stat.st_dev, folder_stat.st_ino, folder_stat.st_mtime_ns), files)
+
+
+def _file_key(name: str, folder_fd: int) -> tuple[str, int, int, int]:
+    try:
+        st = os.stat(name, dir_fd=folder_fd)  # follows links: Hugging Face blobs count
+    except FileNotFoundError:
+        return (name, -1, 0, 0)
+    return (name, st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 def _settled(fingerprint: tuple) -> bool:

@@ -1,0 +1,99 @@
+"""What the REST routes do with models: list, register, forget, load, unload, pin.
+
+Joins the registry (what exists; file work on the thread pool), the manager (what is loaded)
+and the store (what is remembered: registrations, pins, use counts, last errors).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ..services import BlockingPool, StoreService
+from .manager import ModelManager
+from .registry import REGISTERED, ModelEntry, ModelRegistry
+
+log = logging.getLogger(__name__)
+
+
+class ModelService:
+    def __init__(self, registry: ModelRegistry, manager: ModelManager, store: StoreService,
+                 pool: BlockingPool):
+        self.registry = registry
+        self.manager = manager
+        self.store = store
+        self._run = pool.run
+
+    async def list(self) -> list[dict[str, Any]]:
+        """Every model: where it is from, its size and estimate, whether and how it is loaded,
+        how often it was used."""
+        await self._run(self.registry.refresh)
+        infos = await self._run(self.registry.infos)
+        remembered = {row["name"]: row for row in await self.store.list_models()}
+        return [self._describe(info.to_dict(), remembered.get(info.entry.name)) for info in infos]
+
+    async def get(self, name: str) -> dict[str, Any]:
+        info = await self._run(self.registry.info, name)
+        return self._describe(info.to_dict(), await self.store.get_model(name))
+
+    async def register(self, name: str, path: str) -> dict[str, Any]:
+        entry = await self._run(self.registry.register, name, path)
+        await self._remember(entry)
+        return await self.get(name)
+
+    async def forget(self, name: str, *, delete_files: bool = False) -> dict[str, Any]:
+        """Unloads (refused while requests are in flight) and forgets a model. Its history
+        stays in the database."""
+        entry = self.registry.get(name)
+        await self.manager.unload(name, reason="forgotten")
+        await self._run(self.registry.forget, name, delete_files=delete_files)
+        self.manager.forget(name)
+        return {"name": name, "source": entry.source, "deleted_files": delete_files}
+
+    async def load(self, name: str) -> dict[str, Any]:
+        await self.manager.load(name)
+        return await self.get(name)
+
+    async def unload(self, name: str) -> dict[str, Any]:
+        await self.manager.unload(name)
+        return await self.get(name)
+
+    async def pin(self, name: str, pinned: bool) -> dict[str, Any]:
+        self.manager.pin(name, pinned)
+        await self.store.update_model(name, pinned=pinned)
+        return await self.get(name)
+
+    def restore(self) -> None:
+        """At start-up, before the server takes requests (so it may block): registrations and
+        pins remembered from earlier runs. A folder that is gone or no longer valid is skipped
+        with a warning, not fatal."""
+        store = self.store.store
+        self.registry.refresh()
+        for row in store.list_models():
+            if row["source"] == REGISTERED and row["name"] not in self.registry.names():
+                try:
+                    self.registry.register(row["name"], row["path"])
+                except Exception as exc:
+                    log.warning("registered model %s at %s is not usable any more: %s",
+                                row["name"], row["path"], exc)
+                    continue
+            if row["pinned"] and row["name"] in self.registry.names():
+                self.manager.pin(row["name"])
+        for entry in self.registry.entries():
+            store.ensure_model(entry.name, str(entry.path), entry.source, entry.kind)
+
+    async def _remember(self, entry: ModelEntry) -> None:
+        await self.store.ensure_model(entry.name, str(entry.path), entry.source, entry.kind)
+
+    def _describe(self, info: dict[str, Any], row: dict[str, Any] | None) -> dict[str, Any]:
+        name = info["name"]
+        slot = self.manager.slots().get(name)
+        state = self.manager.describe(slot) if slot is not None else {
+            "status": "unloaded", "pid": None, "rss_bytes": None, "pinned": False,
+            "active_requests": 0, "last_used_at": None, "error": None}
+        row = row or {}
+        return {**info, **{k: v for k, v in state.items() if k != "estimate_bytes"},
+                "estimate_bytes": info["estimate_bytes"] or state.get("estimate_bytes"),
+                "use_count": row.get("use_count", 0),
+                "last_used_at": state["last_used_at"] or row.get("last_used_at"),
+                "error": state["error"] or row.get("last_error")}

@@ -1,0 +1,271 @@
+"""Weight sizes from safetensors headers, cached estimates, system memory and the budget."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+from model_factory import backdate, make_model
+
+from mlx_jupyter.models import memory
+from mlx_jupyter.models.memory import (InvalidMemoryBudget, InvalidModelFiles, MemoryEstimator,
+                                       budget_bytes, model_kind, process_rss, system_memory,
+                                       weight_bytes)
+
+GIB = 1024**3
+
+
+# -- weight bytes ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [{}, {"dtype": "float16"}, {"shards": 5, "layers": 3},
+                                     {"hidden": 96, "layers": 1, "dtype": "float16"}])
+def test_weight_bytes_are_the_exact_tensor_bytes(tmp_path, options):
+    model = make_model(tmp_path / "m", **options)
+    assert weight_bytes(model.path) == model.weight_bytes
+
+
+def test_weight_bytes_of_the_bundled_demo_are_its_file_minus_the_header():
+    demo = memory.Path(memory.__file__).parent.parent / "demo"
+    data = (demo / "model.safetensors").read_bytes()
+    header_len = struct.unpack("<Q", data[:8])[0]
+    assert weight_bytes(demo) == len(data) - 8 - header_len
+
+
+def test_a_shard_listed_in_the_index_but_missing_is_refused(tmp_path):
+    model = make_model(tmp_path / "m", shards=3)
+    model.weight_files[1].unlink()
+    with pytest.raises(InvalidModelFiles, match="lists 1 weight file.*missing"):
+        weight_bytes(model.path)
+
+
+def test_a_folder_without_weights_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(InvalidModelFiles, match="no .safetensors weight files"):
+        weight_bytes(tmp_path)
+
+
+def _header_file(path, header: object, data: bytes = b"", length: int | None = None):
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
+
+
+def test_a_file_shorter_than_a_header_is_refused(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"\1\2\3")
+    with pytest.raises(InvalidModelFiles, match="model.safetensors is not a safetensors file: "
+                                                "only 3 bytes long"):
+        weight_bytes(tmp_path)
+
+
+@pytest.mark.parametrize("header, data, length, why", [
+    (b"{not json", b"", None, "not valid JSON"),
+    (b"[1, 2]", b"", None, "not a JSON object"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"", None,
+     "data offsets outside the file"),
+    ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}, b"\0" * 8, None,
+     "do not match its dtype and shape"),
+    ({"w": {"dtype": "F99", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, None,
+     "unknown dtype"),
+    ({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, None,
+     "invalid shape"),
+    (b"{}", b"", 10**12, "claims 1000000000000 header bytes"),
+])
+def test_a_corrupt_header_is_refused_with_the_reason(tmp_path, header, data, length, why):
+    path = tmp_path / "model.safetensors"
+    _header_file(path, header, data, length)
+    with pytest.raises(InvalidModelFiles, match=why) as excinfo:
+        weight_bytes(tmp_path)
+    assert "\n" not in str(excinfo.value) and "model.safetensors" in str(excinfo.value)
+
+
+def test_metadata_and_packed_dtypes_count_correctly(tmp_path):
+    _header_file(tmp_path / "model.safetensors",
+                 {"__metadata__": {"format": "mlx"},
+                  "a": {"dtype": "BF16", "shape": [3, 5], "data_offsets": [0, 30]},
+                  "b": {"dtype": "F4", "shape": [3], "data_offsets": [30, 32]},
+                  "c": {"dtype": "U32", "shape": [], "data_offsets": [32, 36]}}, b"\0" * 36)
+    assert weight_bytes(tmp_path) == 36
+
+
+# -- kinds ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config, kind", [
+    ({"model_type": "llama"}, "text"),
+    ({}, "text"),
+    ({"model_type": "whisper"}, "audio"),
+    ({"n_mels": 80, "n_audio_ctx": 1500}, "audio"),  # mlx-community whisper exports
+    ({"model_type": "x", "architectures": ["Wav2Vec2ForCTC"]}, "audio"),
+    ({"model_type": "qwen2_vl", "vision_config": {}}, "vision"),
+])
+def test_model_kind_comes_from_the_config(tmp_path, config, kind):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert model_kind(tmp_path) == kind
+
+
+@pytest.mark.parametrize("content, why", [(None, "config.json is missing"),
+                                          ("{", "not valid JSON"), ("[]", "not a JSON object")])
+def test_a_bad_config_is_refused(tmp_path, content, why):
+    if content is not None:
+        (tmp_path / "config.json").write_text(content)
+    with pytest.raises(InvalidModelFiles, match=why):
+        model_kind(tmp_path)
+
+
+# -- estimates ------------------------------------------------------------------------------
+
+
+def test_the_estimate_is_the_weight_bytes_times_the_overhead_of_the_kind(tmp_path):
+    text = make_model(tmp_path / "text", hidden=64, layers=2, extra_files=3)
+    config = {"model_type": "whisper"}
+    audio = make_model(tmp_path / "audio", hidden=32, layers=1, config=config)
+    estimator = MemoryEstimator()
+    estimate = estimator.estimate(text.path)
+    assert (estimate.weight_bytes, estimate.kind, estimate.overhead, estimate.files) == (
+        text.weight_bytes, "text", 1.25, 1)
+    assert estimate.estimate_bytes == int(text.weight_bytes * 1.25)
+    assert estimate.size_on_disk == sum(p.stat().st_size for p in text.path.iterdir())
+    assert estimator.estimate(audio.path).estimate_bytes == int(audio.weight_bytes * 1.15)
+
+
+def test_overheads_are_configurable_and_unknown_kinds_use_the_text_overhead(tmp_path):
+    model = make_model(tmp_path / "m", config={"model_type": "llama", "vision_config": {}})
+    estimator = MemoryEstimator(overheads={"text": 2.0, "audio": 1.5})
+    estimate = estimator.estimate(model.path)
+    assert (estimate.kind, estimate.overhead) == ("vision", 2.0)
+    assert estimate.estimate_bytes == model.weight_bytes * 2
+
+
+def test_a_second_estimate_is_a_cache_hit(tmp_path):
+    model = make_model(tmp_path / "m")
+    estimator = MemoryEstimator()
+    first = estimator.estimate(model.path)
+    assert estimator.estimate(str(model.path) + "/") == first  # one entry per resolved folder
+    assert estimator.stats() == {"hits": 1, "misses": 1, "invalidations": 0,
+                                 "expirations": 0, "entries": 1}
+
+
+def test_a_weight_file_rewritten_in_place_invalidates_the_estimate(tmp_path):
+    model = make_model(tmp_path / "m", hidden=64)
+    estimator = MemoryEstimator()
+    estimator.estimate(model.path)
+    make_model(tmp_path / "m", hidden=96, age_seconds=30)  # same file names, new sizes
+    assert estimator.estimate(model.path).weight_bytes == make_model(
+        tmp_path / "other", hidden=96).weight_bytes
+    assert estimator.stats()["invalidations"] == 1
+
+
+def test_an_added_shard_invalidates_the_estimate(tmp_path):
+    model = make_model(tmp_path / "m", shards=2, layers=2)
+    estimator = MemoryEstimator()
+    before = estimator.estimate(model.path)
+    # A stray weight file, as a half-finished copy would leave, with the folder's mtime moved.
+    _header_file(model.path / "model-extra.safetensors",
+                 {"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16)
+    backdate(model.path, 30)
+    after = estimator.estimate(model.path)
+    assert (after.weight_bytes, after.files) == (before.weight_bytes + 16, before.files + 1)
+    assert estimator.stats()["invalidations"] == 1
+
+
+def test_a_folder_written_just_now_is_not_cached(tmp_path):
+    model = make_model(tmp_path / "m", age_seconds=0)
+    estimator = MemoryEstimator()
+    estimator.estimate(model.path)
+    estimator.estimate(model.path)
+    assert estimator.stats()["misses"] == 2 and estimator.stats()["entries"] == 0
+
+
+def test_estimates_expire_after_the_ttl(tmp_path):
+    model = make_model(tmp_path / "m")
+    estimator = MemoryEstimator(ttl_seconds=0.05)
+    estimator.estimate(model.path)
+    estimator.estimate(model.path)
+    time.sleep(0.06)
+    estimator.estimate(model.path)
+    assert estimator.stats()["hits"] == 1 and estimator.stats()["expirations"] == 1
+
+
+def test_invalidate_drops_cached_estimates(tmp_path):
+    model = make_model(tmp_path / "m")
+    estimator = MemoryEstimator()
+    estimator.estimate(model.path)
+    estimator.invalidate(model.path)
+    estimator.estimate(model.path)
+    assert estimator.stats()["misses"] == 2
+
+
+def test_concurrent_first_estimates_compute_once(tmp_path, monkeypatch):
+    model = make_model(tmp_path / "m")
+    estimator = MemoryEstimator()
+    computed, compute = [], estimator._compute
+
+    def slow_compute(folder):
+        computed.append(folder)
+        time.sleep(0.05)
+        return compute(folder)
+
+    monkeypatch.setattr(estimator, "_compute", slow_compute)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(estimator.estimate(model.path)))
+               for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(computed) == 1 and len(set(results)) == 1
+    assert estimator.stats()["hits"] == 3
+
+
+def test_a_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(InvalidModelFiles, match="cannot read .*gone"):
+        MemoryEstimator().estimate(tmp_path / "gone")
+
+
+# -- system memory and budget ---------------------------------------------------------------
+
+
+def test_system_memory_is_plausible():
+    system = system_memory()
+    assert system.total > 0 and 0 <= system.available <= system.total
+
+
+@pytest.mark.parametrize("configured, expected", [
+    (None, int(10 * GIB * 0.8)), ("", int(10 * GIB * 0.8)),
+    (0.5, 5 * GIB), (1.0, 10 * GIB), (1, 1), (8 * GIB, 8 * GIB),
+    ("12GB", 12 * 10**9), ("8GiB", 8 * GIB), ("8 gib", 8 * GIB), ("8G", 8 * GIB),
+    ("512MB", 512 * 10**6), ("1.5GB", 1_500_000_000), ("75%", int(10 * GIB * 0.75)),
+    ("0.25", int(10 * GIB * 0.25)), ("1024", 1024), ("100%", 10 * GIB),
+])
+def test_budget_accepts_fractions_bytes_sizes_and_percentages(configured, expected):
+    assert budget_bytes(configured, total=10 * GIB) == expected
+
+
+@pytest.mark.parametrize("configured, why", [
+    (0, "more than 0"), (-5, "more than 0"), (0.0, "fraction"), (1.5, "fraction"),
+    (True, "not a size"), ("lots", "not a size"), ("12XB", "unknown unit"), ("150%", "fraction"),
+    ("0%", "fraction"), ([1], "not a size"), ("0GB", "more than 0"),
+])
+def test_an_invalid_budget_says_why(configured, why):
+    with pytest.raises(InvalidMemoryBudget, match=why) as excinfo:
+        budget_bytes(configured, total=10 * GIB)
+    assert isinstance(excinfo.value, ValueError)  # usable in a traitlets validator
+
+
+def test_process_rss_counts_children_and_is_none_for_a_gone_process():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(10)"])
+    try:
+        while psutil.Process(child.pid).memory_info().rss < 1_000_000:
+            time.sleep(0.01)  # until the interpreter is up
+        own = psutil.Process(os.getpid()).memory_info().rss
+        assert process_rss(os.getpid()) >= own + psutil.Process(child.pid).memory_info().rss // 2
+    finally:
+        child.kill()
+        child.wait()
+    assert process_rss(child.pid) is None
+    assert process_rss(None) is None
