@@ -39,6 +39,8 @@ test: setup
 
 bench: setup
 	$(PYTHON) benchmarks/bench_generate.py
+	$(PYTHON) benchmarks/bench_store.py --postgres temp
+	$(PYTHON) benchmarks/bench_models.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -77,7 +77,12 @@ class MlxApp(ExtensionApp):
         help="Unload a model nobody used for this long (pinned models stay). 0: never.")
     memory_overheads = Dict(
         dict(KIND_OVERHEADS), config=True,
-        help="Estimated memory of a loaded model = weight bytes x this factor, by model kind.")
+        help="Estimated memory of a loaded model = weight bytes x this factor, by model kind "
+             "(kinds not given keep their defaults).")
+    worker_base_memory = Int(
+        96 * 1024**2, config=True,
+        help="Bytes a model worker holds beyond its model (Python, mlx, mlx-lm; ~86 MiB "
+             "measured on Linux), counted against the memory budget for each loaded model.")
     memory_estimate_ttl = Float(300.0, config=True,
                                 help="Seconds a model's memory estimate stays cached (a change "
                                      "to its files invalidates it at once).")
@@ -95,7 +100,8 @@ class MlxApp(ExtensionApp):
 
     def initialize_settings(self) -> None:
         self._route_logs_to_the_server()
-        estimator = MemoryEstimator(self.memory_estimate_ttl, self.memory_overheads)
+        estimator = MemoryEstimator(self.memory_estimate_ttl,
+                                    {**KIND_OVERHEADS, **self.memory_overheads})
         registry = ModelRegistry.with_bundled(
             model_dirs=self.model_dirs, estimator=estimator,
             allowed_roots=self.allowed_model_roots or [self.serverapp.root_dir],
@@ -105,6 +111,7 @@ class MlxApp(ExtensionApp):
         store_service = StoreService(self.store, self.pool)
         limits = Limits(budget_bytes=budget_bytes(self.memory_budget, system_memory().total),
                         max_loaded_models=self.max_loaded_models,
+                        worker_base_bytes=self.worker_base_memory,
                         idle_unload_seconds=self.idle_unload_seconds)
         self.manager = ModelManager(
             registry, WorkerSettings(env=worker_environment(self.blas_to_preload()),

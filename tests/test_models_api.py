@@ -65,7 +65,8 @@ async def test_a_folder_under_an_allowed_root_registers_and_serves(jp_fetch, mod
     assert model["pinned"] is True
     status = json.loads((await jp_fetch("mlx", "api", "status")).body)
     assert [m["name"] for m in status["models"]["loaded"]] == ["mine"]
-    assert status["memory"]["used_by_models"] == model["estimate_bytes"]
+    assert status["memory"]["used_by_models"] == model["budget_bytes"]
+    assert model["budget_bytes"] == model["estimate_bytes"] + 96 * 1024**2
 
     _, unloaded = await call(jp_fetch, "mine", "unload", method="POST", body={})
     assert unloaded["status"] == "unloaded" and not psutil.pid_exists(model["pid"])

@@ -45,6 +45,7 @@ class Limits:
     budget_bytes: int
     max_loaded_models: int = 3
     idle_unload_seconds: float = 300.0  # 0: never unload idle models
+    worker_base_bytes: int = 0  # what a worker process costs beyond its model
 
 
 @dataclass
@@ -55,7 +56,7 @@ class ModelSlot:
     path: Path
     status: ModelStatus = ModelStatus.UNLOADED
     worker: WorkerProxy | None = None
-    estimate_bytes: int = 0
+    budget_bytes: int = 0  # counted against the budget: estimate plus the worker's own cost
     pinned: bool = False
     active_requests: int = 0
     last_used: float = 0.0  # monotonic, for LRU order
@@ -112,14 +113,14 @@ class ModelManager:
 
     def used_bytes(self) -> int:
         """Memory held by models, by estimate: loaded ones and those being loaded."""
-        return sum(slot.estimate_bytes for slot in self._slots.values()
+        return sum(slot.budget_bytes for slot in self._slots.values()
                    if slot.loaded or slot.status == ModelStatus.LOADING)
 
     def describe(self, slot: ModelSlot) -> dict[str, Any]:
         worker = slot.worker
         return {"name": slot.name, "status": slot.status.value,
                 "pid": worker.pid if worker else None,
-                "estimate_bytes": slot.estimate_bytes,
+                "budget_bytes": slot.budget_bytes,
                 "rss_bytes": process_rss(worker.pid) if worker and worker.alive else None,
                 "pinned": slot.pinned, "active_requests": slot.active_requests,
                 "last_used_at": slot.last_used_at, "error": slot.error}
@@ -203,7 +204,8 @@ class ModelManager:
                 return
             try:  # the folder is checked again (cached unless it changed): it may have moved
                 slot.path = await self._run_blocking(self.registry.resolve, slot.name)
-                slot.estimate_bytes = int(await self._run_blocking(self._estimate, slot.path))
+                slot.budget_bytes = self.limits.worker_base_bytes + int(
+                    await self._run_blocking(self._estimate, slot.path))
             except MlxJupyterError as exc:
                 self._set_status(slot, ModelStatus.FAILED, error=str(exc))
                 raise
@@ -232,26 +234,26 @@ class ModelManager:
         loaded = [s for s in self.loaded() if s is not slot]
         plan: list[ModelSlot] = []
         candidates = sorted((s for s in loaded if s.evictable), key=lambda s: s.last_used)
-        while (used + slot.estimate_bytes > budget
+        while (used + slot.budget_bytes > budget
                or len(loaded) - len(plan) + 1 > self.limits.max_loaded_models):
             if not candidates:
                 raise ModelDoesNotFit(self._refusal(slot, loaded, used))
             victim = candidates.pop(0)
             plan.append(victim)
-            used -= victim.estimate_bytes
+            used -= victim.budget_bytes
         return plan
 
     def _refusal(self, slot: ModelSlot, loaded: list[ModelSlot], used: int) -> str:
         budget = self.limits.budget_bytes
         kept = ", ".join(f"{s.name} ({'pinned' if s.pinned else 'busy'}, "
-                         f"{s.estimate_bytes / GB:.2f} GB)" for s in loaded if not s.evictable)
-        if slot.estimate_bytes > budget:
-            return (f"model {slot.name!r} needs about {slot.estimate_bytes / GB:.2f} GB, more "
+                         f"{s.budget_bytes / GB:.2f} GB)" for s in loaded if not s.evictable)
+        if slot.budget_bytes > budget:
+            return (f"model {slot.name!r} needs about {slot.budget_bytes / GB:.2f} GB, more "
                     f"than the whole memory budget of {budget / GB:.2f} GB")
         if len(loaded) + 1 > self.limits.max_loaded_models and kept:
             return (f"cannot load {slot.name!r}: {len(loaded)} models are loaded (the limit is "
                     f"{self.limits.max_loaded_models}) and none can be unloaded now: {kept}")
-        return (f"model {slot.name!r} needs about {slot.estimate_bytes / GB:.2f} GB but only "
+        return (f"model {slot.name!r} needs about {slot.budget_bytes / GB:.2f} GB but only "
                 f"{max(0, budget - used) / GB:.2f} GB of the {budget / GB:.2f} GB budget is "
                 f"free, and the models holding the rest cannot be unloaded now: {kept or 'none'}")
 

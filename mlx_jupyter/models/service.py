@@ -92,8 +92,12 @@ class ModelService:
             "status": "unloaded", "pid": None, "rss_bytes": None, "pinned": False,
             "active_requests": 0, "last_used_at": None, "error": None}
         row = row or {}
-        return {**info, **{k: v for k, v in state.items() if k != "estimate_bytes"},
-                "estimate_bytes": info["estimate_bytes"] or state.get("estimate_bytes"),
+        estimate = info["estimate_bytes"]
+        state.pop("budget_bytes", None)
+        return {**info, **state, "estimate_bytes": estimate,
+                # what a load counts against the budget: the model and its worker process
+                "budget_bytes": (estimate + self.manager.limits.worker_base_bytes
+                                 if estimate is not None else None),
                 "use_count": row.get("use_count", 0),
                 "last_used_at": state["last_used_at"] or row.get("last_used_at"),
                 "error": state["error"] or row.get("last_error")}
