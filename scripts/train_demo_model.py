@@ -17,11 +17,21 @@ import argparse
 import json
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
-# tokenizers trains with a thread pool; one thread keeps the run simple and reproducible.
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# OpenBLAS splits matrix products by its thread count, and the split changes float rounding:
+# 1 and 2 threads give different weights. Pin it so the result does not depend on the
+# machine's core count; one thread is only ~20% slower here, and faster on a busy machine.
+# OpenBLAS reads the setting once, when loaded (with LD_PRELOAD: at process start), so
+# restart this script with it set.
+BLAS_THREADS = "1"
+if os.environ.get("OPENBLAS_NUM_THREADS") != BLAS_THREADS:
+    os.environ["OPENBLAS_NUM_THREADS"] = BLAS_THREADS
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # quiet; the vocab is the same either way
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import mlx.core as mx  # noqa: E402

@@ -56,6 +56,11 @@ def maps_errors(method: Callable[..., Awaitable[None]]) -> Callable[..., Awaitab
     return wrapper
 
 
+def endpoint(method: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    """Every route method: Jupyter's authentication and authorization, then our error map."""
+    return tornado.web.authenticated(authorized(maps_errors(method)))
+
+
 class MlxHandler(ExtensionHandlerMixin, APIHandler):
     auth_resource = "mlx"
 
@@ -81,9 +86,7 @@ class MlxHandler(ExtensionHandlerMixin, APIHandler):
 
 
 class StatusHandler(MlxHandler):
-    @tornado.web.authenticated
-    @authorized
-    @maps_errors
+    @endpoint
     async def get(self) -> None:
         self.write_json({"version": __version__, **self.manager.get_system_status()})
 
@@ -91,9 +94,7 @@ class StatusHandler(MlxHandler):
 class GenerateHandler(MlxHandler):
     _generation: Generation | None = None
 
-    @tornado.web.authenticated
-    @authorized
-    @maps_errors
+    @endpoint
     async def post(self) -> None:
         request = parse_body(GenerateRequest, self.request.body)
         self._generation = await self.queue.submit(request.queue_params(),
@@ -128,40 +129,30 @@ class GenerateHandler(MlxHandler):
 
 
 class SettingsHandler(MlxHandler):
-    @tornado.web.authenticated
-    @authorized
-    @maps_errors
+    @endpoint
     async def get(self) -> None:
         self.write_json({"settings": await self.store.settings()})
 
 
 class SettingHandler(MlxHandler):
-    @tornado.web.authenticated
-    @authorized
-    @maps_errors
+    @endpoint
     async def get(self, key: str) -> None:
         self.write_json(await self.store.setting(key))
 
-    @tornado.web.authenticated
-    @authorized
-    @maps_errors
+    @endpoint
     async def put(self, key: str) -> None:
         body = parse_body(SettingValue, self.request.body)
         self.write_json(await self.store.set_setting(key, body.value))
 
 
 class DatabaseHandler(MlxHandler):
-    @tornado.web.authenticated
-    @authorized
-    @maps_errors
+    @endpoint
     async def get(self) -> None:
         self.write_json(await self.store.database_info())
 
 
 class RequestsHandler(MlxHandler):
-    @tornado.web.authenticated
-    @authorized
-    @maps_errors
+    @endpoint
     async def get(self) -> None:
         query = parse_query(HistoryQuery, self.request.query_arguments)
         rows, total = await self.store.list_requests(**query.model_dump())
@@ -170,23 +161,17 @@ class RequestsHandler(MlxHandler):
 
 
 class RequestHandler(MlxHandler):
-    @tornado.web.authenticated
-    @authorized
-    @maps_errors
+    @endpoint
     async def get(self, request_id: str) -> None:
         self.write_json(await self.store.get_request(request_id))
 
 
 class ModelsHandler(MlxHandler):
-    @tornado.web.authenticated
-    @authorized
-    @maps_errors
+    @endpoint
     async def get(self) -> None:
         self.write_json({"models": await self.models.list()})
 
-    @tornado.web.authenticated
-    @authorized
-    @maps_errors
+    @endpoint
     async def post(self) -> None:
         body = parse_body(RegisterModel, self.request.body)
         self.set_status(201)
@@ -194,15 +179,11 @@ class ModelsHandler(MlxHandler):
 
 
 class ModelHandler(MlxHandler):
-    @tornado.web.authenticated
-    @authorized
-    @maps_errors
+    @endpoint
     async def get(self, name: str) -> None:
         self.write_json(await self.models.get(name))
 
-    @tornado.web.authenticated
-    @authorized
-    @maps_errors
+    @endpoint
     async def delete(self, name: str) -> None:
         query = parse_query(ForgetQuery, self.request.query_arguments)
         self.write_json(await self.models.forget(name, delete_files=query.delete_files))
@@ -211,9 +192,7 @@ class ModelHandler(MlxHandler):
 class ModelActionHandler(MlxHandler):
     """POST models/{name}/load | unload | pin | unpin."""
 
-    @tornado.web.authenticated
-    @authorized
-    @maps_errors
+    @endpoint
     async def post(self, name: str, action: str) -> None:
         if action in ("pin", "unpin"):
             self.write_json(await self.models.pin(name, action == "pin"))
