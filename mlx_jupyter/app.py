@@ -12,13 +12,19 @@ from pathlib import Path
 
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Bool, Dict, Float, Int, List, Unicode, Union
+from traitlets import Bool, Dict, Float, Int, List, TraitError, Unicode, Union, validate
 
 from ._version import __version__
 from .api.routes import ROUTES
 from .engine.proxy import worker_environment
 from .models.manager import Limits, ModelManager, WorkerSettings
-from .models.memory import KIND_OVERHEADS, MemoryEstimator, budget_bytes, system_memory
+from .models.memory import (
+    KIND_OVERHEADS,
+    InvalidMemoryBudget,
+    MemoryEstimator,
+    budget_bytes,
+    system_memory,
+)
 from .models.registry import ModelRegistry
 from .models.service import ModelService
 from .queue import InferenceQueue
@@ -97,6 +103,14 @@ class MlxApp(ExtensionApp):
     scan_huggingface_cache = Bool(
         True, config=True,
         help="List the MLX-format models in the Hugging Face cache (HF_HUB_CACHE).")
+
+    @validate("memory_budget")
+    def _valid_budget(self, proposal: dict) -> int | float | str:
+        try:
+            budget_bytes(proposal["value"], system_memory().total)
+        except InvalidMemoryBudget as exc:
+            raise TraitError(f"c.MlxApp.memory_budget: {exc}") from None
+        return proposal["value"]
 
     def initialize_settings(self) -> None:
         self._route_logs_to_the_server()

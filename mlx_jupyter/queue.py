@@ -41,9 +41,10 @@ class Generation:
     _worker: WorkerProxy
     _params: dict[str, Any]
     _store: StoreService
-    _release: Callable[[], None]  # tells the manager this request no longer uses the model
+    _release_model: Callable[[], None]  # tells the manager the request is done with it
     _submitted: float = field(default_factory=time.perf_counter)
     _first_text: float | None = None
+    _released: bool = False
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         """Yields {"text": ...} events, then one {"done": True, ...} event.
@@ -74,7 +75,7 @@ class Generation:
             raise
         finally:
             await worker_events.aclose()
-            self._release()
+            self.release()
             await self._record_end(outcome, "".join(pieces))
 
     async def result(self) -> dict[str, Any]:
@@ -87,6 +88,14 @@ class Generation:
                     done = event
         return {"request_id": self.id, "model": self.model, "text": "".join(pieces),
                 **{key: done[key] for key in ("finish_reason", "usage", "timings")}}
+
+    def release(self) -> None:
+        """Ends this request's use of its model (once): from then on the model may be evicted
+        or unloaded when idle. Called when the events end; call it for a request whose events
+        are never read."""
+        if not self._released:
+            self._released = True
+            self._release_model()
 
     async def cancel(self) -> None:
         """Asks the worker to stop this request at its next decode step; events() then ends

@@ -106,3 +106,11 @@ async def test_forget_and_load_refusals(jp_fetch):
     assert code == 404 and "nope" in message
     code, message = await refused(jp_fetch, "nope", method="DELETE")
     assert code == 404
+
+
+async def test_a_generation_loads_its_model_and_counts_the_use(jp_fetch):
+    await jp_fetch("mlx", "api", "generate", method="POST", request_timeout=120,
+                   body=json.dumps({"model": "scanned-one", "prompt": "Hi", "max_tokens": 2}))
+    _, model = await call(jp_fetch, "scanned-one")
+    assert model["status"] == "loaded" and model["active_requests"] == 0
+    assert model["use_count"] == 1 and model["last_used_at"]

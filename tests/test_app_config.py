@@ -1,0 +1,19 @@
+"""Configuration of the server extension: traits are validated when they are set."""
+
+import pytest
+from traitlets import TraitError
+
+from mlx_jupyter.app import MlxApp
+
+
+@pytest.mark.parametrize("value", ["8GB", "75%", 0.5, 4 * 1024**3, ""])
+def test_memory_budget_accepts_sizes_fractions_and_percentages(value):
+    app = MlxApp()
+    app.memory_budget = value
+    assert app.memory_budget == value
+
+
+@pytest.mark.parametrize("value", ["lots", "-3GB", 1.5, 0, "150%"])
+def test_a_bad_memory_budget_is_refused_naming_the_trait(value):
+    with pytest.raises(TraitError, match="c.MlxApp.memory_budget"):
+        MlxApp().memory_budget = value
