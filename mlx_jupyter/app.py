@@ -93,6 +93,16 @@ class MlxApp(ExtensionApp):
                                 help="Seconds a model's memory estimate stays cached (a change "
                                      "to its files invalidates it at once).")
 
+    max_batch_size = Int(
+        8, config=True,
+        help="Requests a model serves at once; more wait in the queue by priority.")
+    max_queued_requests = Int(
+        256, config=True,
+        help="Requests that may wait in the queue; beyond it a request gets 429 Retry-After.")
+    priority_aging_seconds = Float(
+        30.0, config=True,
+        help="A waiting request gains one priority level per this many seconds, so low "
+             "priorities never starve.")
     model_dirs = List(
         Unicode(), config=True,
         help="Folders whose subfolders are MLX models, each listed under its folder's name.")
@@ -135,7 +145,10 @@ class MlxApp(ExtensionApp):
             run_blocking=self.pool.run, on_status=store_service.record_model_status)
         models = ModelService(registry, self.manager, store_service, self.pool)
         models.restore()
-        self.queue = InferenceQueue(self.manager, store_service)
+        self.queue = InferenceQueue(self.manager, store_service,
+                                    max_active_per_model=self.max_batch_size,
+                                    max_queued=self.max_queued_requests,
+                                    aging_seconds=self.priority_aging_seconds)
         self.settings.update({"mlx_jupyter.manager": self.manager,
                               "mlx_jupyter.queue": self.queue,
                               "mlx_jupyter.models": models,

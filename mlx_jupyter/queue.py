@@ -1,17 +1,22 @@
-"""The way in for every generation: defaults, a request id, a history record, a worker.
+"""The way in for every generation: defaults, priority admission, history, cancellation.
 
-For now requests go straight to their model's worker, which runs them in arrival order;
-priorities, admission, batching and back-pressure plug in here later. Every request is
-recorded in the store from the moment it is submitted until it ends, however it ends.
+Every request is recorded in the store from the moment it is submitted until it ends, however
+it ends. Each model admits up to `max_active_per_model` requests to its worker at a time; the
+rest wait here, highest priority first, first come first served within a priority, with aging
+(a request gains one priority level for every `aging_seconds` it waits) so that a low priority
+never starves. Dispatch is event-driven: a submit, a finish or a cancel admits the next
+request at once; nothing polls. Status answers come from in-memory counters.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
-import functools
+import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,25 +37,70 @@ FINAL_STATUS = {"stop": RequestStatus.COMPLETED, "length": RequestStatus.COMPLET
                 "cancelled": RequestStatus.CANCELLED}
 
 
+class QueueFull(MlxJupyterError):
+    status = 429
+
+    def __init__(self, limit: int, retry_after: int):
+        super().__init__(f"the inference queue is full ({limit} requests waiting); "
+                         f"retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class RequestFinished(MlxJupyterError):
+    status = 409
+
+
 @dataclass
 class Generation:
-    """One submitted request: its events as they come, and its final result."""
+    """One submitted request: wait for `start()`, then read `events()` or `result()`."""
 
     id: str
     model: str
-    _worker: WorkerProxy
+    priority: int
+    _queue: InferenceQueue
     _params: dict[str, Any]
-    _store: StoreService
-    _release_model: Callable[[], None]  # tells the manager the request is done with it
     _submitted: float = field(default_factory=time.perf_counter)
+    _enqueued: float = field(default_factory=time.monotonic)
+    _seq: int = 0
+    _admitted: asyncio.Future[bool] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future())
+    _admitted_at: float | None = None
+    _worker: WorkerProxy | None = None
     _first_text: float | None = None
-    _released: bool = False
+    _finished: bool = False
+
+    @property
+    def state(self) -> str:
+        if self._finished:
+            return "finished"
+        return "active" if self._admitted.done() else "queued"
+
+    def effective_priority(self, now: float, aging_seconds: float) -> float:
+        return self.priority + (now - self._enqueued) / aging_seconds
+
+    async def start(self) -> None:
+        """Waits for admission, then for the model (loading it if needed). Raises a domain
+        error (ModelDoesNotFit, WorkerError, ...) before any output exists."""
+        if not await self._admitted:
+            return  # cancelled while it waited: events() reports it
+        await self._queue.store.update_request(self.id, status=RequestStatus.RUNNING,
+                                               started_at=utcnow())
+        try:
+            self._worker = await self._queue.manager.acquire(self.model)
+        except MlxJupyterError as exc:
+            await self._end({"status": RequestStatus.FAILED, "finish_reason": "error",
+                             "error": str(exc)}, "", model_acquired=False)
+            raise
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         """Yields {"text": ...} events, then one {"done": True, ...} event.
 
         Closing this iterator early cancels the request in the worker.
         """
+        if self._worker is None:  # cancelled before it started
+            yield self._done_event("cancelled", {"prompt_tokens": 0, "completion_tokens": 0},
+                                   {})
+            return
         worker_events = self._worker.generate(self.id, self._params)
         pieces: list[str] = []
         outcome: dict[str, Any] = {"status": RequestStatus.CANCELLED}  # closed before the end
@@ -62,7 +112,8 @@ class Generation:
                     pieces.append(event["text"])
                     yield {"text": event["text"]}
                 elif event["event"] == "done":
-                    done = self._done(event)
+                    done = self._done_event(event["finish_reason"], event["usage"],
+                                            event.get("worker_timings", {}))
                     outcome = {"status": FINAL_STATUS.get(done["finish_reason"],
                                                           RequestStatus.FAILED),
                                "finish_reason": done["finish_reason"],
@@ -75,8 +126,7 @@ class Generation:
             raise
         finally:
             await worker_events.aclose()
-            self.release()
-            await self._record_end(outcome, "".join(pieces))
+            await self._end(outcome, "".join(pieces))
 
     async def result(self) -> dict[str, Any]:
         pieces: list[str] = []
@@ -89,74 +139,168 @@ class Generation:
         return {"request_id": self.id, "model": self.model, "text": "".join(pieces),
                 **{key: done[key] for key in ("finish_reason", "usage", "timings")}}
 
-    def release(self) -> None:
-        """Ends this request's use of its model (once): from then on the model may be evicted
-        or unloaded when idle. Called when the events end; call it for a request whose events
-        are never read."""
-        if not self._released:
-            self._released = True
-            self._release_model()
-
-    async def cancel(self) -> None:
-        """Asks the worker to stop this request at its next decode step; events() then ends
-        with finish_reason "cancelled"."""
-        await self._worker.cancel(self.id)
+    async def cancel(self) -> str:
+        """Cancels the request: a waiting one leaves the queue at once, a running one stops at
+        its worker's next decode step. Returns the state it was in."""
+        state = self.state
+        if state == "queued":
+            self._queue.withdraw(self)
+            self._admitted.set_result(False)
+            await self._end({"status": RequestStatus.CANCELLED, "finish_reason": "cancelled"},
+                            "", model_acquired=False)
+        elif state == "active" and self._worker is not None:
+            await self._worker.cancel(self.id)
+        return state
 
     def _ttft_ms(self) -> float | None:
         if self._first_text is None:
             return None
         return round((self._first_text - self._submitted) * 1000, 1)
 
-    def _done(self, event: dict[str, Any]) -> dict[str, Any]:
+    def _done_event(self, finish_reason: str, usage: dict[str, int],
+                    worker_timings: dict[str, float]) -> dict[str, Any]:
         total_ms = round((time.perf_counter() - self._submitted) * 1000, 1)
-        worker_timings = event.get("worker_timings", {})
         timings = {"ttft_ms": self._ttft_ms() or total_ms, "total_ms": total_ms,
                    "tokens_per_second": worker_timings.get("tokens_per_second", 0.0),
                    "prompt_tokens_per_second": worker_timings.get("prompt_tokens_per_second",
                                                                   0.0)}
         log.info("request %s on %s: %s, %s tokens, %.0f ms", self.id, self.model,
-                 event["finish_reason"], event["usage"]["completion_tokens"], total_ms)
-        return {"done": True, "request_id": self.id, "finish_reason": event["finish_reason"],
-                "usage": event["usage"], "timings": timings}
+                 finish_reason, usage["completion_tokens"], total_ms)
+        return {"done": True, "request_id": self.id, "finish_reason": finish_reason,
+                "usage": usage, "timings": timings}
 
-    async def _record_end(self, outcome: dict[str, Any], text: str) -> None:
+    async def _end(self, outcome: dict[str, Any], text: str, *,
+                   model_acquired: bool = True) -> None:
+        """Once per request: frees its place (and its model), admits the next, records it."""
+        if self._finished:
+            return
+        self._finished = True
+        self._queue.finished(self, model_acquired=model_acquired)
         try:
-            await self._store.update_request(self.id, output_text=text, finished_at=utcnow(),
-                                             ttft_ms=self._ttft_ms(), **outcome)
+            await self._queue.store.update_request(
+                self.id, output_text=text, finished_at=utcnow(), ttft_ms=self._ttft_ms(),
+                **outcome)
         except Exception:  # the answer was delivered; a history write must not undo that
             log.exception("could not record the end of request %s", self.id)
 
 
 class InferenceQueue:
-    def __init__(self, manager: ModelManager, store: StoreService):
+    def __init__(self, manager: ModelManager, store: StoreService, *,
+                 max_active_per_model: int = 8, max_queued: int = 256,
+                 aging_seconds: float = 30.0):
         self.manager = manager
         self.store = store
+        self.max_active_per_model = max_active_per_model
+        self.max_queued = max_queued
+        self.aging_seconds = aging_seconds
+        self._waiting: dict[str, list[Generation]] = collections.defaultdict(list)
+        self._active: dict[str, dict[str, Generation]] = collections.defaultdict(dict)
+        self._by_id: dict[str, Generation] = {}
+        self._seq = itertools.count()
+        self._seconds_per_request: dict[str, float] = {}  # moving average, for ETAs
 
-    async def submit(self, params: dict[str, Any], *, notebook: str | None = None) -> Generation:
-        """Starts a request; raises ModelNotFound or WorkerError before any output exists.
+    async def submit(self, params: dict[str, Any], *, notebook: str | None = None,
+                     priority: int = 0) -> Generation:
+        """Records and enqueues a request; `start()` on the result waits for its turn.
 
         `params` holds model, prompt or messages and the sampling fields; a missing model or
-        sampling field takes the stored setting's value.
+        sampling field takes the stored setting's value. Raises ModelNotFound for an unknown
+        model and QueueFull when `max_queued` requests already wait.
         """
-        started = time.perf_counter()
+        if self.queued_count() >= self.max_queued:
+            raise QueueFull(self.max_queued, self._retry_after())
         params = await self._with_defaults(params)
         model = params.pop("model")
         self.manager.registry.get(model)  # an unknown model is refused before it is recorded
         record = RequestRecord(
-            model=model, notebook=notebook, status=RequestStatus.RUNNING,
+            model=model, notebook=notebook, priority=priority, status=RequestStatus.QUEUED,
             prompt=params.get("prompt"), messages=params.get("messages"),
             parameters={k: v for k, v in params.items() if k not in ("prompt", "messages")})
-        record.started_at = record.created_at
         await self.store.add_request(record)
-        try:
-            worker = await self.manager.acquire(model)
-        except MlxJupyterError as exc:
-            await self.store.update_request(record.id, status=RequestStatus.FAILED,
-                                            finish_reason="error", error=str(exc),
-                                            finished_at=utcnow())
-            raise
-        return Generation(record.id, model, worker, params, self.store,
-                          functools.partial(self.manager.release, model), started)
+        generation = Generation(record.id, model, priority, self, params,
+                                _seq=next(self._seq))
+        self._by_id[record.id] = generation
+        self._waiting[model].append(generation)
+        self._dispatch(model)
+        return generation
+
+    async def cancel(self, request_id: str) -> dict[str, str]:
+        generation = self._by_id.get(request_id)
+        if generation is None:
+            row = await self.store.get_request(request_id)  # RequestNotFound when unknown
+            raise RequestFinished(f"request {request_id!r} is not running: it is "
+                                  f"{row['status']}")
+        was = await generation.cancel()
+        return {"request_id": request_id, "was": was, "status": "cancelled"
+                if was == "queued" else "cancelling"}
+
+    # -- status ---------------------------------------------------------------------------
+
+    def queued_count(self) -> int:
+        return sum(len(waiting) for waiting in self._waiting.values())
+
+    def get_queue_status(self, model: str) -> dict[str, int]:
+        return {"queued_requests": len(self._waiting.get(model, ())),
+                "active_requests": len(self._active.get(model, ()))}
+
+    def snapshot(self) -> dict[str, Any]:
+        """Per model: active requests, and waiting ones in admission order with an ETA."""
+        models = {}
+        for model in sorted(set(self._waiting) | set(self._active)):
+            active = list(self._active.get(model, {}).values())
+            waiting = self._admission_order(model)
+            if not active and not waiting:
+                continue
+            per_request = self._seconds_per_request.get(model)
+            models[model] = {
+                "active": [self._describe(g) for g in active],
+                "queued": [{**self._describe(g), "position": i + 1,
+                            "eta_seconds": round((i // self.max_active_per_model + 1)
+                                                 * per_request, 1) if per_request else None}
+                           for i, g in enumerate(waiting)]}
+        return {"max_active_per_model": self.max_active_per_model,
+                "max_queued": self.max_queued, "queued": self.queued_count(),
+                "models": models}
+
+    # -- dispatch -------------------------------------------------------------------------
+
+    def withdraw(self, generation: Generation) -> None:
+        waiting = self._waiting.get(generation.model, [])
+        if generation in waiting:
+            waiting.remove(generation)
+
+    def finished(self, generation: Generation, *, model_acquired: bool) -> None:
+        self._by_id.pop(generation.id, None)
+        if self._active[generation.model].pop(generation.id, None) is not None:
+            elapsed = time.monotonic() - generation._admitted_at
+            previous = self._seconds_per_request.get(generation.model, elapsed)
+            self._seconds_per_request[generation.model] = 0.8 * previous + 0.2 * elapsed
+        if model_acquired:
+            self.manager.release(generation.model)
+        self._dispatch(generation.model)
+
+    def _dispatch(self, model: str) -> None:
+        active = self._active[model]
+        while len(active) < self.max_active_per_model and self._waiting[model]:
+            chosen = self._admission_order(model)[0]
+            self._waiting[model].remove(chosen)
+            active[chosen.id] = chosen
+            chosen._admitted_at = time.monotonic()
+            chosen._admitted.set_result(True)
+
+    def _admission_order(self, model: str) -> list[Generation]:
+        now = time.monotonic()
+        return sorted(self._waiting.get(model, ()),
+                      key=lambda g: (-g.effective_priority(now, self.aging_seconds), g._seq))
+
+    def _retry_after(self) -> int:
+        known = list(self._seconds_per_request.values())
+        return max(1, round(sum(known) / len(known))) if known else 5
+
+    @staticmethod
+    def _describe(generation: Generation) -> dict[str, Any]:
+        return {"request_id": generation.id, "priority": generation.priority,
+                "waited_seconds": round(time.monotonic() - generation._enqueued, 2)}
 
     async def _with_defaults(self, params: dict[str, Any]) -> dict[str, Any]:
         missing = [key for key in (*SETTING_DEFAULTS, "model") if params.get(key) is None]

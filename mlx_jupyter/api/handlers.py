@@ -51,6 +51,8 @@ def maps_errors(method: Callable[..., Awaitable[None]]) -> Callable[..., Awaitab
             self.log.warning("mlx_jupyter: %s %s -> %s: %s", self.request.method,
                              self.request.path, exc.status, exc)
             self.set_status(exc.status)
+            if retry_after := getattr(exc, "retry_after", None):
+                self.set_header("Retry-After", str(retry_after))
             self.write_json({"message": str(exc), "reason": type(exc).__name__})
 
     return wrapper
@@ -88,7 +90,11 @@ class MlxHandler(ExtensionHandlerMixin, APIHandler):
 class StatusHandler(MlxHandler):
     @endpoint
     async def get(self) -> None:
-        self.write_json({"version": __version__, **self.manager.get_system_status()})
+        queue = self.queue
+        self.write_json({"version": __version__, **self.manager.get_system_status(),
+                         "queue": {"queued": queue.queued_count(),
+                                   "models": {name: queue.get_queue_status(name)
+                                              for name in queue.snapshot()["models"]}}})
 
 
 class GenerateHandler(MlxHandler):
@@ -97,8 +103,9 @@ class GenerateHandler(MlxHandler):
     @endpoint
     async def post(self) -> None:
         request = parse_body(GenerateRequest, self.request.body)
-        self._generation = await self.queue.submit(request.queue_params(),
-                                                   notebook=request.notebook)
+        self._generation = await self.queue.submit(
+            request.queue_params(), notebook=request.notebook, priority=request.priority)
+        await self._generation.start()
         if request.stream:
             await self._stream(self._generation)
         else:
@@ -164,6 +171,16 @@ class RequestHandler(MlxHandler):
     @endpoint
     async def get(self, request_id: str) -> None:
         self.write_json(await self.store.get_request(request_id))
+
+    @endpoint
+    async def delete(self, request_id: str) -> None:
+        self.write_json(await self.queue.cancel(request_id))
+
+
+class QueueHandler(MlxHandler):
+    @endpoint
+    async def get(self) -> None:
+        self.write_json(self.queue.snapshot())
 
 
 class ModelsHandler(MlxHandler):

@@ -6,6 +6,7 @@ from .handlers import (
     ModelActionHandler,
     ModelHandler,
     ModelsHandler,
+    QueueHandler,
     RequestHandler,
     RequestsHandler,
     SettingHandler,
@@ -26,6 +27,7 @@ ROUTES = [
     (rf"{API}/settings", SettingsHandler),
     (rf"{API}/settings/(?P<key>[A-Za-z0-9_.-]+)", SettingHandler),
     (rf"{API}/database", DatabaseHandler),
+    (rf"{API}/queue", QueueHandler),
     (rf"{API}/requests", RequestsHandler),
     (rf"{API}/requests/(?P<request_id>[A-Za-z0-9_-]+)", RequestHandler),
 ]

@@ -33,6 +33,7 @@ class GenerateRequest(_Body):
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
     stop: list[str] = Field(default_factory=list, max_length=16)
     stream: bool = False
+    priority: int = Field(0, ge=-1000, le=1000)  # higher first; waiting raises it (aging)
     notebook: str | None = Field(None, max_length=4096)  # the kernel's JPY_SESSION_NAME
 
     @field_validator("stop", mode="before")

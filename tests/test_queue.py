@@ -1,0 +1,101 @@
+"""The inference queue: priorities, aging, back-pressure and cancellation on a real server."""
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+import pytest
+from tornado.httpclient import HTTPClientError
+
+from mlx_jupyter.queue import Generation, InferenceQueue
+
+BODY = {"model": "demo", "prompt": "The sea", "max_tokens": 4, "temperature": 0}
+
+
+@pytest.fixture
+def jp_server_config():
+    return {"ServerApp": {"jpserver_extensions": {"mlx_jupyter": True}},
+            "MlxApp": {"max_batch_size": 1, "max_queued_requests": 3}}
+
+
+async def api(jp_fetch, *path, method="GET", body=None):
+    response = await jp_fetch("mlx", "api", *path, method=method, request_timeout=120,
+                              body=None if body is None else json.dumps(body))
+    return json.loads(response.body)
+
+
+async def wait_for(check, seconds=30):
+    deadline = time.monotonic() + seconds
+    while not await check():
+        assert time.monotonic() < deadline, "the queue never reached the expected state"
+        await asyncio.sleep(0.05)
+
+
+async def test_saturated_queue_admits_by_priority_refuses_overflow_and_cancels(jp_fetch):
+    await api(jp_fetch, "generate", method="POST", body=BODY)  # loads the model
+    [model] = (await api(jp_fetch, "status"))["models"]["loaded"]
+    os.kill(model["pid"], signal.SIGSTOP)  # the running request cannot finish: others wait
+    try:
+        blocker = asyncio.ensure_future(api(jp_fetch, "generate", method="POST", body=BODY))
+        await wait_for(lambda: _active_is(jp_fetch, 1))
+        waiting = {}
+        for name, priority in [("low", 0), ("high", 5), ("mid", 2)]:
+            waiting[name] = asyncio.ensure_future(api(jp_fetch, "generate", method="POST",
+                                                      body={**BODY, "priority": priority}))
+            await wait_for(lambda: _queued_is(jp_fetch, len(waiting)))
+
+        queue = (await api(jp_fetch, "queue"))["models"]["demo"]
+        assert [r["priority"] for r in queue["queued"]] == [5, 2, 0]
+        assert [r["position"] for r in queue["queued"]] == [1, 2, 3]
+        status = await api(jp_fetch, "status")
+        assert status["queue"]["models"]["demo"] == {"queued_requests": 3,
+                                                     "active_requests": 1}
+
+        with pytest.raises(HTTPClientError) as full:
+            await api(jp_fetch, "generate", method="POST", body=BODY)
+        assert full.value.code == 429 and int(full.value.response.headers["Retry-After"]) >= 1
+
+        mid_id = next(r["request_id"] for r in queue["queued"] if r["priority"] == 2)
+        cancelled = await api(jp_fetch, "requests", mid_id, method="DELETE")
+        assert cancelled == {"request_id": mid_id, "was": "queued", "status": "cancelled"}
+    finally:
+        os.kill(model["pid"], signal.SIGCONT)
+
+    mid = await waiting["mid"]
+    assert mid["finish_reason"] == "cancelled" and mid["text"] == ""
+    high, low = await waiting["high"], await waiting["low"]
+    await blocker
+    started = {name: (await api(jp_fetch, "requests", answer["request_id"]))["started_at"]
+               for name, answer in [("high", high), ("low", low)]}
+    assert started["high"] < started["low"]
+    record = await api(jp_fetch, "requests", mid_id)
+    assert record["status"] == "cancelled" and record["started_at"] is None
+
+    with pytest.raises(HTTPClientError) as finished:
+        await api(jp_fetch, "requests", high["request_id"], method="DELETE")
+    assert finished.value.code == 409 and "completed" in json.loads(
+        finished.value.response.body)["message"]
+    with pytest.raises(HTTPClientError) as unknown:
+        await api(jp_fetch, "requests", "0123abcd", method="DELETE")
+    assert unknown.value.code == 404
+
+
+async def _active_is(jp_fetch, count):
+    queue = (await api(jp_fetch, "queue"))["models"].get("demo", {"active": []})
+    return len(queue["active"]) == count
+
+
+async def _queued_is(jp_fetch, count):
+    return (await api(jp_fetch, "queue"))["queued"] == count
+
+
+async def test_waiting_raises_priority_so_low_priorities_never_starve():
+    queue = InferenceQueue(manager=None, store=None, aging_seconds=1.0)
+    old_low = Generation("old-low", "m", 0, queue, {}, _seq=0)
+    new_high = Generation("new-high", "m", 5, queue, {}, _seq=1)
+    new_low = Generation("new-low", "m", 0, queue, {}, _seq=2)
+    old_low._enqueued -= 10  # waited ten aging periods: now above a fresh priority 5
+    queue._waiting["m"] = [new_low, new_high, old_low]
+    assert [g.id for g in queue._admission_order("m")] == ["old-low", "new-high", "new-low"]
