@@ -34,7 +34,7 @@ SETTING_DEFAULTS = {"max_tokens": "default_max_tokens", "temperature": "default_
                     "top_p": "default_top_p"}
 
 FINAL_STATUS = {"stop": RequestStatus.COMPLETED, "length": RequestStatus.COMPLETED,
-                "cancelled": RequestStatus.CANCELLED}
+                "cancelled": RequestStatus.CANCELLED, "timeout": RequestStatus.FAILED}
 
 
 class QueueFull(MlxJupyterError):
@@ -68,6 +68,8 @@ class Generation:
     _worker: WorkerProxy | None = None
     _first_text: float | None = None
     _finished: bool = False
+    _deadline: asyncio.TimerHandle | None = None  # the per-request timeout, if any
+    _timed_out: bool = False
 
     @property
     def state(self) -> str:
@@ -97,9 +99,9 @@ class Generation:
 
         Closing this iterator early cancels the request in the worker.
         """
-        if self._worker is None:  # cancelled before it started
-            yield self._done_event("cancelled", {"prompt_tokens": 0, "completion_tokens": 0},
-                                   {})
+        if self._worker is None:  # cancelled (or timed out) before it started
+            yield self._done_event(self._reason("cancelled"),
+                                   {"prompt_tokens": 0, "completion_tokens": 0}, {})
             return
         worker_events = self._worker.generate(self.id, self._params)
         pieces: list[str] = []
@@ -112,13 +114,14 @@ class Generation:
                     pieces.append(event["text"])
                     yield {"text": event["text"]}
                 elif event["event"] == "done":
-                    done = self._done_event(event["finish_reason"], event["usage"],
-                                            event.get("worker_timings", {}))
+                    done = self._done_event(self._reason(event["finish_reason"]),
+                                            event["usage"], event.get("worker_timings", {}))
                     outcome = {"status": FINAL_STATUS.get(done["finish_reason"],
                                                           RequestStatus.FAILED),
                                "finish_reason": done["finish_reason"],
                                "prompt_tokens": done["usage"]["prompt_tokens"],
-                               "completion_tokens": done["usage"]["completion_tokens"]}
+                               "completion_tokens": done["usage"]["completion_tokens"],
+                               "error": self._timeout_error()}
                     yield done
         except MlxJupyterError as exc:
             outcome = {"status": RequestStatus.FAILED, "finish_reason": "error",
@@ -146,11 +149,29 @@ class Generation:
         if state == "queued":
             self._queue.withdraw(self)
             self._admitted.set_result(False)
-            await self._end({"status": RequestStatus.CANCELLED, "finish_reason": "cancelled"},
-                            "", model_acquired=False)
+            reason = self._reason("cancelled")
+            await self._end({"status": FINAL_STATUS[reason], "finish_reason": reason,
+                             "error": self._timeout_error()}, "", model_acquired=False)
         elif state == "active" and self._worker is not None:
             await self._worker.cancel(self.id)
         return state
+
+    def set_timeout(self, seconds: float) -> None:
+        """Cancels the request, queued or running, once `seconds` have passed since submit."""
+        def expire() -> None:
+            self._timed_out = True
+            log.info("request %s timed out after %g s", self.id, seconds)
+            self._queue.spawn(self.cancel())
+
+        self._deadline = asyncio.get_running_loop().call_later(seconds, expire)
+
+    def _reason(self, finish_reason: str) -> str:
+        return "timeout" if finish_reason == "cancelled" and self._timed_out else finish_reason
+
+    def _timeout_error(self) -> str | None:
+        if not self._timed_out or self._deadline is None:
+            return None
+        return "the request's timeout passed before it finished"
 
     def _ttft_ms(self) -> float | None:
         if self._first_text is None:
@@ -175,6 +196,8 @@ class Generation:
         if self._finished:
             return
         self._finished = True
+        if self._deadline is not None:
+            self._deadline.cancel()
         self._queue.finished(self, model_acquired=model_acquired)
         try:
             await self._queue.store.update_request(
@@ -198,9 +221,10 @@ class InferenceQueue:
         self._by_id: dict[str, Generation] = {}
         self._seq = itertools.count()
         self._seconds_per_request: dict[str, float] = {}  # moving average, for ETAs
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     async def submit(self, params: dict[str, Any], *, notebook: str | None = None,
-                     priority: int = 0) -> Generation:
+                     priority: int = 0, timeout: float | None = None) -> Generation:
         """Records and enqueues a request; `start()` on the result waits for its turn.
 
         `params` holds model, prompt or messages and the sampling fields; a missing model or
@@ -219,6 +243,8 @@ class InferenceQueue:
         await self.store.add_request(record)
         generation = Generation(record.id, model, priority, self, params,
                                 _seq=next(self._seq))
+        if timeout is not None:
+            generation.set_timeout(timeout)
         self._by_id[record.id] = generation
         self._waiting[model].append(generation)
         self._dispatch(model)
@@ -233,6 +259,13 @@ class InferenceQueue:
         was = await generation.cancel()
         return {"request_id": request_id, "was": was, "status": "cancelled"
                 if was == "queued" else "cancelling"}
+
+    def spawn(self, coroutine: Any) -> asyncio.Task[Any]:
+        """Runs a coroutine in the background, keeping a reference until it ends."""
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     # -- status ---------------------------------------------------------------------------
 

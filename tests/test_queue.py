@@ -99,3 +99,23 @@ async def test_waiting_raises_priority_so_low_priorities_never_starve():
     old_low._enqueued -= 10  # waited ten aging periods: now above a fresh priority 5
     queue._waiting["m"] = [new_low, new_high, old_low]
     assert [g.id for g in queue._admission_order("m")] == ["old-low", "new-high", "new-low"]
+
+
+async def test_requests_that_outlive_their_timeout_end_with_timeout(jp_fetch):
+    await api(jp_fetch, "generate", method="POST", body=BODY)
+    [model] = (await api(jp_fetch, "status"))["models"]["loaded"]
+    os.kill(model["pid"], signal.SIGSTOP)
+    try:
+        running = asyncio.ensure_future(api(jp_fetch, "generate", method="POST",
+                                            body={**BODY, "timeout": 0.5}))
+        await wait_for(lambda: _active_is(jp_fetch, 1))
+        waiting = await api(jp_fetch, "generate", method="POST",
+                            body={**BODY, "timeout": 0.5, "stream": False})
+        # The queued one ended on its own while the worker was frozen.
+        assert waiting["finish_reason"] == "timeout" and waiting["text"] == ""
+    finally:
+        os.kill(model["pid"], signal.SIGCONT)
+    answer = await running
+    assert answer["finish_reason"] == "timeout"
+    record = await api(jp_fetch, "requests", answer["request_id"])
+    assert record["status"] == "failed" and "timeout" in record["error"]

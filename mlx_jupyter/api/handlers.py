@@ -104,7 +104,8 @@ class GenerateHandler(MlxHandler):
     async def post(self) -> None:
         request = parse_body(GenerateRequest, self.request.body)
         self._generation = await self.queue.submit(
-            request.queue_params(), notebook=request.notebook, priority=request.priority)
+            request.queue_params(), notebook=request.notebook, priority=request.priority,
+            timeout=request.timeout)
         await self._generation.start()
         if request.stream:
             await self._stream(self._generation)

@@ -34,6 +34,7 @@ class GenerateRequest(_Body):
     stop: list[str] = Field(default_factory=list, max_length=16)
     stream: bool = False
     priority: int = Field(0, ge=-1000, le=1000)  # higher first; waiting raises it (aging)
+    timeout: float | None = Field(None, gt=0, le=86400)  # seconds from submit to the end
     notebook: str | None = Field(None, max_length=4096)  # the kernel's JPY_SESSION_NAME
 
     @field_validator("stop", mode="before")
