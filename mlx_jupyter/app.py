@@ -12,6 +12,7 @@ from pathlib import Path
 
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
+from tornado.ioloop import IOLoop
 from traitlets import Bool, Dict, Float, Int, List, TraitError, Unicode, Union, validate
 
 from ._version import __version__
@@ -149,6 +150,12 @@ class MlxApp(ExtensionApp):
                                     max_active_per_model=self.max_batch_size,
                                     max_queued=self.max_queued_requests,
                                     aging_seconds=self.priority_aging_seconds)
+        jobs, interrupted = self.store.recover_unfinished()
+        if interrupted:
+            self.log.warning("mlx_jupyter: %d request(s) were unfinished when the server last "
+                             "stopped; marked interrupted", interrupted)
+        if jobs:  # once the event loop runs
+            IOLoop.current().add_callback(self.queue.resume, jobs)
         self.settings.update({"mlx_jupyter.manager": self.manager,
                               "mlx_jupyter.queue": self.queue,
                               "mlx_jupyter.models": models,
@@ -167,10 +174,6 @@ class MlxApp(ExtensionApp):
                            pool_pre_ping=self.db_pool_pre_ping,
                            busy_timeout_ms=self.db_busy_timeout_ms)
         self.log.info("mlx_jupyter: database %s", store.url)
-        interrupted = store.mark_unfinished_as_interrupted()
-        if interrupted:
-            self.log.warning("mlx_jupyter: %d request(s) were unfinished when the server last "
-                             "stopped; marked interrupted", interrupted)
         return store
 
     def _route_logs_to_the_server(self) -> None:

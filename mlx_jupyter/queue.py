@@ -70,6 +70,7 @@ class Generation:
     _finished: bool = False
     _deadline: asyncio.TimerHandle | None = None  # the per-request timeout, if any
     _timed_out: bool = False
+    background: bool = False
 
     @property
     def state(self) -> str:
@@ -224,8 +225,11 @@ class InferenceQueue:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def submit(self, params: dict[str, Any], *, notebook: str | None = None,
-                     priority: int = 0, timeout: float | None = None) -> Generation:
-        """Records and enqueues a request; `start()` on the result waits for its turn.
+                     priority: int = 0, timeout: float | None = None,
+                     background: bool = False) -> Generation:
+        """Records and enqueues a request; `start()` on the result waits for its turn. A
+        background request runs by itself (its result is read from the history later) and
+        is run again after a server restart if it had not finished.
 
         `params` holds model, prompt or messages and the sampling fields; a missing model or
         sampling field takes the stored setting's value. Raises ModelNotFound for an unknown
@@ -239,16 +243,44 @@ class InferenceQueue:
         record = RequestRecord(
             model=model, notebook=notebook, priority=priority, status=RequestStatus.QUEUED,
             prompt=params.get("prompt"), messages=params.get("messages"),
-            parameters={k: v for k, v in params.items() if k not in ("prompt", "messages")})
+            parameters={**{k: v for k, v in params.items() if k not in ("prompt", "messages")},
+                        **({"background": True, "timeout": timeout} if background else {})})
         await self.store.add_request(record)
         generation = Generation(record.id, model, priority, self, params,
                                 _seq=next(self._seq))
+        self._enqueue(generation, timeout, background)
+        return generation
+
+    def resume(self, jobs: list[dict[str, Any]]) -> None:
+        """Runs again the background jobs a previous server process left unfinished (rows of
+        the store's `recover_unfinished`)."""
+        for job in jobs:
+            parameters = dict(job["parameters"] or {})
+            parameters.pop("background", None)
+            timeout = parameters.pop("timeout", None)
+            params = {"prompt": job["prompt"], "messages": job["messages"], **parameters}
+            generation = Generation(job["id"], job["model"], job["priority"], self, params,
+                                    _seq=next(self._seq))
+            self._enqueue(generation, timeout, background=True)
+
+    def _enqueue(self, generation: Generation, timeout: float | None,
+                 background: bool) -> None:
+        generation.background = background
         if timeout is not None:
             generation.set_timeout(timeout)
-        self._by_id[record.id] = generation
-        self._waiting[model].append(generation)
-        self._dispatch(model)
-        return generation
+        self._by_id[generation.id] = generation
+        self._waiting[generation.model].append(generation)
+        self._dispatch(generation.model)
+        if background:
+            self.spawn(self._run_in_background(generation))
+
+    @staticmethod
+    async def _run_in_background(generation: Generation) -> None:
+        try:
+            await generation.start()
+            await generation.result()
+        except MlxJupyterError as exc:  # the generation recorded it as failed, with the error
+            log.warning("background request %s failed: %s", generation.id, exc)
 
     async def cancel(self, request_id: str) -> dict[str, str]:
         generation = self._by_id.get(request_id)

@@ -105,7 +105,11 @@ class GenerateHandler(MlxHandler):
         request = parse_body(GenerateRequest, self.request.body)
         self._generation = await self.queue.submit(
             request.queue_params(), notebook=request.notebook, priority=request.priority,
-            timeout=request.timeout)
+            timeout=request.timeout, background=request.background)
+        if request.background:
+            self.set_status(202)
+            self.write_json({"request_id": self._generation.id, "status": "queued"})
+            return
         await self._generation.start()
         if request.stream:
             await self._stream(self._generation)
@@ -131,8 +135,8 @@ class GenerateHandler(MlxHandler):
 
     def on_connection_close(self) -> None:
         # A client that disconnects while its request waits for a token: cancel it now, not
-        # when the next token fails to write.
-        if self._generation is not None:
+        # when the next token fails to write. Background requests outlive their client.
+        if self._generation is not None and not self._generation.background:
             tornado.ioloop.IOLoop.current().add_callback(self._generation.cancel)
 
 

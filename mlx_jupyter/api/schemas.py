@@ -35,6 +35,7 @@ class GenerateRequest(_Body):
     stream: bool = False
     priority: int = Field(0, ge=-1000, le=1000)  # higher first; waiting raises it (aging)
     timeout: float | None = Field(None, gt=0, le=86400)  # seconds from submit to the end
+    background: bool = False  # answer 202 at once; the result is read from the history
     notebook: str | None = Field(None, max_length=4096)  # the kernel's JPY_SESSION_NAME
 
     @field_validator("stop", mode="before")
@@ -53,6 +54,8 @@ class GenerateRequest(_Body):
     def _prompt_or_messages(self) -> GenerateRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
+        if self.background and self.stream:
+            raise ValueError("a background request is not streamed: leave out 'stream'")
         return self
 
     def queue_params(self) -> dict[str, object]:

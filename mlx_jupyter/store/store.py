@@ -348,6 +348,31 @@ class Store:
                      result.rowcount)
         return result.rowcount
 
+    def recover_unfinished(self) -> tuple[list[dict[str, Any]], int]:
+        """Start-up recovery after a stop or a crash: background jobs left queued or running
+        go back to queued and are returned (every column) to be run again; every other
+        unfinished request is marked interrupted, since its client is gone. Returns the jobs
+        and how many requests were marked interrupted."""
+        with self._write() as connection:
+            rows = connection.execute(
+                select(requests_table, queries.MODEL_NAME)
+                .where(requests.status.in_(UNFINISHED)).order_by(requests.created_at)
+            ).mappings().all()
+            jobs = [dict(row) for row in rows if (row["parameters"] or {}).get("background")]
+            job_ids = [job["id"] for job in jobs]
+            if job_ids:
+                connection.execute(update(requests_table).where(requests.id.in_(job_ids))
+                                   .values(status=RequestStatus.QUEUED.value, started_at=None))
+            interrupted = connection.execute(
+                update(requests_table)
+                .where(requests.status.in_(UNFINISHED), requests.id.not_in(job_ids))
+                .values(status=RequestStatus.INTERRUPTED.value, finished_at=utcnow(),
+                        error=func.coalesce(requests.error, INTERRUPTED_ERROR))).rowcount
+        log.info("start-up recovery: %d background job(s) to run again, %d request(s) "
+                 "interrupted", len(jobs), interrupted)
+        return [{**job, "status": RequestStatus.QUEUED.value, "started_at": None}
+                for job in jobs], interrupted
+
     def prune_history(self, retention_days: int | None = None,
                       max_rows: int | None = None) -> int:
         """Deletes finished requests older than `retention_days` and beyond the newest
