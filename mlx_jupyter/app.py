@@ -96,7 +96,8 @@ class MlxApp(ExtensionApp):
 
     max_batch_size = Int(
         8, config=True,
-        help="Requests a model serves at once; more wait in the queue by priority.")
+        help="Requests a model generates at once, batched in its worker (a new one joins "
+             "between decode steps); more wait in the queue by priority.")
     max_queued_requests = Int(
         256, config=True,
         help="Requests that may wait in the queue; beyond it a request gets 429 Retry-After.")
@@ -141,7 +142,8 @@ class MlxApp(ExtensionApp):
         self.manager = ModelManager(
             registry, WorkerSettings(env=worker_environment(self.blas_to_preload()),
                                      start_timeout=self.worker_start_timeout,
-                                     stop_timeout=self.worker_stop_timeout),
+                                     stop_timeout=self.worker_stop_timeout,
+                                     max_batch_size=self.max_batch_size),
             limits, estimate=lambda path: estimator.estimate(path).estimate_bytes,
             run_blocking=self.pool.run, on_status=store_service.record_model_status)
         models = ModelService(registry, self.manager, store_service, self.pool)

@@ -1,5 +1,8 @@
 """The example notebooks, executed by nbclient in a real kernel against a real server."""
 
+import os
+import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -67,3 +70,25 @@ def test_mlx_runs_in_the_worker_never_in_the_server_process(live_server):
     loaded = live_server.get("mlx/api/status").json()["models"]["loaded"]
     assert loaded and all(Path(f"/proc/{m['pid']}/maps").read_text().count("libmlx")
                           for m in loaded)
+
+
+def test_a_client_that_disconnects_cancels_its_request(live_server):
+    headers = {"Authorization": f"token {live_server.token}"}
+    body = {"model": "demo", "prompt": "The sea", "max_tokens": 8, "stream": True}
+    assert httpx.post(live_server.url + "mlx/api/generate", headers=headers, timeout=120,
+                      json={**body, "stream": False}).status_code == 200
+    [worker] = live_server.get("mlx/api/status").json()["models"]["loaded"]
+    os.kill(worker["pid"], signal.SIGSTOP)  # the request stays in flight until we let go
+    try:
+        with httpx.stream("POST", live_server.url + "mlx/api/generate", headers=headers,
+                          json=body, timeout=120) as response:
+            request_id = response.headers["X-Request-Id"]
+        # The response is closed before any token: the server must cancel the request.
+    finally:
+        os.kill(worker["pid"], signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while live_server.get(f"mlx/api/requests/{request_id}").json()["status"] == "running":
+        assert time.monotonic() < deadline, "the request was never cancelled"
+        time.sleep(0.05)
+    record = live_server.get(f"mlx/api/requests/{request_id}").json()
+    assert record["status"] == "cancelled" and record["finish_reason"] == "cancelled"

@@ -119,3 +119,23 @@ async def test_requests_that_outlive_their_timeout_end_with_timeout(jp_fetch):
     assert answer["finish_reason"] == "timeout"
     record = await api(jp_fetch, "requests", answer["request_id"])
     assert record["status"] == "failed" and "timeout" in record["error"]
+
+
+async def test_cancelling_a_running_request_stops_it_and_spares_the_others(jp_fetch):
+    await api(jp_fetch, "generate", method="POST", body=BODY)
+    [model] = (await api(jp_fetch, "status"))["models"]["loaded"]
+    os.kill(model["pid"], signal.SIGSTOP)
+    try:
+        doomed = asyncio.ensure_future(api(jp_fetch, "generate", method="POST", body=BODY))
+        await wait_for(lambda: _active_is(jp_fetch, 1))
+        spared = asyncio.ensure_future(api(jp_fetch, "generate", method="POST", body=BODY))
+        await wait_for(lambda: _queued_is(jp_fetch, 1))
+        [active] = (await api(jp_fetch, "queue"))["models"]["demo"]["active"]
+        answer = await api(jp_fetch, "requests", active["request_id"], method="DELETE")
+        assert answer["was"] == "active" and answer["status"] == "cancelling"
+    finally:
+        os.kill(model["pid"], signal.SIGCONT)
+    assert (await doomed)["finish_reason"] == "cancelled"
+    assert (await spared)["finish_reason"] in ("stop", "length")
+    record = await api(jp_fetch, "requests", active["request_id"])
+    assert record["status"] == "cancelled"

@@ -121,6 +121,7 @@ class GenerateHandler(MlxHandler):
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Request-Id", generation.id)
         try:
+            await self.flush()  # the headers, with the request id, before the first token
             async with contextlib.aclosing(generation.events()) as events:
                 async for event in events:
                     self.write(to_json(event) + "\n")

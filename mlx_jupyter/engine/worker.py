@@ -1,44 +1,120 @@
 """The model worker: one process per loaded model, doing all of that model's MLX work.
 
-Started by the server as ``python -m mlx_jupyter.engine.worker MODEL_PATH``. Commands arrive
-as JSON lines on stdin (see `protocol`); events leave on the process's original stdout. fd 1 is
-then pointed at stderr, so a library that prints cannot corrupt the protocol.
+Started by the server as ``python -m mlx_jupyter.engine.worker MODEL_PATH [--max-batch-size N]``.
+Commands arrive as JSON lines on stdin (see `protocol`); events leave on the process's original
+stdout. fd 1 is then pointed at stderr, so a library that prints cannot corrupt the protocol.
 
-Threads: a reader thread only parses commands; every MLX computation runs on the main thread
-(MLX streams are thread-local). Requests run one after another; a cancel or shutdown is seen
-between two decode steps.
+Threads: a reader thread only parses commands and queues them; every MLX computation runs on
+the main thread (MLX streams are thread-local).
+
+Continuous batching: the main thread runs one `mlx_lm.generate.BatchGenerator`. Requests that
+arrive while others are generating join the running batch between two decode steps, up to
+``--max-batch-size`` (default 8) at once; the rest wait in arrival order and are admitted as
+slots free up. Each request keeps its own max_tokens, sampler, streaming detokenizer and
+`StopMatcher`. A cancel is handled between two decode steps and removes only its request;
+shutdown ends every request (as "cancelled") at the next step. When no request is active the
+main thread blocks on the command queue; while generating it drains the queue without blocking.
+
+Sampling: temperature 0 is argmax. Otherwise each request samples with its own PRNG key chain,
+started from its seed (or from a fresh random seed when it has none), so a request's random
+draws never depend on which other requests share the batch. Same seed, same parameters and same
+prompt therefore give the same text, alone or batched, up to floating-point differences in the
+logits caused by the batch's composition (which can only change a token at a near tie; the same
+caveat applies to temperature 0).
 """
 
 from __future__ import annotations
 
+import argparse
+import collections
 import os
 import queue
+import random
 import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 from .protocol import decode, encode
 from .stops import StopMatcher
 
+DEFAULT_MAX_BATCH_SIZE = 8
+
 _SHUTDOWN = object()
 
 
+def _argmax_sampler(logprobs):
+    import mlx.core as mx
+
+    return mx.argmax(logprobs, axis=-1)
+
+
+class _SeededSampler:
+    """Temperature (and top-p) sampling from a PRNG key chain owned by one request.
+
+    BatchGenerator calls a request's sampler with only that request's row of log-probabilities
+    whenever the batch's samplers differ, so each request draws from its own key sequence.
+    """
+
+    def __init__(self, temperature: float, top_p: float, seed: int | None):
+        import mlx.core as mx
+
+        self._inverse_temperature = 1.0 / temperature
+        self._top_p = top_p
+        self._key = mx.random.key(random.getrandbits(63) if seed is None else int(seed))
+
+    def __call__(self, logprobs):
+        import mlx.core as mx
+        from mlx_lm.sample_utils import apply_top_p
+
+        if 0.0 < self._top_p < 1.0:
+            logprobs = apply_top_p(logprobs, self._top_p)
+        keys = mx.random.split(self._key)
+        self._key = keys[0]
+        return mx.random.categorical(logprobs * self._inverse_temperature, key=keys[1])
+
+
+def make_sampler(temperature: float, top_p: float, seed: int | None):
+    if temperature <= 0.0:
+        return _argmax_sampler  # shared, so an all-greedy batch samples in one call
+    return _SeededSampler(temperature, top_p, seed)
+
+
+@dataclass
+class _Request:
+    id: str
+    command: dict[str, Any]
+    tokens: list[int] = field(default_factory=list)
+    uid: int | None = None
+    detokenizer: Any = None
+    stops: StopMatcher | None = None
+    completion_tokens: int = 0
+    admitted_at: float = 0.0
+    first_token_at: float | None = None
+
+
 class Worker:
-    def __init__(self, model_path: str, events: IO[bytes]):
+    def __init__(self, model_path: str, events: IO[bytes], *,
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
         self.model_path = model_path
+        self.max_batch_size = max_batch_size
         self._events = events
         self._commands: queue.Queue[Any] = queue.Queue()
-        self._cancelled: set[str] = set()
-        self._lock = threading.Lock()
         self._shutting_down = threading.Event()
         self.model = self.tokenizer = None
+        self._generator = None
+        self._eos_stops = None
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._active: dict[int, _Request] = {}  # BatchGenerator uid -> request
 
     # -- commands -------------------------------------------------------------------------
 
     def read_commands(self, stream: IO[bytes]) -> None:
-        """Reader thread: queue work, record cancels at once, stop on shutdown or EOF."""
+        """Reader thread: queue generate and cancel commands in order; stop on shutdown or EOF."""
         for line in stream:
             try:
                 command = decode(line)
@@ -46,24 +122,13 @@ class Worker:
                 print(f"mlx-jupyter worker: ignoring malformed command: {exc}", file=sys.stderr)
                 continue
             op = command.get("op")
-            if op == "generate":
+            if op in ("generate", "cancel"):
                 self._commands.put(command)
-            elif op == "cancel":
-                with self._lock:
-                    self._cancelled.add(str(command.get("id")))
             elif op == "shutdown":
                 break
         # EOF too: the server is gone or asked us to go.
         self._shutting_down.set()
         self._commands.put(_SHUTDOWN)
-
-    def _is_cancelled(self, request_id: str) -> bool:
-        with self._lock:
-            return request_id in self._cancelled
-
-    def _forget(self, request_id: str) -> None:
-        with self._lock:
-            self._cancelled.discard(request_id)
 
     def send(self, message: dict[str, Any]) -> None:
         self._events.write(encode(message))
@@ -79,23 +144,90 @@ class Worker:
         self.send({"event": "ready", "pid": os.getpid(),
                    "load_ms": round((time.perf_counter() - started) * 1000, 1)})
 
+    # -- the main loop --------------------------------------------------------------------
+
     def serve(self) -> None:
+        try:
+            while not self._shutting_down.is_set():
+                if not self._active and not self._waiting:
+                    if not self._handle(self._commands.get()):  # idle: block, never spin
+                        break
+                if not self._drain_commands():
+                    break
+                self._admit()
+                if self._active:
+                    self._step()
+        finally:
+            self._end_all()
+
+    def _drain_commands(self) -> bool:
+        """Handles every queued command without blocking; False once shutdown was asked for."""
         while True:
-            command = self._commands.get()
-            if command is _SHUTDOWN:
-                return
-            request_id = str(command.get("id"))
             try:
-                if self._is_cancelled(request_id):
-                    self._finish(request_id, "cancelled", prompt_tokens=0, completion_tokens=0)
-                else:
-                    self.generate(request_id, command)
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return not self._shutting_down.is_set()
+            if not self._handle(command):
+                return False
+
+    def _handle(self, command: Any) -> bool:
+        if command is _SHUTDOWN:
+            return False
+        request_id = str(command.get("id"))
+        if command.get("op") == "cancel":
+            self._cancel(request_id)
+        else:
+            self._waiting.append(_Request(request_id, command))
+        return True
+
+    def _cancel(self, request_id: str) -> None:
+        for request in self._waiting:
+            if request.id == request_id:
+                self._waiting.remove(request)
+                self._finish(request, "cancelled")
+                return
+        for uid, request in list(self._active.items()):
+            if request.id == request_id:
+                self._drop(uid)
+                self._finish(request, "cancelled")
+                return
+        # Unknown: the request has already finished.
+
+    def _admit(self) -> None:
+        """Moves waiting requests into the batch while there is room."""
+        while self._waiting and len(self._active) < self.max_batch_size:
+            request = self._waiting.popleft()
+            try:
+                self._insert(request)
             except Exception as exc:  # one bad request must not take the model down
                 traceback.print_exc()
-                self.send({"event": "error", "id": request_id,
-                           "message": f"{type(exc).__name__}: {exc}"})
-            finally:
-                self._forget(request_id)
+                self._error(request, exc)
+
+    def _insert(self, request: _Request) -> None:
+        command = request.command
+        request.tokens = self._prompt_tokens(command)
+        max_tokens = int(command["max_tokens"])
+        seed = command.get("seed")
+        sampler = make_sampler(float(command.get("temperature") or 0.0),
+                               float(1.0 if command.get("top_p") is None else command["top_p"]),
+                               None if seed is None else int(seed))
+        request.stops = StopMatcher(list(command.get("stop") or []))
+        request.detokenizer = self.tokenizer.detokenizer  # a fresh copy per request
+        (request.uid,) = self._batch_generator().insert(
+            [request.tokens], max_tokens=[max_tokens], samplers=[sampler],
+            stop_sequences=[self._eos_stops])
+        request.admitted_at = time.perf_counter()
+        self._active[request.uid] = request
+
+    def _batch_generator(self):
+        if self._generator is None:
+            from mlx_lm.generate import BatchGenerator, make_stop_sequences
+
+            self._eos_stops = make_stop_sequences(self.tokenizer)
+            self._generator = BatchGenerator(
+                self.model, sampler=_argmax_sampler, completion_batch_size=self.max_batch_size,
+                prefill_batch_size=self.max_batch_size)
+        return self._generator
 
     def _prompt_tokens(self, command: dict[str, Any]) -> list[int]:
         if command.get("messages"):
@@ -104,48 +236,102 @@ class Worker:
             return self.tokenizer.encode(text, add_special_tokens=False)
         return self.tokenizer.encode(command.get("prompt") or "")
 
-    def generate(self, request_id: str, command: dict[str, Any]) -> None:
-        import mlx.core as mx
-        from mlx_lm import stream_generate
-        from mlx_lm.sample_utils import make_sampler
+    def _step(self) -> None:
+        """One BatchGenerator step: a decode step for the batch and/or a prefill chunk."""
+        try:
+            _, responses = self._generator.next()
+        except Exception as exc:
+            # Which request broke the step is unknown: fail the batch, start a fresh generator.
+            traceback.print_exc()
+            for request in list(self._active.values()):
+                self._error(request, exc)
+            self._active.clear()
+            self._reset_generator()
+            return
+        now = time.perf_counter()
+        for response in responses:
+            request = self._active.get(response.uid)
+            if request is None:
+                continue
+            request.completion_tokens += 1
+            if request.first_token_at is None:
+                request.first_token_at = now
+            detokenizer = request.detokenizer
+            if response.finish_reason != "stop":  # the end-of-sequence token is not text
+                detokenizer.add_token(response.token)
+            if response.finish_reason is not None:
+                detokenizer.finalize()
+            self._send_text(request, request.stops.feed(detokenizer.last_segment))
+            if request.stops.stopped:
+                if response.finish_reason is None:
+                    self._drop(response.uid)
+                else:
+                    del self._active[response.uid]
+                self._finish(request, "stop")
+            elif response.finish_reason is not None:
+                del self._active[response.uid]
+                self._finish(request, response.finish_reason)
 
-        tokens = self._prompt_tokens(command)
-        if command.get("seed") is not None:
-            mx.random.seed(int(command["seed"]))
-        sampler = make_sampler(temp=float(command.get("temperature", 0.0)),
-                               top_p=float(command.get("top_p", 1.0)))
-        stops = StopMatcher(list(command.get("stop") or []))
-        finish_reason, completion_tokens, response = "length", 0, None
-        for response in stream_generate(self.model, self.tokenizer, tokens,
-                                        max_tokens=int(command["max_tokens"]), sampler=sampler):
-            completion_tokens = response.generation_tokens
-            if self._is_cancelled(request_id) or self._shutting_down.is_set():
-                finish_reason = "cancelled"
-                break
-            self._send_text(request_id, stops.feed(response.text))
-            if stops.stopped:
-                finish_reason = "stop"
-                break
-            if response.finish_reason:
-                finish_reason = response.finish_reason
-        self._send_text(request_id, stops.flush())
-        timings = {}
-        if response is not None:
-            timings = {"prompt_tokens_per_second": round(response.prompt_tps, 2),
-                       "tokens_per_second": round(response.generation_tps, 2)}
-        self._finish(request_id, finish_reason, prompt_tokens=len(tokens),
-                     completion_tokens=completion_tokens, timings=timings)
+    def _drop(self, uid: int) -> None:
+        """Takes a still-running request out of the batch."""
+        del self._active[uid]
+        try:
+            self._generator.remove([uid])
+        except Exception:
+            traceback.print_exc()
+            for request in list(self._active.values()):
+                self._error(request, RuntimeError("the batch failed while removing a request"))
+            self._active.clear()
+            self._reset_generator()
 
-    def _send_text(self, request_id: str, text: str) -> None:
+    def _reset_generator(self) -> None:
+        generator, self._generator = self._generator, None
+        if generator is not None:
+            try:
+                generator.close()
+            except Exception:
+                traceback.print_exc()
+
+    def _end_all(self) -> None:
+        """Shutdown: every request still open ends as cancelled (if anyone is still listening)."""
+        requests = list(self._active.values()) + list(self._waiting)
+        self._active.clear()
+        self._waiting.clear()
+        for request in requests:
+            try:
+                self._finish(request, "cancelled")
+            except (BrokenPipeError, OSError, ValueError):
+                break  # the server is gone
+        self._generator = None
+
+    # -- events ---------------------------------------------------------------------------
+
+    def _send_text(self, request: _Request, text: str) -> None:
         if text:
-            self.send({"event": "text", "id": request_id, "text": text})
+            self.send({"event": "text", "id": request.id, "text": text})
 
-    def _finish(self, request_id: str, finish_reason: str, *, prompt_tokens: int,
-                completion_tokens: int, timings: dict[str, float] | None = None) -> None:
-        self.send({"event": "done", "id": request_id, "finish_reason": finish_reason,
-                   "usage": {"prompt_tokens": prompt_tokens,
-                             "completion_tokens": completion_tokens},
-                   "worker_timings": timings or {}})
+    def _finish(self, request: _Request, finish_reason: str) -> None:
+        if request.stops is not None:
+            self._send_text(request, request.stops.flush())  # nothing after a stop string
+        timings: dict[str, float] = {}
+        if request.first_token_at is not None:
+            now = time.perf_counter()
+            prompt_seconds = request.first_token_at - request.admitted_at
+            decode_seconds = now - request.first_token_at
+            timings = {
+                "prompt_tokens_per_second": round(
+                    len(request.tokens) / prompt_seconds if prompt_seconds > 0 else 0.0, 2),
+                "tokens_per_second": round(
+                    request.completion_tokens / decode_seconds if decode_seconds > 0 else 0.0, 2),
+            }
+        self.send({"event": "done", "id": request.id, "finish_reason": finish_reason,
+                   "usage": {"prompt_tokens": len(request.tokens),
+                             "completion_tokens": request.completion_tokens},
+                   "worker_timings": timings})
+
+    def _error(self, request: _Request, exc: BaseException) -> None:
+        self.send({"event": "error", "id": request.id,
+                   "message": f"{type(exc).__name__}: {exc}"})
 
 
 def _protocol_stream() -> IO[bytes]:
@@ -156,12 +342,20 @@ def _protocol_stream() -> IO[bytes]:
     return events
 
 
+def _batch_size(value: str) -> int:
+    size = int(value)
+    if size < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return size
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m mlx_jupyter.engine.worker MODEL_PATH", file=sys.stderr)
-        return 2
-    worker = Worker(args[0], _protocol_stream())
+    parser = argparse.ArgumentParser(prog="python -m mlx_jupyter.engine.worker")
+    parser.add_argument("model_path")
+    parser.add_argument("--max-batch-size", type=_batch_size, default=DEFAULT_MAX_BATCH_SIZE,
+                        help="most requests generated at once (default %(default)s)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    worker = Worker(args.model_path, _protocol_stream(), max_batch_size=args.max_batch_size)
     try:
         worker.load()
     except Exception as exc:

@@ -38,6 +38,7 @@ class WorkerSettings:
     env: dict[str, str] | None = None  # None: inherit the server's environment
     start_timeout: float = 300.0
     stop_timeout: float = 10.0
+    max_batch_size: int = 8  # requests a worker generates at once (continuous batching)
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,7 @@ class ModelManager:
             worker = WorkerProxy(slot.name, slot.path, env=self._settings.env,
                                  start_timeout=self._settings.start_timeout,
                                  stop_timeout=self._settings.stop_timeout,
+                                 max_batch_size=self._settings.max_batch_size,
                                  on_exit=self._worker_exited)
             try:
                 await worker.start()
