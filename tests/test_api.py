@@ -166,3 +166,21 @@ async def test_a_worker_that_dies_fails_its_requests_and_is_replaced(jp_fetch):
     assert answer["text"].strip()
     [fresh] = await loaded(jp_fetch)
     assert fresh["pid"] != model["pid"]
+
+
+async def test_status_answers_from_counters_while_four_streams_are_in_flight(jp_fetch):
+    body = {"model": "demo", "messages": CHAT, "max_tokens": 64, "stream": True}
+    await post_json(jp_fetch, "generate", {**body, "stream": False})  # loads the model
+    [model] = await loaded(jp_fetch)
+    os.kill(model["pid"], signal.SIGSTOP)  # all four are surely in flight together
+    try:
+        streams = [asyncio.ensure_future(post_json(jp_fetch, "generate", body))
+                   for _ in range(4)]
+        while (await status(jp_fetch))["queue"]["models"].get("demo") != {
+                "queued_requests": 0, "active_requests": 4}:
+            await asyncio.sleep(0.05)
+    finally:
+        os.kill(model["pid"], signal.SIGCONT)
+    for stream in streams:
+        assert ndjson(await stream)[-1]["finish_reason"] in ("stop", "length")
+    assert (await status(jp_fetch))["queue"]["models"] == {}
