@@ -70,6 +70,7 @@ class Generation:
     _finished: bool = False
     _deadline: asyncio.TimerHandle | None = None  # the per-request timeout, if any
     _timed_out: bool = False
+    _cancel_requested: bool = False
     background: bool = False
 
     @property
@@ -100,9 +101,13 @@ class Generation:
 
         Closing this iterator early cancels the request in the worker.
         """
-        if self._worker is None:  # cancelled (or timed out) before it started
+        if self._worker is None or self._cancel_requested:  # cancelled before it started
             yield self._done_event(self._reason("cancelled"),
                                    {"prompt_tokens": 0, "completion_tokens": 0}, {})
+            reason = self._reason("cancelled")
+            await self._end({"status": FINAL_STATUS[reason], "finish_reason": reason,
+                             "error": self._timeout_error()}, "",
+                            model_acquired=self._worker is not None)
             return
         worker_events = self._worker.generate(self.id, self._params)
         pieces: list[str] = []
@@ -153,8 +158,10 @@ class Generation:
             reason = self._reason("cancelled")
             await self._end({"status": FINAL_STATUS[reason], "finish_reason": reason,
                              "error": self._timeout_error()}, "", model_acquired=False)
-        elif state == "active" and self._worker is not None:
-            await self._worker.cancel(self.id)
+        elif state == "active":
+            self._cancel_requested = True  # seen by events() if the model is still loading
+            if self._worker is not None:
+                await self._worker.cancel(self.id)
         return state
 
     def set_timeout(self, seconds: float) -> None:
