@@ -104,9 +104,7 @@ class Generation:
         if self._worker is None or self._cancel_requested:  # cancelled before it started
             yield self._done_event(self._reason("cancelled"),
                                    {"prompt_tokens": 0, "completion_tokens": 0}, {})
-            reason = self._reason("cancelled")
-            await self._end({"status": FINAL_STATUS[reason], "finish_reason": reason,
-                             "error": self._timeout_error()}, "",
+            await self._end(self._cancelled_outcome(), "",
                             model_acquired=self._worker is not None)
             return
         worker_events = self._worker.generate(self.id, self._params)
@@ -155,9 +153,7 @@ class Generation:
         if state == "queued":
             self._queue.withdraw(self)
             self._admitted.set_result(False)
-            reason = self._reason("cancelled")
-            await self._end({"status": FINAL_STATUS[reason], "finish_reason": reason,
-                             "error": self._timeout_error()}, "", model_acquired=False)
+            await self._end(self._cancelled_outcome(), "", model_acquired=False)
         elif state == "active":
             self._cancel_requested = True  # seen by events() if the model is still loading
             if self._worker is not None:
@@ -172,6 +168,11 @@ class Generation:
             self._queue.spawn(self.cancel())
 
         self._deadline = asyncio.get_running_loop().call_later(seconds, expire)
+
+    def _cancelled_outcome(self) -> dict[str, Any]:
+        reason = self._reason("cancelled")
+        return {"status": FINAL_STATUS[reason], "finish_reason": reason,
+                "error": self._timeout_error()}
 
     def _reason(self, finish_reason: str) -> str:
         return "timeout" if finish_reason == "cancelled" and self._timed_out else finish_reason
