@@ -98,6 +98,11 @@ class MlxApp(ExtensionApp):
         8, config=True,
         help="Requests a model generates at once, batched in its worker (a new one joins "
              "between decode steps); more wait in the queue by priority.")
+    prompt_cache_bytes = Int(
+        256 * 1024**2, config=True,
+        help="Bytes of KV cache each model worker keeps for prompt prefixes it has seen, so a "
+             "request sharing a prefix (a system message, a conversation) skips recomputing "
+             "it; least recently used entries go first. 0: no prompt cache.")
     max_queued_requests = Int(
         256, config=True,
         help="Requests that may wait in the queue; beyond it a request gets 429 Retry-After.")
@@ -143,7 +148,8 @@ class MlxApp(ExtensionApp):
             registry, WorkerSettings(env=worker_environment(self.blas_to_preload()),
                                      start_timeout=self.worker_start_timeout,
                                      stop_timeout=self.worker_stop_timeout,
-                                     max_batch_size=self.max_batch_size),
+                                     max_batch_size=self.max_batch_size,
+                                     prompt_cache_bytes=self.prompt_cache_bytes),
             limits, estimate=lambda path: estimator.estimate(path).estimate_bytes,
             run_blocking=self.pool.run, on_status=store_service.record_model_status)
         models = ModelService(registry, self.manager, store_service, self.pool)

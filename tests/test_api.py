@@ -81,7 +81,10 @@ async def test_streamed_answer_arrives_as_ndjson_and_equals_the_whole_answer(jp_
     assert done["done"] is True and done["request_id"] == response.headers["X-Request-Id"]
     assert "".join(event["text"] for event in texts) == whole["text"]
     assert done["finish_reason"] == whole["finish_reason"]
-    assert done["usage"] == whole["usage"]
+    for key in ("prompt_tokens", "completion_tokens"):
+        assert done["usage"][key] == whole["usage"][key]
+    # The same prompt again: all but its last token come from the worker's prompt cache.
+    assert done["usage"]["cached_tokens"] == whole["usage"]["prompt_tokens"] - 1
     assert set(done["timings"]) >= {"ttft_ms", "total_ms", "tokens_per_second"}
 
 

@@ -38,10 +38,11 @@ def worker_environment(preload_blas: str | None) -> dict[str, str]:
 class WorkerProxy:
     def __init__(self, model_name: str, model_path: Path, *, env: dict[str, str] | None = None,
                  start_timeout: float = 300.0, stop_timeout: float = 10.0,
-                 max_batch_size: int = 8,
+                 max_batch_size: int = 8, prompt_cache_bytes: int = 256 * 1024**2,
                  on_exit: Callable[[WorkerProxy], None] | None = None):
         self.model_name = model_name
         self.max_batch_size = max_batch_size
+        self.prompt_cache_bytes = prompt_cache_bytes
         self._on_exit = on_exit  # told when the process ends unasked (a crash, a kill)
         self.model_path = model_path
         self._env = env
@@ -81,6 +82,7 @@ class WorkerProxy:
         self._process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "mlx_jupyter.engine.worker", str(self.model_path),
             "--max-batch-size", str(self.max_batch_size),
+            "--prompt-cache-bytes", str(self.prompt_cache_bytes),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, env=self._env, limit=MAX_LINE_BYTES)
         log.info("started worker pid %s for model %s", self._process.pid, self.model_name)

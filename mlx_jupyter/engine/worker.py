@@ -1,6 +1,7 @@
 """The model worker: one process per loaded model, doing all of that model's MLX work.
 
-Started by the server as ``python -m mlx_jupyter.engine.worker MODEL_PATH [--max-batch-size N]``.
+Started by the server as
+``python -m mlx_jupyter.engine.worker MODEL_PATH [--max-batch-size N] [--prompt-cache-bytes N]``.
 Commands arrive as JSON lines on stdin (see `protocol`); events leave on the process's original
 stdout. fd 1 is then pointed at stderr, so a library that prints cannot corrupt the protocol.
 
@@ -21,6 +22,16 @@ draws never depend on which other requests share the batch. Same seed, same para
 prompt therefore give the same text, alone or batched, up to floating-point differences in the
 logits caused by the batch's composition (which can only change a token at a near tie; the same
 caveat applies to temperature 0).
+
+Prompt cache: the KV cache of every request that finishes on its own ("stop" or "length",
+including a stop string) is kept in mlx-lm's `LRUPromptCache`, keyed by the tokens it holds
+(the prompt and the completion). A new request starts from a copy of the cached state for the
+longest prefix of its prompt (a longer cached sequence is trimmed back to the shared prefix where
+the cache type allows) and only the rest of its prompt is prefilled; its ``done`` usage reports
+that prefix as ``cached_tokens``. At least the last prompt token is always computed afresh, as
+its logits give the first completion token. The stored caches together hold at most
+``--prompt-cache-bytes`` (default 256 MiB; 0 turns the cache off): least recently stored
+entries are evicted first. The KV state of the requests that are running is not counted.
 """
 
 from __future__ import annotations
@@ -41,6 +52,8 @@ from .protocol import decode, encode
 from .stops import StopMatcher
 
 DEFAULT_MAX_BATCH_SIZE = 8
+DEFAULT_PROMPT_CACHE_BYTES = 256 * 1024 * 1024
+_PROMPT_CACHE_ENTRIES = 1 << 30  # entries are bounded by bytes, not by count
 
 _SHUTDOWN = object()
 
@@ -91,17 +104,23 @@ class _Request:
     detokenizer: Any = None
     stops: StopMatcher | None = None
     completion_tokens: int = 0
+    cached_tokens: int = 0
     admitted_at: float = 0.0
     first_token_at: float | None = None
 
 
 class Worker:
     def __init__(self, model_path: str, events: IO[bytes], *,
-                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+                 prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
+        if prompt_cache_bytes < 0:
+            raise ValueError("prompt_cache_bytes must not be negative")
         self.model_path = model_path
         self.max_batch_size = max_batch_size
+        self.prompt_cache_bytes = prompt_cache_bytes
+        self._prompt_cache = None  # an mlx_lm LRUPromptCache once the model is loaded, if enabled
         self._events = events
         self._commands: queue.Queue[Any] = queue.Queue()
         self._shutting_down = threading.Event()
@@ -141,6 +160,11 @@ class Worker:
         from mlx_lm import load  # the costly import (~3 s) happens here, never in the server
 
         self.model, self.tokenizer = load(self.model_path)
+        if self.prompt_cache_bytes > 0:
+            from mlx_lm.models.cache import LRUPromptCache
+
+            self._prompt_cache = LRUPromptCache(max_size=_PROMPT_CACHE_ENTRIES,
+                                                max_bytes=self.prompt_cache_bytes)
         self.send({"event": "ready", "pid": os.getpid(),
                    "load_ms": round((time.perf_counter() - started) * 1000, 1)})
 
@@ -213,9 +237,15 @@ class Worker:
                                None if seed is None else int(seed))
         request.stops = StopMatcher(list(command.get("stop") or []))
         request.detokenizer = self.tokenizer.detokenizer  # a fresh copy per request
-        (request.uid,) = self._batch_generator().insert(
-            [request.tokens], max_tokens=[max_tokens], samplers=[sampler],
+        generator = self._batch_generator()
+        cache, rest = self._cached_prefix(request.tokens)
+        cached = len(request.tokens) - len(rest)
+        (request.uid,) = generator.insert(
+            [rest], max_tokens=[max_tokens], caches=[cache],
+            all_tokens=[request.tokens[:cached]], samplers=[sampler],
             stop_sequences=[self._eos_stops])
+        del cache
+        request.cached_tokens = cached
         request.admitted_at = time.perf_counter()
         self._active[request.uid] = request
 
@@ -228,6 +258,36 @@ class Worker:
                 self.model, sampler=_argmax_sampler, completion_batch_size=self.max_batch_size,
                 prefill_batch_size=self.max_batch_size)
         return self._generator
+
+    def _cached_prefix(self, tokens: list[int]) -> tuple[list[Any] | None, list[int]]:
+        """(a copy of the cached KV state for the longest cached prefix of tokens, the rest of
+        tokens); (None, tokens) on a miss. The rest is never empty."""
+        if self._prompt_cache is None or not tokens:
+            return None, tokens
+        cache, rest = self._prompt_cache.fetch_nearest_cache(self.model_path, tokens)
+        if cache is not None and not rest:
+            # The whole prompt is cached, but the last token's logits are needed to start the
+            # completion: recompute that one token where the cache can be trimmed.
+            from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+            if can_trim_prompt_cache(cache):
+                trim_prompt_cache(cache, 1)
+                rest = tokens[-1:]
+            else:
+                cache, rest = None, tokens
+        if cache is None:
+            return None, tokens
+        return cache, rest
+
+    def _store_cache(self, tokens: list[int] | None, cache: list[Any] | None) -> None:
+        """Keeps a request's KV state, holding exactly tokens (its prompt and completion so
+        far), for later prompts."""
+        if self._prompt_cache is None or not cache or not tokens:
+            return
+        try:
+            self._prompt_cache.insert_cache(self.model_path, list(tokens), cache)
+        except Exception:  # the cache is an optimisation: never fail a request over it
+            traceback.print_exc()
 
     def _prompt_tokens(self, command: dict[str, Any]) -> list[int]:
         if command.get("messages"):
@@ -262,9 +322,11 @@ class Worker:
             if response.finish_reason is not None:
                 detokenizer.finalize()
             self._send_text(request, request.stops.feed(detokenizer.last_segment))
+            if response.finish_reason is not None:
+                self._store_cache(response.all_tokens, response.prompt_cache)
             if request.stops.stopped:
                 if response.finish_reason is None:
-                    self._drop(response.uid)
+                    self._drop(response.uid, keep_cache=True)
                 else:
                     del self._active[response.uid]
                 self._finish(request, "stop")
@@ -272,17 +334,23 @@ class Worker:
                 del self._active[response.uid]
                 self._finish(request, response.finish_reason)
 
-    def _drop(self, uid: int) -> None:
-        """Takes a still-running request out of the batch."""
+    def _drop(self, uid: int, *, keep_cache: bool = False) -> None:
+        """Takes a still-running request out of the batch; keep_cache (only for a request that
+        has just produced a token, so is generating) stores its KV state in the prompt cache."""
         del self._active[uid]
+        keep_cache = keep_cache and self._prompt_cache is not None
         try:
-            self._generator.remove([uid])
+            caches = self._generator.remove([uid], return_prompt_caches=keep_cache)
         except Exception:
             traceback.print_exc()
             for request in list(self._active.values()):
                 self._error(request, RuntimeError("the batch failed while removing a request"))
             self._active.clear()
             self._reset_generator()
+            return
+        if keep_cache and uid in caches:
+            cache, tokens = caches[uid]
+            self._store_cache(list(tokens), cache)
 
     def _reset_generator(self) -> None:
         generator, self._generator = self._generator, None
@@ -318,15 +386,17 @@ class Worker:
             now = time.perf_counter()
             prompt_seconds = request.first_token_at - request.admitted_at
             decode_seconds = now - request.first_token_at
+            computed = len(request.tokens) - request.cached_tokens  # prefilled, not cached
             timings = {
                 "prompt_tokens_per_second": round(
-                    len(request.tokens) / prompt_seconds if prompt_seconds > 0 else 0.0, 2),
+                    computed / prompt_seconds if prompt_seconds > 0 else 0.0, 2),
                 "tokens_per_second": round(
                     request.completion_tokens / decode_seconds if decode_seconds > 0 else 0.0, 2),
             }
         self.send({"event": "done", "id": request.id, "finish_reason": finish_reason,
                    "usage": {"prompt_tokens": len(request.tokens),
-                             "completion_tokens": request.completion_tokens},
+                             "completion_tokens": request.completion_tokens,
+                             "cached_tokens": request.cached_tokens},
                    "worker_timings": timings})
 
     def _error(self, request: _Request, exc: BaseException) -> None:
@@ -349,13 +419,25 @@ def _batch_size(value: str) -> int:
     return size
 
 
+def _cache_bytes(value: str) -> int:
+    size = int(value)
+    if size < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return size
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mlx_jupyter.engine.worker")
     parser.add_argument("model_path")
     parser.add_argument("--max-batch-size", type=_batch_size, default=DEFAULT_MAX_BATCH_SIZE,
                         help="most requests generated at once (default %(default)s)")
+    parser.add_argument("--prompt-cache-bytes", type=_cache_bytes,
+                        default=DEFAULT_PROMPT_CACHE_BYTES,
+                        help="most bytes of KV state kept for reuse by later prompts; 0 turns "
+                             "the prompt cache off (default %(default)s)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    worker = Worker(args.model_path, _protocol_stream(), max_batch_size=args.max_batch_size)
+    worker = Worker(args.model_path, _protocol_stream(), max_batch_size=args.max_batch_size,
+                    prompt_cache_bytes=args.prompt_cache_bytes)
     try:
         worker.load()
     except Exception as exc:

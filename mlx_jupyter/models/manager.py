@@ -39,6 +39,7 @@ class WorkerSettings:
     start_timeout: float = 300.0
     stop_timeout: float = 10.0
     max_batch_size: int = 8  # requests a worker generates at once (continuous batching)
+    prompt_cache_bytes: int = 256 * 1024**2  # shared prompt prefixes kept per worker; 0: off
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,7 @@ class ModelManager:
                                  start_timeout=self._settings.start_timeout,
                                  stop_timeout=self._settings.stop_timeout,
                                  max_batch_size=self._settings.max_batch_size,
+                                 prompt_cache_bytes=self._settings.prompt_cache_bytes,
                                  on_exit=self._worker_exited)
             try:
                 await worker.start()
