@@ -150,8 +150,7 @@ class MlxApp(ExtensionApp):
                                      stop_timeout=self.worker_stop_timeout,
                                      max_batch_size=self.max_batch_size,
                                      prompt_cache_bytes=self.prompt_cache_bytes),
-            limits, estimate=lambda path: estimator.estimate(path).estimate_bytes,
-            run_blocking=self.pool.run, on_status=store_service.record_model_status)
+            limits, run_blocking=self.pool.run, on_status=store_service.record_model_status)
         models = ModelService(registry, self.manager, store_service, self.pool)
         models.restore()
         self.queue = InferenceQueue(self.manager, store_service,

@@ -109,8 +109,13 @@ class StoreService:
     # -- requests -------------------------------------------------------------------------
 
     async def add_request(self, record: RequestRecord) -> None:
-        await self._pool.run(self.store.add_request, record)
-        await self._pool.run(self.store.record_model_use, record.model)
+        """Records a new request and counts a use of its model: one trip to the pool, since
+        it lies on every request's way in."""
+        def add_and_count() -> None:
+            self.store.add_request(record)
+            self.store.record_model_use(record.model)
+
+        await self._pool.run(add_and_count)
 
     async def update_request(self, request_id: str, **fields: Any) -> None:
         await self._pool.run(self.store.update_request, request_id, **fields)

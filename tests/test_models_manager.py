@@ -16,7 +16,6 @@ from mlx_jupyter.models.registry import ModelEntry, ModelRegistry
 from model_factory import make_model
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
-ESTIMATOR = MemoryEstimator()
 POOL = ThreadPoolExecutor(2)
 
 
@@ -26,7 +25,7 @@ async def run_blocking(function, *args):
 
 
 def estimate(path) -> int:
-    return ESTIMATOR.estimate(path).estimate_bytes
+    return MemoryEstimator().estimate(path).estimate_bytes
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +44,7 @@ def manager_for(models, *, models_fitting=3, max_loaded=3, idle=0.0, statuses=No
     on_status = (lambda name, status, error: statuses.append((name, status))
                  ) if statuses is not None else None
     return ModelManager(registry, WorkerSettings(env=worker_environment(OPENBLAS)), limits,
-                        estimate=estimate, run_blocking=run_blocking, on_status=on_status)
+                        run_blocking=run_blocking, on_status=on_status)
 
 
 def loaded_names(manager):

@@ -79,14 +79,13 @@ class ModelSlot:
 
 class ModelManager:
     def __init__(self, registry: ModelRegistry, worker_settings: WorkerSettings, limits: Limits,
-                 *, estimate: Callable[[Path], Any], run_blocking: Callable[..., Any],
+                 *, run_blocking: Callable[..., Any],
                  on_status: Callable[..., Any] | None = None):
-        """`estimate(path)` gives a model's memory estimate in bytes and runs on the thread
-        pool through `run_blocking`; `on_status(name, status, error)` persists changes."""
+        """File work (resolving and estimating a model) runs on the thread pool through
+        `run_blocking`; `on_status(name, status, error)` persists status changes."""
         self.registry = registry
         self.limits = limits
         self._settings = worker_settings
-        self._estimate = estimate
         self._run_blocking = run_blocking
         self._on_status = on_status
         self._slots: dict[str, ModelSlot] = {}
@@ -205,9 +204,8 @@ class ModelManager:
             if slot.loaded:
                 return
             try:  # the folder is checked again (cached unless it changed): it may have moved
-                slot.path = await self._run_blocking(self.registry.resolve, slot.name)
-                slot.budget_bytes = self.limits.worker_base_bytes + int(
-                    await self._run_blocking(self._estimate, slot.path))
+                slot.path, estimate = await self._run_blocking(self._locate, slot.name)
+                slot.budget_bytes = self.limits.worker_base_bytes + estimate
             except MlxJupyterError as exc:
                 self._set_status(slot, ModelStatus.FAILED, error=str(exc))
                 raise
@@ -230,6 +228,11 @@ class ModelManager:
             self._set_status(slot, ModelStatus.LOADED)
             if slot.active_requests == 0:
                 self._start_idle_timer(slot)
+
+    def _locate(self, name: str) -> tuple[Path, int]:
+        """A model's checked folder and its memory estimate (both cached by the registry)."""
+        path = self.registry.resolve(name)
+        return path, self.registry.estimator.estimate(path).estimate_bytes
 
     def _eviction_plan(self, slot: ModelSlot) -> list[ModelSlot]:
         """The least recently used idle models to unload so that `slot` fits; raises

@@ -93,7 +93,6 @@ class ModelService:
             "active_requests": 0, "last_used_at": None, "error": None}
         row = row or {}
         estimate = info["estimate_bytes"]
-        state.pop("budget_bytes", None)
         return {**info, **state, "estimate_bytes": estimate,
                 # what a load counts against the budget: the model and its worker process
                 "budget_bytes": (estimate + self.manager.limits.worker_base_bytes
