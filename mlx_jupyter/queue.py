@@ -59,8 +59,7 @@ class Generation:
     priority: int
     _queue: InferenceQueue
     _params: dict[str, Any]
-    _submitted: float = field(default_factory=time.perf_counter)
-    _enqueued: float = field(default_factory=time.monotonic)
+    _submitted: float = field(default_factory=time.perf_counter)  # also the aging clock
     _seq: int = 0
     _admitted: asyncio.Future[bool] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
@@ -80,19 +79,19 @@ class Generation:
         return "active" if self._admitted.done() else "queued"
 
     def effective_priority(self, now: float, aging_seconds: float) -> float:
-        return self.priority + (now - self._enqueued) / aging_seconds
+        return self.priority + (now - self._submitted) / aging_seconds
 
     async def start(self) -> None:
         """Waits for admission, then for the model (loading it if needed). Raises a domain
         error (ModelDoesNotFit, WorkerError, ...) before any output exists."""
         if not await self._admitted:
             return  # cancelled while it waited: events() reports it
-        await self._queue.store.update_request(self.id, status=RequestStatus.RUNNING,
-                                               started_at=utcnow())
+        self._queue.store.update_request(self.id, status=RequestStatus.RUNNING,
+                                         started_at=utcnow())
         try:
             self._worker = await self._queue.manager.acquire(self.model)
         except MlxJupyterError as exc:
-            await self._end({"status": RequestStatus.FAILED, "finish_reason": "error",
+            self._end({"status": RequestStatus.FAILED, "finish_reason": "error",
                              "error": str(exc)}, "", model_acquired=False)
             raise
 
@@ -104,7 +103,7 @@ class Generation:
         if self._worker is None or self._cancel_requested:  # cancelled before it started
             yield self._done_event(self._reason("cancelled"),
                                    {"prompt_tokens": 0, "completion_tokens": 0}, {})
-            await self._end(self._cancelled_outcome(), "",
+            self._end(self._cancelled_outcome(), "",
                             model_acquired=self._worker is not None)
             return
         worker_events = self._worker.generate(self.id, self._params)
@@ -133,7 +132,7 @@ class Generation:
             raise
         finally:
             await worker_events.aclose()
-            await self._end(outcome, "".join(pieces))
+            self._end(outcome, "".join(pieces))
 
     async def result(self) -> dict[str, Any]:
         pieces: list[str] = []
@@ -153,7 +152,7 @@ class Generation:
         if state == "queued":
             self._queue.withdraw(self)
             self._admitted.set_result(False)
-            await self._end(self._cancelled_outcome(), "", model_acquired=False)
+            self._end(self._cancelled_outcome(), "", model_acquired=False)
         elif state == "active":
             self._cancel_requested = True  # seen by events() if the model is still loading
             if self._worker is not None:
@@ -190,7 +189,10 @@ class Generation:
     def _done_event(self, finish_reason: str, usage: dict[str, int],
                     worker_timings: dict[str, float]) -> dict[str, Any]:
         total_ms = round((time.perf_counter() - self._submitted) * 1000, 1)
-        timings = {"ttft_ms": self._ttft_ms() or total_ms, "total_ms": total_ms,
+        queue_ms = (None if self._admitted_at is None
+                    else round((self._admitted_at - self._submitted) * 1000, 3))
+        timings = {"queue_ms": queue_ms, "ttft_ms": self._ttft_ms() or total_ms,
+                   "total_ms": total_ms,
                    "tokens_per_second": worker_timings.get("tokens_per_second", 0.0),
                    "prompt_tokens_per_second": worker_timings.get("prompt_tokens_per_second",
                                                                   0.0)}
@@ -199,8 +201,8 @@ class Generation:
         return {"done": True, "request_id": self.id, "finish_reason": finish_reason,
                 "usage": usage, "timings": timings}
 
-    async def _end(self, outcome: dict[str, Any], text: str, *,
-                   model_acquired: bool = True) -> None:
+    def _end(self, outcome: dict[str, Any], text: str, *,
+             model_acquired: bool = True) -> None:
         """Once per request: frees its place (and its model), admits the next, records it."""
         if self._finished:
             return
@@ -208,12 +210,10 @@ class Generation:
         if self._deadline is not None:
             self._deadline.cancel()
         self._queue.finished(self, model_acquired=model_acquired)
-        try:
-            await self._queue.store.update_request(
-                self.id, output_text=text, finished_at=utcnow(), ttft_ms=self._ttft_ms(),
-                **outcome)
-        except Exception:  # the answer was delivered; a history write must not undo that
-            log.exception("could not record the end of request %s", self.id)
+        # Written behind: the answer is out; its history must not delay it (a failed write is
+        # logged by the store service).
+        self._queue.store.update_request(
+            self.id, output_text=text, finished_at=utcnow(), ttft_ms=self._ttft_ms(), **outcome)
 
 
 class InferenceQueue:
@@ -243,6 +243,7 @@ class InferenceQueue:
         sampling field takes the stored setting's value. Raises ModelNotFound for an unknown
         model and QueueFull when `max_queued` requests already wait.
         """
+        submitted = time.perf_counter()
         if self.queued_count() >= self.max_queued:
             raise QueueFull(self.max_queued, self._retry_after())
         params = await self._with_defaults(params)
@@ -253,9 +254,11 @@ class InferenceQueue:
             prompt=params.get("prompt"), messages=params.get("messages"),
             parameters={**{k: v for k, v in params.items() if k not in ("prompt", "messages")},
                         **({"background": True, "timeout": timeout} if background else {})})
-        await self.store.add_request(record)
+        recorded = self.store.add_request(record)
+        if background:  # its record must be durable before the client is told it is queued
+            await recorded
         generation = Generation(record.id, model, priority, self, params,
-                                _seq=next(self._seq))
+                                _submitted=submitted, _seq=next(self._seq))
         self._enqueue(generation, timeout, background)
         return generation
 
@@ -316,6 +319,13 @@ class InferenceQueue:
         return {"queued_requests": len(self._waiting.get(model, ())),
                 "active_requests": len(self._active.get(model, ()))}
 
+    def summary(self) -> dict[str, Any]:
+        """How many wait in all, and per model with requests the `get_queue_status` counts."""
+        models = {model for model, waiting in self._waiting.items() if waiting}
+        models |= {model for model, active in self._active.items() if active}
+        return {"queued": self.queued_count(),
+                "models": {model: self.get_queue_status(model) for model in sorted(models)}}
+
     def snapshot(self) -> dict[str, Any]:
         """Per model: active requests, and waiting ones in admission order with an ETA."""
         models = {}
@@ -345,7 +355,7 @@ class InferenceQueue:
     def finished(self, generation: Generation, *, model_acquired: bool) -> None:
         self._by_id.pop(generation.id, None)
         if self._active[generation.model].pop(generation.id, None) is not None:
-            elapsed = time.monotonic() - generation._admitted_at
+            elapsed = time.perf_counter() - generation._admitted_at
             previous = self._seconds_per_request.get(generation.model, elapsed)
             self._seconds_per_request[generation.model] = 0.8 * previous + 0.2 * elapsed
         if model_acquired:
@@ -358,11 +368,11 @@ class InferenceQueue:
             chosen = self._admission_order(model)[0]
             self._waiting[model].remove(chosen)
             active[chosen.id] = chosen
-            chosen._admitted_at = time.monotonic()
+            chosen._admitted_at = time.perf_counter()
             chosen._admitted.set_result(True)
 
     def _admission_order(self, model: str) -> list[Generation]:
-        now = time.monotonic()
+        now = time.perf_counter()
         return sorted(self._waiting.get(model, ()),
                       key=lambda g: (-g.effective_priority(now, self.aging_seconds), g._seq))
 
@@ -373,7 +383,7 @@ class InferenceQueue:
     @staticmethod
     def _describe(generation: Generation) -> dict[str, Any]:
         return {"request_id": generation.id, "priority": generation.priority,
-                "waited_seconds": round(time.monotonic() - generation._enqueued, 2)}
+                "waited_seconds": round(time.perf_counter() - generation._submitted, 2)}
 
     async def _with_defaults(self, params: dict[str, Any]) -> dict[str, Any]:
         missing = [key for key in (*SETTING_DEFAULTS, "model") if params.get(key) is None]

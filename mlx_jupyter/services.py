@@ -2,6 +2,11 @@
 
 The event loop never waits on the database or the disk; handlers and the queue await these
 methods instead of calling the (synchronous) store directly.
+
+Writes that lie on a request's path (its history, a model's status) are written behind: they
+are queued in call order and run in batches, one pool trip per batch, so a generation does not
+wait for its own bookkeeping. Reads wait for the writes queued before them, so a client always
+reads what it was told happened.
 """
 
 from __future__ import annotations
@@ -42,28 +47,70 @@ class BlockingPool:
         self._executor.shutdown(wait=True, cancel_futures=False)
 
 
+class WriteBehind:
+    """Blocking writes run in the order they were queued, in batches on the pool."""
+
+    def __init__(self, pool: BlockingPool):
+        self._pool = pool
+        self._pending: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
+        self._draining: asyncio.Task[None] | None = None
+        self._last: asyncio.Future[Any] | None = None
+
+    def write(self, function: Callable[..., Any], /, *args: Any,
+              **kwargs: Any) -> asyncio.Future[Any]:
+        """Queues a write; the future holds its result (or its exception, also logged)."""
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((functools.partial(function, *args, **kwargs), future))
+        self._last = future
+        if self._draining is None:
+            self._draining = asyncio.ensure_future(self._drain())
+        return future
+
+    async def settled(self) -> None:
+        """Waits until every write queued so far has run (successfully or not)."""
+        if self._last is not None:
+            await asyncio.gather(self._last, return_exceptions=True)
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                outcomes = await self._pool.run(self._run_batch, [call for call, _ in batch])
+                for (_, future), (ok, value) in zip(batch, outcomes):
+                    if future.done():
+                        continue
+                    if ok:
+                        future.set_result(value)
+                    else:
+                        future.set_exception(value)
+                        future.exception()  # retrieved here: the failure is logged below
+        finally:
+            self._draining = None
+
+    @staticmethod
+    def _run_batch(calls: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
+        outcomes = []
+        for call in calls:
+            try:
+                outcomes.append((True, call()))
+            except Exception as exc:  # one failed write must not stop the ones after it
+                log.exception("a store write failed: %s", getattr(call, "func", call))
+                outcomes.append((False, exc))
+        return outcomes
+
+
 class StoreService:
     def __init__(self, store: Store, pool: BlockingPool):
         self.store = store
         self._pool = pool
-        self._last_model_write: asyncio.Future[None] | None = None
+        self._writes = WriteBehind(pool)
 
     # -- models ---------------------------------------------------------------------------
 
     def record_model_status(self, name: str, status: str, error: str | None = None) -> None:
-        """Persists a model's status without waiting; writes keep the order of the calls
-        (each waits for the one before), so the database never ends on a stale status."""
-        previous = self._last_model_write
-
-        async def write() -> None:
-            if previous is not None:
-                await asyncio.gather(previous, return_exceptions=True)
-            try:
-                await self._pool.run(self.store.set_model_status, name, status, error)
-            except Exception:
-                log.exception("could not record status %s of model %s", status, name)
-
-        self._last_model_write = asyncio.ensure_future(write())
+        """Persists a model's status without waiting, in call order (the database never ends
+        on a stale status)."""
+        self._writes.write(self.store.set_model_status, name, status, error)
 
     async def ensure_model(self, name: str, path: str, source: str, kind: str) -> None:
         await self._pool.run(self.store.ensure_model, name, path, source, kind)
@@ -78,9 +125,8 @@ class StoreService:
         return await self._pool.run(self.store.get_model, name)
 
     async def flush(self) -> None:
-        """Waits for the status writes in flight (at shutdown, and in tests)."""
-        if self._last_model_write is not None:
-            await self._last_model_write
+        """Waits for the writes queued so far (at shutdown, and before reads)."""
+        await self._writes.settled()
 
     # -- settings -------------------------------------------------------------------------
 
@@ -88,7 +134,11 @@ class StoreService:
         return await self._pool.run(self.store.settings.all)
 
     async def setting_values(self) -> dict[str, Any]:
-        return await self._pool.run(self.store.settings.values)
+        """From the cache without leaving the event loop when it is fresh (every request
+        without explicit sampling fields asks)."""
+        cached = self.store.settings.cached_values()
+        return cached if cached is not None else await self._pool.run(
+            self.store.settings.values)
 
     async def setting(self, key: str) -> dict[str, Any]:
         """One setting as `settings()` describes it; UnknownSetting names a wrong key."""
@@ -108,28 +158,32 @@ class StoreService:
 
     # -- requests -------------------------------------------------------------------------
 
-    async def add_request(self, record: RequestRecord) -> None:
-        """Records a new request and counts a use of its model: one trip to the pool, since
-        it lies on every request's way in."""
+    def add_request(self, record: RequestRecord) -> asyncio.Future[None]:
+        """Records a new request and counts a use of its model, written behind; await the
+        result where the record must be durable before answering (background jobs)."""
         def add_and_count() -> None:
             self.store.add_request(record)
             self.store.record_model_use(record.model)
 
-        await self._pool.run(add_and_count)
+        return self._writes.write(add_and_count)
 
-    async def update_request(self, request_id: str, **fields: Any) -> None:
-        await self._pool.run(self.store.update_request, request_id, **fields)
+    def update_request(self, request_id: str, **fields: Any) -> None:
+        """Changes a request's columns, written behind, after the writes queued before."""
+        self._writes.write(self.store.update_request, request_id, **fields)
 
     async def get_request(self, request_id: str) -> dict[str, Any]:
+        await self.flush()
         row = await self._pool.run(self.store.get_request, request_id)
         if row is None:
             raise RequestNotFound(request_id)
         return row
 
     async def list_requests(self, **filters: Any) -> tuple[list[dict[str, Any]], int]:
+        await self.flush()
         return await self._pool.run(self.store.list_requests, **filters)
 
     # -- database -------------------------------------------------------------------------
 
     async def database_info(self) -> dict[str, Any]:
+        await self.flush()
         return await self._pool.run(self.store.get_database_info)

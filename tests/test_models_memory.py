@@ -14,7 +14,8 @@ from model_factory import backdate, make_model
 
 from mlx_jupyter.models import memory
 from mlx_jupyter.models.memory import (InvalidMemoryBudget, InvalidModelFiles, MemoryEstimator,
-                                       budget_bytes, model_kind, process_rss, system_memory,
+                                       RssSampler, budget_bytes, model_kind, process_rss,
+                                       system_memory,
                                        weight_bytes)
 
 GIB = 1024**3
@@ -269,3 +270,17 @@ def test_process_rss_counts_children_and_is_none_for_a_gone_process():
         child.wait()
     assert process_rss(child.pid) is None
     assert process_rss(None) is None
+
+
+def test_rss_sampler_reuses_a_reading_until_it_expires():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(10)"])
+    reused, fresh = RssSampler(ttl=3600), RssSampler(ttl=0)
+    try:
+        first = reused(child.pid)
+        assert first is not None and fresh(child.pid) is not None
+    finally:
+        child.kill()
+        child.wait()
+    assert reused(child.pid) == first  # the reading from before the process ended
+    assert fresh(child.pid) is None  # read again: the process is gone
+    assert reused(None) is None

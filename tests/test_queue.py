@@ -96,7 +96,7 @@ async def test_waiting_raises_priority_so_low_priorities_never_starve():
     old_low = Generation("old-low", "m", 0, queue, {}, _seq=0)
     new_high = Generation("new-high", "m", 5, queue, {}, _seq=1)
     new_low = Generation("new-low", "m", 0, queue, {}, _seq=2)
-    old_low._enqueued -= 10  # waited ten aging periods: now above a fresh priority 5
+    old_low._submitted -= 10  # waited ten aging periods: now above a fresh priority 5
     queue._waiting["m"] = [new_low, new_high, old_low]
     assert [g.id for g in queue._admission_order("m")] == ["old-low", "new-high", "new-low"]
 

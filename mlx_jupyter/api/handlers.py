@@ -90,11 +90,8 @@ class MlxHandler(ExtensionHandlerMixin, APIHandler):
 class StatusHandler(MlxHandler):
     @endpoint
     async def get(self) -> None:
-        queue = self.queue
         self.write_json({"version": __version__, **self.manager.get_system_status(),
-                         "queue": {"queued": queue.queued_count(),
-                                   "models": {name: queue.get_queue_status(name)
-                                              for name in queue.snapshot()["models"]}}})
+                         "queue": self.queue.summary()})
 
 
 class GenerateHandler(MlxHandler):
@@ -120,6 +117,9 @@ class GenerateHandler(MlxHandler):
         self.set_header("Content-Type", "application/x-ndjson")
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Request-Id", generation.id)
+        # Each token is a small write: without TCP_NODELAY, Nagle's algorithm holds it until
+        # the client acknowledges the last one (tens of ms with delayed ACKs).
+        self.request.connection.stream.set_nodelay(True)
         try:
             await self.flush()  # the headers, with the request id, before the first token
             async with contextlib.aclosing(generation.events()) as events:

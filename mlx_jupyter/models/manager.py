@@ -25,7 +25,7 @@ from typing import Any
 from ..engine.proxy import WorkerProxy
 from ..errors import MlxJupyterError, ModelBusy, ModelDoesNotFit
 from ..store.schema import ModelStatus, utcnow
-from .memory import process_rss, system_memory
+from .memory import RssSampler, system_memory
 from .registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ class ModelManager:
         self._slots: dict[str, ModelSlot] = {}
         self._placement = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
+        self._rss = RssSampler()
 
     # -- queries --------------------------------------------------------------------------
 
@@ -122,12 +123,12 @@ class ModelManager:
         return {"name": slot.name, "status": slot.status.value,
                 "pid": worker.pid if worker else None,
                 "budget_bytes": slot.budget_bytes,
-                "rss_bytes": process_rss(worker.pid) if worker and worker.alive else None,
+                "rss_bytes": self._rss(worker.pid) if worker and worker.alive else None,
                 "pinned": slot.pinned, "active_requests": slot.active_requests,
                 "last_used_at": slot.last_used_at, "error": slot.error}
 
     def get_system_status(self) -> dict[str, Any]:
-        """Memory and loaded models; cheap (psutil reads of /proc, no database, no disk)."""
+        """Memory and loaded models; cheap (a /proc read, RSS sampled every 2 s, no database)."""
         memory = system_memory()
         loaded = [self.describe(slot) for slot in self.loaded()]
         used = self.used_bytes()

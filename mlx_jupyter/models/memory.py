@@ -490,3 +490,25 @@ def process_rss(pid: int | None) -> int | None:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass  # exited meanwhile
     return total
+
+
+class RssSampler:
+    """`process_rss` per pid, reused for `ttl` seconds: finding a process's children scans
+    all of /proc (about a millisecond on a quiet machine), too slow for every status poll."""
+
+    def __init__(self, ttl: float = 2.0):
+        self.ttl = ttl
+        self._readings: dict[int, tuple[int | None, float]] = {}
+
+    def __call__(self, pid: int | None) -> int | None:
+        if pid is None:
+            return None
+        now = time.monotonic()
+        reading = self._readings.get(pid)
+        if reading is None or reading[1] <= now:
+            if len(self._readings) > 64:  # pids of workers long gone
+                self._readings = {p: r for p, r in self._readings.items() if r[1] > now}
+            reading = (process_rss(pid), now + self.ttl)
+            self._readings[pid] = reading
+        return reading[0]
+

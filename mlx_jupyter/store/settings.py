@@ -163,10 +163,16 @@ class SettingsService:
         self.cache.put(key, value, generation)
         return value
 
+    def cached_values(self) -> dict[str, Any] | None:
+        """Every setting's value if all are cached, else None; never touches the database,
+        so the event loop may call it."""
+        cached = {key: self.cache.get(key) for key in SETTINGS}
+        return None if any(value is _MISSING for value in cached.values()) else cached
+
     def values(self) -> dict[str, Any]:
         """Every setting's value; one query for all of them when any is not cached."""
-        cached = {key: self.cache.get(key) for key in SETTINGS}
-        if all(value is not _MISSING for value in cached.values()):
+        cached = self.cached_values()
+        if cached is not None:
             return cached
         log.debug("settings cache miss: loading all settings")
         generation = self.cache.generation
