@@ -1,13 +1,52 @@
-"""Helpers shared by the benchmarks: tables that are printed and saved."""
+"""Helpers shared by the benchmarks: tables that are printed and saved, random test models."""
 
 from __future__ import annotations
 
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
+
+# A Llama of the demo's shape family with random weights and the demo's tokenizer. Random
+# weights rarely produce the end-of-sequence token, so generations run to max_tokens.
+BUILD_RANDOM_LLAMA = r"""
+import json, shutil, sys
+from pathlib import Path
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.models import llama
+demo, out, hidden, layers = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+config = json.loads((demo / "config.json").read_text())
+config.update(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=hidden * 8 // 3,
+              num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64)
+mx.random.seed(0)
+model = llama.Model(llama.ModelArgs.from_dict(config))
+out.mkdir(parents=True, exist_ok=True)
+mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
+(out / "config.json").write_text(json.dumps(config))
+for f in demo.iterdir():
+    if f.name.startswith(("tokenizer", "special_tokens", "generation_config")):
+        shutil.copy(f, out / f.name)
+print(sum(v.size for _, v in tree_flatten(model.parameters())))
+"""
+
+
+def build_random_llama(folder: Path, hidden: int, layers: int) -> int:
+    """Writes a random-weight Llama (fp32) into folder; returns its parameter count."""
+    from mlx_jupyter.engine.proxy import worker_environment
+    from mlx_jupyter.models.registry import DEMO_MODEL_PATH
+
+    result = subprocess.run(
+        [sys.executable, "-c", BUILD_RANDOM_LLAMA, str(DEMO_MODEL_PATH), str(folder),
+         str(hidden), str(layers)],
+        env=worker_environment(OPENBLAS if Path(OPENBLAS).exists() else None),
+        check=True, capture_output=True, text=True)
+    return int(result.stdout.split()[-1])
 
 
 def median(values: list[float]) -> float:

@@ -14,51 +14,18 @@ import argparse
 import asyncio
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median, save, table  # noqa: E402
+from _common import OPENBLAS, build_random_llama, median, save, table  # noqa: E402
 
 from mlx_jupyter.engine.proxy import WorkerProxy, worker_environment  # noqa: E402
 from mlx_jupyter.models.registry import DEMO_MODEL_PATH  # noqa: E402
 
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
 PROMPT = ("In the quiet town by the river, people keep small gardens and share the bread they "
           "bake. Every morning the baker opens the shop and the children walk to school. ") * 3
-
-BUILD_RANDOM_LLAMA = r"""
-import json, shutil, sys
-from pathlib import Path
-import mlx.core as mx
-from mlx.utils import tree_flatten
-from mlx_lm.models import llama
-demo, out, hidden, layers = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-config = json.loads((demo / "config.json").read_text())
-config.update(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=hidden * 8 // 3,
-              num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64)
-mx.random.seed(0)
-model = llama.Model(llama.ModelArgs.from_dict(config))
-out.mkdir(parents=True, exist_ok=True)
-mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
-(out / "config.json").write_text(json.dumps(config))
-for f in demo.iterdir():
-    if f.name.startswith(("tokenizer", "special_tokens", "generation_config")):
-        shutil.copy(f, out / f.name)
-print(sum(v.size for _, v in tree_flatten(model.parameters())))
-"""
-
-
-def build_random_llama(folder: Path, hidden: int, layers: int) -> int:
-    result = subprocess.run(
-        [sys.executable, "-c", BUILD_RANDOM_LLAMA, str(DEMO_MODEL_PATH), str(folder),
-         str(hidden), str(layers)],
-        env=worker_environment(OPENBLAS if Path(OPENBLAS).exists() else None),
-        check=True, capture_output=True, text=True)
-    return int(result.stdout.split()[-1])
-
 
 async def measure(path: Path, blas: str | None, repeats: int, max_tokens: int) -> dict:
     proxy = WorkerProxy(path.name, path, env=worker_environment(blas))

@@ -1,6 +1,7 @@
 """Serving under concurrency: our Jupyter extension vs mlx_lm.server vs in-process mlx-lm.
 
-One run, on the bundled demo model, with the same fixed chat prompts (temperature 0):
+One run, on two models (the bundled demo, and a random-weight Llama of about 100M parameters
+made here), with the same fixed chat prompts (temperature 0):
 
 1. our server: a real Jupyter server with the extension (started here, own runtime/data dirs,
    a token, loopback only), N streaming clients at once (async httpx, NDJSON);
@@ -8,10 +9,14 @@ One run, on the bundled demo model, with the same fixed chat prompts (temperatur
    subprocess with OpenBLAS preloaded;
 3. ``mlx_lm.server`` (OpenBLAS preloaded; it batches continuously too), the same clients through
    its OpenAI-compatible ``/v1/chat/completions`` streaming (SSE);
-4. ``GET mlx/api/status`` latency on our server, idle and while 4 streams generate.
+4. ``GET mlx/api/status`` latency on our server, idle and while 4 streams of the demo generate
+   (the streams come from another process, so the poller's own loop is not the one parsing
+   them);
+5. submit-to-admitted: the server's own ``timings.queue_ms`` (submission to admission into the
+   model's batch), with free capacity at every level here.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 HF_HUB_OFFLINE=1 \\
-        .venv/bin/python benchmarks/bench_serving.py [--levels 1,2,4,8] [--requests 16]
+        .venv/bin/python benchmarks/bench_serving.py [--levels 1,2,4,8] [--models demo,llama100m]
 """
 
 from __future__ import annotations
@@ -28,17 +33,31 @@ import tempfile
 import time
 from pathlib import Path
 
+import multiprocessing
+from dataclasses import dataclass
+
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "tests"))
-from _common import save, table  # noqa: E402
+from _common import OPENBLAS, build_random_llama, save, table  # noqa: E402
 from live_server import free_port, start_server, stop_server  # noqa: E402
 
 from mlx_jupyter.models.registry import DEMO_MODEL_PATH  # noqa: E402
 
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
+
+@dataclass
+class BenchModel:
+    name: str  # the name our server knows it by
+    label: str
+    path: Path
+    requests: int  # per concurrency level
+    max_tokens: int
+
+
+# The random Llama: hidden 1024, 8 layers, the demo's 2048-token vocabulary (about 105M).
+LLAMA_100M = (1024, 8)
 PROMPTS = [
     "Tell me a short story about a lighthouse keeper.",
     "What are three good habits for writing clean code?",
@@ -89,9 +108,9 @@ def p50(values: list[float]) -> float:
 
 # -- clients -------------------------------------------------------------------------------
 
-async def ours_one(client: httpx.AsyncClient, url: str, text: str, max_tokens: int,
+async def ours_one(client: httpx.AsyncClient, url: str, model: str, text: str, max_tokens: int,
                    temperature: float = 0.0, seed: int | None = None) -> dict:
-    body = {"model": "demo", "messages": [{"role": "user", "content": text}],
+    body = {"model": model, "messages": [{"role": "user", "content": text}],
             "max_tokens": max_tokens, "temperature": temperature, "seed": seed, "stream": True}
     start = time.perf_counter()
     first = None
@@ -110,15 +129,13 @@ async def ours_one(client: httpx.AsyncClient, url: str, text: str, max_tokens: i
     if final.get("finish_reason") not in ("stop", "length"):
         raise RuntimeError(f"our server answered {final}")
     usage, timings = final["usage"], final["timings"]
-    prompt_tps = timings.get("prompt_tokens_per_second") or 0.0
-    prefill_ms = usage["prompt_tokens"] / prompt_tps * 1000 if prompt_tps else 0.0
     return {"ttft_ms": ((first or end) - start) * 1000, "e2e_ms": (end - start) * 1000,
-            "tokens": usage["completion_tokens"],
-            "queue_ms": max(0.0, timings["ttft_ms"] - prefill_ms),
+            "tokens": usage["completion_tokens"], "queue_ms": timings["queue_ms"],
             "server_ttft_ms": timings["ttft_ms"]}
 
 
-async def mlx_lm_one(client: httpx.AsyncClient, url: str, text: str, max_tokens: int) -> dict:
+async def mlx_lm_one(client: httpx.AsyncClient, url: str, model: str, text: str,
+                     max_tokens: int) -> dict:
     body = {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
             "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
@@ -147,15 +164,16 @@ async def mlx_lm_one(client: httpx.AsyncClient, url: str, text: str, max_tokens:
             "server_ttft_ms": None}
 
 
-async def run_level(one, client: httpx.AsyncClient, url: str, concurrency: int,
-                    requests: int, max_tokens: int) -> dict:
-    """`requests` requests, at most `concurrency` in flight (each client takes the next)."""
-    todo = iter(range(requests))
+async def run_level(one, client: httpx.AsyncClient, url: str, model: BenchModel,
+                    concurrency: int) -> dict:
+    """`model.requests` requests, at most `concurrency` in flight (each client takes the next)."""
+    todo = iter(range(model.requests))
     results: list[dict] = []
 
     async def worker() -> None:
         for i in todo:
-            results.append(await one(client, url, PROMPTS[i % len(PROMPTS)], max_tokens))
+            results.append(await one(client, url, model.name, PROMPTS[i % len(PROMPTS)],
+                                     model.max_tokens))
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -171,66 +189,86 @@ async def run_level(one, client: httpx.AsyncClient, url: str, concurrency: int,
             "tokens": sum(r["tokens"] for r in results)}
 
 
-async def bench_server(one, url: str, headers: dict, levels: list[int], requests: int,
-                       max_tokens: int) -> dict[int, dict]:
+async def bench_server(one, url: str, headers: dict, levels: list[int],
+                       model: BenchModel) -> dict[int, dict]:
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    async with httpx.AsyncClient(headers=headers, timeout=300, limits=limits) as client:
+    async with httpx.AsyncClient(headers=headers, timeout=600, limits=limits) as client:
         for text in PROMPTS[:2]:  # warm-up: loads the model, compiles; not counted
-            await one(client, url, text, max_tokens)
+            await one(client, url, model.name, text, model.max_tokens)
         out = {}
         for n in levels:
-            out[n] = await run_level(one, client, url, n, requests, max_tokens)
-            print(json.dumps({"url": url, "concurrency": n, **out[n]}), flush=True)
+            out[n] = await run_level(one, client, url, model, n)
+            print(json.dumps({"url": url, "model": model.name, "concurrency": n, **out[n]}),
+                  flush=True)
         return out
 
 
-async def status_latency(url: str, headers: dict, polls: int) -> dict:
-    async with httpx.AsyncClient(headers=headers, timeout=60) as client:
-        async def poll() -> float:
+def keep_streams_running(url: str, headers: dict, streams: int, ready, stop) -> None:
+    """In a process of its own: `streams` demo streams at once, each slot starting its next
+    stream (temperature 1, seeded, up to 512 tokens) when the last ends, until `stop` is set."""
+    async def run() -> None:
+        async with httpx.AsyncClient(headers=headers, timeout=600) as client:
+            started = 0
+
+            async def slot() -> None:
+                nonlocal started
+                while not stop.is_set():
+                    started += 1
+                    await ours_one(client, url, "demo", PROMPTS[started % len(PROMPTS)], 512,
+                                   1.0, started)
+                    ready.set()
+
+            await asyncio.gather(*(slot() for _ in range(streams)))
+
+    asyncio.run(run())
+
+
+def status_latency(url: str, headers: dict, polls: int) -> dict:
+    with httpx.Client(headers=headers, timeout=60) as client:
+        def poll() -> float:
             start = time.perf_counter()
-            response = await client.get(url + "mlx/api/status")
-            response.raise_for_status()
+            client.get(url + "mlx/api/status").raise_for_status()
             return (time.perf_counter() - start) * 1000
 
         for _ in range(5):
-            await poll()
-        idle = [await poll() for _ in range(polls)]
+            poll()
+        idle = [poll() for _ in range(polls)]
 
-        # 4 streams kept running (each slot starts its next stream when one ends, at most 50
-        # streams in all; temperature 1 with seeds, up to 512 tokens); poll meanwhile.
-        stop = asyncio.Event()
-        started = 0
-
-        async def slot() -> None:
-            nonlocal started
-            while not stop.is_set() and started < 50:
-                started += 1
-                await ours_one(client, url, PROMPTS[started % len(PROMPTS)], 512, 1.0, started)
-
-        slots = [asyncio.create_task(slot()) for _ in range(4)]
-        await asyncio.sleep(0.3)  # let them start generating
-        busy: list[float] = []
-        while not all(s.done() for s in slots) and len(busy) < polls:
-            busy.append(await poll())
-        stop.set()
-        await asyncio.gather(*slots)
+        context = multiprocessing.get_context("spawn")
+        ready, stop = context.Event(), context.Event()
+        load = context.Process(target=keep_streams_running, args=(url, headers, 4, ready, stop))
+        load.start()
+        try:
+            if not ready.wait(120):  # one stream has run end to end: all four are going
+                raise RuntimeError("the 4 streams did not start")
+            busy = []
+            for _ in range(polls):
+                busy.append(poll())
+                time.sleep(0.01)  # a poller, not a flood: 100 polls take a few seconds
+        finally:
+            stop.set()
+            load.join(120)
+            if load.is_alive():
+                load.kill()
     return {"idle": idle, "busy": busy}
 
 
-def in_process(prompts: list[str], max_tokens: int) -> list[dict]:
+def in_process(model: BenchModel) -> list[dict]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LD_PRELOAD": OPENBLAS}
-    result = subprocess.run([sys.executable, "-c", IN_PROCESS, str(DEMO_MODEL_PATH),
-                             json.dumps(prompts), str(max_tokens)],
-                            env=env, check=True, capture_output=True, text=True, timeout=600)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(model.requests)]
+    result = subprocess.run([sys.executable, "-c", IN_PROCESS, str(model.path),
+                             json.dumps(prompts), str(model.max_tokens)],
+                            env=env, check=True, capture_output=True, text=True, timeout=1200)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def start_mlx_lm_server(log_path: Path, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
+def start_mlx_lm_server(model_path: Path, log_path: Path,
+                        timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LD_PRELOAD": OPENBLAS}
     log = open(log_path, "wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlx_lm", "server", "--model", str(DEMO_MODEL_PATH),
+        [sys.executable, "-m", "mlx_lm", "server", "--model", str(model_path),
          "--host", "127.0.0.1", "--port", str(port), "--log-level", "WARNING"],
         env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
@@ -279,52 +317,8 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--levels", default="1,2,4,8", help="concurrency levels, comma-separated")
-    parser.add_argument("--requests", type=int, default=16, help="requests per level")
-    parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--status-polls", type=int, default=100)
-    args = parser.parse_args()
-    levels = [int(n) for n in args.levels.split(",")]
-    if not Path(OPENBLAS).exists():
-        sys.exit(f"{OPENBLAS} is missing: apt-get install libopenblas0-pthread")
-    began = time.perf_counter()
 
-    scratch = Path(tempfile.mkdtemp(prefix="mlx-bench-serving-"))
-    ours = theirs = status = None
-    local: list[dict] = []
-    server = mlx_server = None
-    try:
-        # 2. in-process limit first, while nothing else competes for the 2 cores.
-        local = in_process(PROMPTS, args.max_tokens)
-        print(json.dumps({"in_process": local}), flush=True)
-
-        # 1 and 4. our server.
-        server = start_server(scratch, scratch / "jupyter.log")
-        headers = {"Authorization": f"token {server.token}"}
-        ours = asyncio.run(bench_server(ours_one, server.url, headers, levels, args.requests,
-                                        args.max_tokens))
-        status = asyncio.run(status_latency(server.url, headers, args.status_polls))
-        stopped_with_children(server.process.pid, lambda: stop_server(server))
-        server = None
-
-        # 3. mlx_lm.server.
-        mlx_server, url = start_mlx_lm_server(scratch / "mlx_lm_server.log")
-        theirs = asyncio.run(bench_server(mlx_lm_one, url, {}, levels, args.requests,
-                                          args.max_tokens))
-    finally:
-        if server is not None:
-            stopped_with_children(server.process.pid, lambda: stop_server(server))
-        if mlx_server is not None:
-            stopped_with_children(mlx_server.pid, lambda: stop_process(mlx_server))
-        shutil.rmtree(scratch, ignore_errors=True)
-
-    ttft = [r["ttft_ms"] for r in local]
-    e2e = [r["e2e_ms"] for r in local]
-    tokens = sum(r["tokens"] for r in local)
-    local_tps = tokens / (sum(e2e) / 1000)
-    body = "All times in ms; tok/s = output tokens per second; ratio = ours / mlx_lm.server.\n\n"
+def level_rows(ours: dict[int, dict], theirs: dict[int, dict], levels: list[int]) -> list[list]:
     rows = []
     for n in levels:
         a, b = ours[n], theirs[n]
@@ -334,63 +328,163 @@ def main() -> None:
                      a["e2e95"], b["e2e95"], ratio(a["e2e95"], b["e2e95"]),
                      a["tps"], b["tps"], ratio(a["tps"], b["tps"]),
                      a["queue50"], a["queue95"], a["server_ttft50"]])
-    body += table(["clients", "TTFT p50 ours", "TTFT p50 mlx_lm", "ratio",
-                   "TTFT p95 ours", "TTFT p95 mlx_lm", "ratio",
-                   "e2e p50 ours", "e2e p50 mlx_lm", "ratio",
-                   "e2e p95 ours", "e2e p95 mlx_lm", "ratio",
-                   "tok/s ours", "tok/s mlx_lm", "ratio",
-                   "queue p50 ours", "queue p95 ours", "server-side TTFT p50 ours"], rows)
-    body += "\n\nOutput tokens per level: " + ", ".join(
-        f"{n} clients ours {ours[n]['tokens']} / mlx_lm.server {theirs[n]['tokens']}"
-        for n in levels) + "."
+    return rows
 
-    body += "\n\nIn-process limit, `mlx_lm.stream_generate`, one request at a time:\n\n" + table(
-        ["requests", "TTFT p50", "TTFT p95", "e2e p50", "e2e p95", "tok/s", "output tokens"],
-        [[len(local), p50(ttft), pct(ttft, 95), p50(e2e), pct(e2e, 95), local_tps, tokens]])
 
-    idle, busy = status["idle"], status["busy"]
-    body += "\n\n`GET mlx/api/status` latency (ms):\n\n" + table(
-        ["state", "samples", "p50", "p99", "max"],
-        [["idle", len(idle), p50(idle), pct(idle, 99), max(idle)],
-         ["4 streams generating", len(busy), p50(busy), pct(busy, 99),
-          max(busy) if busy else float("nan")]])
+LEVEL_HEADERS = ["clients", "TTFT p50 ours", "TTFT p50 mlx_lm", "ratio",
+                 "TTFT p95 ours", "TTFT p95 mlx_lm", "ratio",
+                 "e2e p50 ours", "e2e p50 mlx_lm", "ratio",
+                 "e2e p95 ours", "e2e p95 mlx_lm", "ratio",
+                 "tok/s ours", "tok/s mlx_lm", "ratio",
+                 "submit-to-admitted p50 ours", "p95", "server-side TTFT p50 ours"]
 
-    body += f"""
 
-How each figure is measured (demo model, {len(PROMPTS)} fixed chat prompts cycled, temperature 0,
-max_tokens {args.max_tokens}, {args.requests} requests per level, a closed loop of N clients
-each sending its next request when the last ends; 2 warm-up requests per server not counted):
+def in_process_summary(local: list[dict]) -> dict:
+    e2e = [r["e2e_ms"] for r in local]
+    tokens = sum(r["tokens"] for r in local)
+    return {"ttft50": p50([r["ttft_ms"] for r in local]),
+            "ttft95": pct([r["ttft_ms"] for r in local], 95), "e2e50": p50(e2e),
+            "e2e95": pct(e2e, 95), "tps": tokens / (sum(e2e) / 1000), "tokens": tokens}
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--levels", default="1,2,4,8", help="concurrency levels, comma-separated")
+    parser.add_argument("--models", default="demo,llama100m",
+                        help="which of demo, llama100m (comma-separated)")
+    parser.add_argument("--demo-requests", type=int, default=16, help="per level")
+    parser.add_argument("--demo-max-tokens", type=int, default=48)
+    parser.add_argument("--llama-requests", type=int, default=8, help="per level")
+    parser.add_argument("--llama-max-tokens", type=int, default=32)
+    parser.add_argument("--status-polls", type=int, default=100)
+    args = parser.parse_args()
+    levels = [int(n) for n in args.levels.split(",")]
+    wanted = args.models.split(",")
+    if unknown := set(wanted) - {"demo", "llama100m"}:
+        sys.exit(f"unknown model(s) {', '.join(sorted(unknown))}: use demo, llama100m")
+    if not Path(OPENBLAS).exists():
+        sys.exit(f"{OPENBLAS} is missing: apt-get install libopenblas0-pthread")
+    began = time.perf_counter()
+
+    scratch = Path(tempfile.mkdtemp(prefix="mlx-bench-serving-"))
+    models: list[BenchModel] = []
+    if "demo" in wanted:
+        models.append(BenchModel("demo", "demo (bundled, 1.1M parameters)", DEMO_MODEL_PATH,
+                                 args.demo_requests, args.demo_max_tokens))
+    if "llama100m" in wanted:
+        # Inside the server's root: registered folders must lie under it.
+        path = scratch / "server" / "notebooks" / "llama-100m"
+        params = build_random_llama(path, *LLAMA_100M)
+        models.append(BenchModel("llama-100m", f"random-weight Llama, {params / 1e6:.0f}M "
+                                 "parameters, fp32", path, args.llama_requests,
+                                 args.llama_max_tokens))
+    local: dict[str, dict] = {}
+    ours: dict[str, dict[int, dict]] = {}
+    theirs: dict[str, dict[int, dict]] = {}
+    status = None
+    server = mlx_server = None
+    try:
+        # 2. in-process limits first, while nothing else competes for the cores.
+        for model in models:
+            local[model.name] = in_process_summary(in_process(model))
+            print(json.dumps({"in_process": model.name, **local[model.name]}), flush=True)
+
+        # 1, 4 and 5. our server.
+        server = start_server(scratch / "server", scratch / "jupyter.log")
+        headers = {"Authorization": f"token {server.token}"}
+        for model in models:
+            if model.name != "demo":
+                httpx.post(server.url + "mlx/api/models", headers=headers, timeout=60,
+                           json={"name": model.name, "path": str(model.path)}
+                           ).raise_for_status()
+            ours[model.name] = asyncio.run(bench_server(ours_one, server.url, headers, levels,
+                                                        model))
+        if "demo" in wanted:
+            status = status_latency(server.url, headers, args.status_polls)
+        stopped_with_children(server.process.pid, lambda: stop_server(server))
+        server = None
+
+        # 3. mlx_lm.server, one per model.
+        for model in models:
+            mlx_server, url = start_mlx_lm_server(model.path, scratch / "mlx_lm_server.log")
+            theirs[model.name] = asyncio.run(bench_server(mlx_lm_one, url, {}, levels, model))
+            stopped_with_children(mlx_server.pid, lambda: stop_process(mlx_server))
+            mlx_server = None
+    finally:
+        if server is not None:
+            stopped_with_children(server.process.pid, lambda: stop_server(server))
+        if mlx_server is not None:
+            stopped_with_children(mlx_server.pid, lambda: stop_process(mlx_server))
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    body = "All times in ms; tok/s = output tokens per second; ratio = ours / other.\n\n"
+    targets = []
+    for model in models:
+        mine, other, limit = ours[model.name], theirs[model.name], local[model.name]
+        body += (f"## {model.label}\n\n{model.requests} requests per level, max_tokens "
+                 f"{model.max_tokens}. Ours vs mlx_lm.server:\n\n")
+        body += table(LEVEL_HEADERS, level_rows(mine, other, levels))
+        body += "\n\nOutput tokens per level: " + ", ".join(
+            f"{n} clients ours {mine[n]['tokens']} / mlx_lm.server {other[n]['tokens']}"
+            for n in levels) + "."
+        body += ("\n\nIn-process limit, `mlx_lm.stream_generate`, one request at a time:\n\n"
+                 + table(["requests", "TTFT p50", "TTFT p95", "e2e p50", "e2e p95", "tok/s",
+                          "output tokens"],
+                         [[model.requests, limit["ttft50"], limit["ttft95"], limit["e2e50"],
+                           limit["e2e95"], limit["tps"], limit["tokens"]]]) + "\n\n")
+        if 1 in mine:
+            share = mine[1]["tps"] / limit["tps"]
+            targets.append([f"one stream vs in-process ({model.name})", ">= 95%",
+                            f"{share:.0%} ({mine[1]['tps']:.0f} / {limit['tps']:.0f} tok/s)",
+                            "met" if share >= 0.95 else "missed"])
+        if 8 in mine:
+            times = mine[8]["tps"] / other[8]["tps"]
+            targets.append([f"8 streams vs mlx_lm.server ({model.name})", ">= 1.3x",
+                            f"{times:.2f}x ({mine[8]['tps']:.0f} / {other[8]['tps']:.0f} tok/s)",
+                            "met" if times >= 1.3 else "missed"])
+        admitted = [mine[n]["queue50"] for n in levels]
+        targets.append([f"submit-to-admitted p50 ({model.name}), worst level", "< 5 ms",
+                        f"{max(admitted):.3f} ms", "met" if max(admitted) < 5 else "missed"])
+
+    if status is not None:
+        idle, busy = status["idle"], status["busy"]
+        body += "## `GET mlx/api/status` latency (ms)\n\n" + table(
+            ["state", "samples", "p50", "p99", "max"],
+            [["idle", len(idle), p50(idle), pct(idle, 99), max(idle)],
+             ["4 demo streams generating", len(busy), p50(busy), pct(busy, 99), max(busy)]])
+        targets.append(["GET status p99 under 4 streams", "< 10 ms",
+                        f"{pct(busy, 99):.1f} ms", "met" if pct(busy, 99) < 10 else "missed"])
+        body += "\n\n"
+
+    body = ("## Targets\n\n" + table(["what", "target", "measured", ""], targets) + "\n\n"
+            + body)
+    body += f"""## How each figure is measured
+
+- Prompts: {len(PROMPTS)} fixed chat prompts cycled, temperature 0; a closed loop of N clients,
+  each sending its next request when its last one ends; 2 warm-up requests per server and
+  model not counted.
 - TTFT and e2e are client-side: from sending the POST to the first non-empty text piece, and to
   the end of the stream (our NDJSON `done` line; mlx_lm.server's `data: [DONE]`). p50 is the
   median, p95/p99 nearest-rank.
 - tok/s for the servers: all output tokens of a level (our `usage.completion_tokens`;
   mlx_lm.server's streamed `usage`, `stream_options.include_usage`) divided by the level's wall
   time. In-process: all tokens over the sum of the one-at-a-time generation times (a model
-  loaded in this process, no HTTP; one warm-up call not counted); TTFT there is from calling
-  `stream_generate` (chat template already applied) to its first response.
-- server-side TTFT (ours): `timings.ttft_ms` from the `done` line, request submitted to the
-  queue to first text; client TTFT minus it is the HTTP handler's own time before submitting
-  (parsing, the history write) plus the network hop.
-- queue (ours): the server's own `timings.ttft_ms` (submission to first text) minus the worker's
-  prefill time, `usage.prompt_tokens / timings.prompt_tokens_per_second` (the worker measures
-  admission to first token). So it is the wait in the priority queue and in the worker's
-  waiting list plus IPC -- an approximation.
+  loaded in that process, no HTTP, chat template applied beforehand; one warm-up call not
+  counted). "One stream vs in-process" divides ours at 1 client by that.
+- submit-to-admitted (ours): the server's `timings.queue_ms`, from `InferenceQueue.submit` to
+  admission into the model's batch. Every level here has free capacity (max_batch_size 8).
+- server-side TTFT (ours): `timings.ttft_ms`, submission to the first text; the client's TTFT
+  minus it is HTTP, Jupyter's authentication and request parsing.
 - Output lengths may differ between the servers (greedy decoding, but different batching
-  numerics and stop handling), which the tok/s figures account for and e2e does not.
-- status latency: sequential GETs from one client, {args.status_polls} while idle, then as many
-  as fit (at most {args.status_polls}) while 4 streams of up to 512 tokens (temperature 1,
-  seeded; a slot starts a new stream when its last one ends, at most 50 in all) run on the same
-  server.
-- Nothing queued in our server's priority queue at these levels (max_batch_size 8 >= clients),
-  so queue is ~0: the worker's own "prefill" time runs from admission into its batch to the
-  first token and so already includes waiting for the batch's current step; negative
-  differences (IPC, rounding) are clamped to 0.
-- Both servers run workers with OpenBLAS preloaded (ours by its `preload_openblas` setting);
-  the client runs in the same 2-core machine, so it competes with the servers for CPU.
+  numerics and stop handling), which the tok/s figures account for and e2e does not. The random
+  Llama never stops early, so all its requests run to max_tokens.
+- Status latency: sequential GETs from a client in this process, {args.status_polls} while idle,
+  then {args.status_polls} (10 ms apart) while another process keeps 4 demo streams of up to 512
+  tokens (temperature 1, seeded) running on the same server.
+- Both servers run workers with OpenBLAS preloaded (ours by its `preload_openblas` setting); the
+  clients run on the same 2-core machine and compete with the servers for CPU.
 - Small samples on 2 shared cores: repeated runs differ by tens of percent (tok/s, p50s) and
-  p95s are set by one or two requests; read the ratios as rough. Anything else running on the
-  machine (e.g. a test suite) skews them further.
+  p95s/p99s are set by one or two requests; read the ratios as rough.
 - Total benchmark wall time: {time.perf_counter() - began:.0f} s.
 """
     save("serving", "Serving under concurrency: ours vs mlx_lm.server vs in-process", body,
