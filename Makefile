@@ -41,6 +41,7 @@ bench: setup
 	$(PYTHON) benchmarks/bench_generate.py
 	$(PYTHON) benchmarks/bench_store.py --postgres temp
 	$(PYTHON) benchmarks/bench_models.py
+	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/bench_serving.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
