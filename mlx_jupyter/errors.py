@@ -9,10 +9,15 @@ class MlxJupyterError(Exception):
     """Base of every error the services raise on purpose."""
 
     status = 500
+    param: str | None = None  # the request field at fault, when there is one
 
 
 class InvalidRequest(MlxJupyterError):
     status = 400
+
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class ModelNotFound(MlxJupyterError):
@@ -22,6 +27,7 @@ class ModelNotFound(MlxJupyterError):
         names = ", ".join(sorted(available)) or "none"
         super().__init__(f"unknown model {name!r}; available models: {names}")
         self.name = name
+        self.param = "model"
 
 
 class WorkerError(MlxJupyterError):

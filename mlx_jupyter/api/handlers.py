@@ -19,6 +19,7 @@ from tornado.iostream import StreamClosedError
 from .._version import __version__
 from ..errors import MlxJupyterError
 from ..queue import Generation
+from .openapi import document, operation
 from .schemas import (
     ForgetQuery,
     GenerateRequest,
@@ -53,7 +54,7 @@ def maps_errors(method: Callable[..., Awaitable[None]]) -> Callable[..., Awaitab
             self.set_status(exc.status)
             if retry_after := getattr(exc, "retry_after", None):
                 self.set_header("Retry-After", str(retry_after))
-            self.write_json({"message": str(exc), "reason": type(exc).__name__})
+            self.write_json(self.error_body(exc))
 
     return wrapper
 
@@ -86,37 +87,72 @@ class MlxHandler(ExtensionHandlerMixin, APIHandler):
         self.set_header("Content-Type", "application/json")
         self.finish(to_json(payload))
 
+    def error_body(self, exc: MlxJupyterError) -> dict[str, Any]:
+        return {"message": str(exc), "reason": type(exc).__name__}
+
+
+class OpenAPIHandler(MlxHandler):
+    @operation("This document: every mlx route, OpenAPI 3.1", tag="status")
+    @endpoint
+    async def get(self) -> None:
+        from .routes import ROUTES  # the route table imports this module
+
+        self.write_json(document(ROUTES, base_url=self.base_url))
+
 
 class StatusHandler(MlxHandler):
+    @operation("Version, memory, loaded models and queue counts", tag="status")
     @endpoint
     async def get(self) -> None:
         self.write_json({"version": __version__, **self.manager.get_system_status(),
                          "queue": self.queue.summary()})
 
 
-class GenerateHandler(MlxHandler):
+class NdjsonRenderer:
+    """Our own answer shapes: one JSON object, or NDJSON events, the last with done: true."""
+
+    content_type = "application/x-ndjson"
+
+    def bind(self, generation: Generation) -> None:
+        pass  # events carry the request id themselves
+
+    def whole(self, result: dict[str, Any]) -> dict[str, Any]:
+        return result
+
+    def event(self, event: dict[str, Any]) -> str:
+        return to_json(event) + "\n"
+
+    def error(self, generation: Generation, exc: MlxJupyterError) -> str:
+        return to_json({"done": True, "request_id": generation.id, "finish_reason": "error",
+                        "error": str(exc)}) + "\n"
+
+    def end(self) -> str:
+        return ""
+
+
+class GenerationHandler(MlxHandler):
+    """A route that generates: submits to the queue, waits for its turn, answers whole or
+    streamed through a renderer (our NDJSON, or OpenAI's shapes). A client that disconnects
+    cancels its request."""
+
     _generation: Generation | None = None
 
-    @endpoint
-    async def post(self) -> None:
-        request = parse_body(GenerateRequest, self.request.body)
-        self._generation = await self.queue.submit(
-            request.queue_params(), notebook=request.notebook, priority=request.priority,
-            timeout=request.timeout, background=request.background)
-        if request.background:
-            self.set_status(202)
-            self.write_json({"request_id": self._generation.id, "status": "queued"})
-            return
+    async def generate(self, params: dict[str, Any], renderer: Any, *, stream: bool,
+                       notebook: str | None = None, priority: int = 0,
+                       timeout: float | None = None) -> None:
+        self._generation = await self.queue.submit(params, notebook=notebook,
+                                                   priority=priority, timeout=timeout)
+        self.set_header("X-Request-Id", self._generation.id)
+        renderer.bind(self._generation)
         await self._generation.start()
-        if request.stream:
-            await self._stream(self._generation)
+        if stream:
+            await self._stream(self._generation, renderer)
         else:
-            self.write_json(await self._generation.result())
+            self.write_json(renderer.whole(await self._generation.result()))
 
-    async def _stream(self, generation: Generation) -> None:
-        self.set_header("Content-Type", "application/x-ndjson")
+    async def _stream(self, generation: Generation, renderer: Any) -> None:
+        self.set_header("Content-Type", renderer.content_type)
         self.set_header("Cache-Control", "no-cache")
-        self.set_header("X-Request-Id", generation.id)
         # Each token is a small write: without TCP_NODELAY, Nagle's algorithm holds it until
         # the client acknowledges the last one (tens of ms with delayed ACKs).
         self.request.connection.stream.set_nodelay(True)
@@ -124,15 +160,14 @@ class GenerateHandler(MlxHandler):
             await self.flush()  # the headers, with the request id, before the first token
             async with contextlib.aclosing(generation.events()) as events:
                 async for event in events:
-                    self.write(to_json(event) + "\n")
+                    self.write(renderer.event(event))
                     await self.flush()
         except MlxJupyterError as exc:
             # The status line is gone already: the error travels as the last event.
-            self.write(json.dumps({"done": True, "request_id": generation.id,
-                                   "finish_reason": "error", "error": str(exc)}) + "\n")
+            self.write(renderer.error(generation, exc))
         except StreamClosedError:
             return  # the client went away; closing the events cancelled the request
-        self.finish()
+        self.finish(renderer.end())
 
     def on_connection_close(self) -> None:
         # A client that disconnects while its request waits for a token: cancel it now, not
@@ -141,17 +176,41 @@ class GenerateHandler(MlxHandler):
             tornado.ioloop.IOLoop.current().add_callback(self._generation.cancel)
 
 
+class GenerateHandler(GenerationHandler):
+    @operation("Generate text: whole, streamed as NDJSON, or as a background job", tag="generate",
+               body=GenerateRequest,
+               answer="the answer (stream false); 202 with the request id for a background job",
+               streams={"application/x-ndjson": "stream true: text events, the last done"},
+               errors=(404, 409, 429, 503))
+    @endpoint
+    async def post(self) -> None:
+        request = parse_body(GenerateRequest, self.request.body)
+        if request.background:
+            generation = await self.queue.submit(
+                request.queue_params(), notebook=request.notebook, priority=request.priority,
+                timeout=request.timeout, background=True)
+            self.set_status(202)
+            self.write_json({"request_id": generation.id, "status": "queued"})
+            return
+        await self.generate(request.queue_params(), NdjsonRenderer(), stream=request.stream,
+                            notebook=request.notebook, priority=request.priority,
+                            timeout=request.timeout)
+
+
 class SettingsHandler(MlxHandler):
+    @operation("Every setting: value, default, type, description", tag="settings")
     @endpoint
     async def get(self) -> None:
         self.write_json({"settings": await self.store.settings()})
 
 
 class SettingHandler(MlxHandler):
+    @operation("One setting", tag="settings", errors=(404,))
     @endpoint
     async def get(self, key: str) -> None:
         self.write_json(await self.store.setting(key))
 
+    @operation("Change one setting", tag="settings", body=SettingValue, errors=(404,))
     @endpoint
     async def put(self, key: str) -> None:
         body = parse_body(SettingValue, self.request.body)
@@ -159,12 +218,14 @@ class SettingHandler(MlxHandler):
 
 
 class DatabaseHandler(MlxHandler):
+    @operation("The database: dialect, pool, pragmas, revision, size, row counts", tag="status")
     @endpoint
     async def get(self) -> None:
         self.write_json(await self.store.database_info())
 
 
 class RequestsHandler(MlxHandler):
+    @operation("The history of requests, newest first", tag="requests", query=HistoryQuery)
     @endpoint
     async def get(self) -> None:
         query = parse_query(HistoryQuery, self.request.query_arguments)
@@ -174,26 +235,33 @@ class RequestsHandler(MlxHandler):
 
 
 class RequestHandler(MlxHandler):
+    @operation("One request with its prompt, parameters, output and times", tag="requests",
+               errors=(404,))
     @endpoint
     async def get(self, request_id: str) -> None:
         self.write_json(await self.store.get_request(request_id))
 
+    @operation("Cancel a queued or running request", tag="requests", errors=(404, 409))
     @endpoint
     async def delete(self, request_id: str) -> None:
         self.write_json(await self.queue.cancel(request_id))
 
 
 class QueueHandler(MlxHandler):
+    @operation("Active and waiting requests per model, with positions and ETAs", tag="requests")
     @endpoint
     async def get(self) -> None:
         self.write_json(self.queue.snapshot())
 
 
 class ModelsHandler(MlxHandler):
+    @operation("Every known model with its status and memory estimate", tag="models")
     @endpoint
     async def get(self) -> None:
         self.write_json({"models": await self.models.list()})
 
+    @operation("Register a model folder under a name", tag="models", body=RegisterModel, ok=201,
+               errors=(409,))
     @endpoint
     async def post(self) -> None:
         body = parse_body(RegisterModel, self.request.body)
@@ -202,10 +270,13 @@ class ModelsHandler(MlxHandler):
 
 
 class ModelHandler(MlxHandler):
+    @operation("One model", tag="models", errors=(404,))
     @endpoint
     async def get(self, name: str) -> None:
         self.write_json(await self.models.get(name))
 
+    @operation("Forget a registered model (optionally deleting its files)", tag="models",
+               query=ForgetQuery, errors=(404, 409))
     @endpoint
     async def delete(self, name: str) -> None:
         query = parse_query(ForgetQuery, self.request.query_arguments)
@@ -215,6 +286,7 @@ class ModelHandler(MlxHandler):
 class ModelActionHandler(MlxHandler):
     """POST models/{name}/load | unload | pin | unpin."""
 
+    @operation("Load, unload, pin or unpin a model", tag="models", errors=(404, 409, 503))
     @endpoint
     async def post(self, name: str, action: str) -> None:
         if action in ("pin", "unpin"):

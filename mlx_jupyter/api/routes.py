@@ -6,6 +6,7 @@ from .handlers import (
     ModelActionHandler,
     ModelHandler,
     ModelsHandler,
+    OpenAPIHandler,
     QueueHandler,
     RequestHandler,
     RequestsHandler,
@@ -13,11 +14,19 @@ from .handlers import (
     SettingsHandler,
     StatusHandler,
 )
+from .openai_handlers import (
+    ChatCompletionsHandler,
+    CompletionsHandler,
+    ModelsV1Handler,
+    ModelV1Handler,
+)
 
 API = r"mlx/api"
+V1 = r"mlx/v1"
 
 ROUTES = [
     (rf"{API}/status", StatusHandler),
+    (rf"{API}/openapi.json", OpenAPIHandler),
     (rf"{API}/generate", GenerateHandler),
     (rf"{API}/models", ModelsHandler),
     # Names may hold one "/" (Hugging Face repo ids such as mlx-community/Llama-3.2-1B).
@@ -30,4 +39,8 @@ ROUTES = [
     (rf"{API}/queue", QueueHandler),
     (rf"{API}/requests", RequestsHandler),
     (rf"{API}/requests/(?P<request_id>[A-Za-z0-9_-]+)", RequestHandler),
+    (rf"{V1}/models", ModelsV1Handler),
+    (rf"{V1}/models/(?P<name>[^/]+(?:/[^/]+)?)", ModelV1Handler),
+    (rf"{V1}/chat/completions", ChatCompletionsHandler),
+    (rf"{V1}/completions", CompletionsHandler),
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -14,6 +14,9 @@ MAX_PROMPT_CHARS = 1_000_000
 class _Body(BaseModel):
     # strict: "5" is not a number and true is not 1; extra: a misspelt field is an error.
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+BodyT = TypeVar("BodyT", bound=BaseModel)
 
 
 class ChatMessage(_Body):
@@ -79,21 +82,27 @@ class SettingValue(_Body):
     value: Any
 
 
-def parse_body(schema: type[_Body], body: bytes) -> _Body:
+def parse_body(schema: type[BodyT], body: bytes) -> BodyT:
     """Validates a JSON body, turning pydantic's report into one line per problem."""
     try:
         return schema.model_validate_json(body or b"")
     except ValidationError as exc:
-        raise InvalidRequest("; ".join(_describe(error) for error in exc.errors())) from None
+        raise _invalid(exc) from None
 
 
-def parse_query(schema: type[_Body], arguments: dict[str, list[bytes]]) -> _Body:
+def parse_query(schema: type[BodyT], arguments: dict[str, list[bytes]]) -> BodyT:
     """Validates query arguments (the last value of each wins)."""
     values = {key: raw[-1].decode(errors="replace") for key, raw in arguments.items()}
     try:
         return schema.model_validate(values)
     except ValidationError as exc:
-        raise InvalidRequest("; ".join(_describe(error) for error in exc.errors())) from None
+        raise _invalid(exc) from None
+
+
+def _invalid(exc: ValidationError) -> InvalidRequest:
+    errors = exc.errors()
+    first = ".".join(str(part) for part in errors[0]["loc"]) if errors else ""
+    return InvalidRequest("; ".join(_describe(error) for error in errors), param=first or None)
 
 
 def _describe(error: dict) -> str:

@@ -98,5 +98,6 @@ class ModelService:
                 "budget_bytes": (estimate + self.manager.limits.worker_base_bytes
                                  if estimate is not None else None),
                 "use_count": row.get("use_count", 0),
+                "registered_at": row.get("created_at"),
                 "last_used_at": state["last_used_at"] or row.get("last_used_at"),
                 "error": state["error"] or row.get("last_error")}

@@ -1,0 +1,273 @@
+"""OpenAI's shapes for the /v1 routes: request bodies, answers, stream chunks and errors.
+
+Only shapes live here; the /v1 handlers (`openai_handlers`) run requests through the same queue
+as every other generation. Fields OpenAI defines that have no meaning here are accepted at their
+neutral value (what a client sends when it does not use them) and refused otherwise, naming
+the field, so a client never silently gets something other than what it asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .._version import __version__
+from ..errors import MlxJupyterError
+from .schemas import MAX_PROMPT_CHARS
+
+# Finish reasons of our own that OpenAI does not define keep their names ("cancelled",
+# "timeout"): clients treat an unknown reason as the end of the answer.
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+               403: "permission_error", 404: "not_found_error", 409: "conflict_error",
+               429: "rate_limit_error"}
+ERROR_CODES = {"ModelNotFound": "model_not_found", "QueueFull": "rate_limit_exceeded",
+               "InvalidRequest": "invalid_request", "ModelDoesNotFit": "model_does_not_fit",
+               "WorkerError": "worker_unavailable"}
+
+
+class _OpenAIBody(BaseModel):
+    # Not strict: OpenAI's clients send 1 for 1.0. Unknown fields are still errors.
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_OpenAIBody):
+    type: Literal["text"]
+    text: str = Field(max_length=MAX_PROMPT_CHARS)
+
+
+class Message(_OpenAIBody):
+    # "developer" is OpenAI's newer name for "system".
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] = Field(max_length=MAX_PROMPT_CHARS)
+    name: str | None = Field(None, max_length=256)  # accepted; chat templates do not use it
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+    def for_queue(self) -> dict[str, str]:
+        return {"role": "system" if self.role == "developer" else self.role,
+                "content": self.text()}
+
+
+class StreamOptions(_OpenAIBody):
+    include_usage: bool = False
+
+
+class _Completion(_OpenAIBody):
+    """What chat and text completions share."""
+
+    model: str | None = Field(None, min_length=1, max_length=256)
+    max_tokens: int | None = Field(None, ge=1, le=32768)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=4096)  # recorded as the request's notebook
+    n: int | None = 1
+    priority: int = Field(0, ge=-1000, le=1000)  # our extension: higher first
+    # Accepted at their neutral values only.
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: Any = None
+    top_logprobs: int | None = None
+    metadata: dict[str, str] | None = None  # accepted and ignored
+    store: bool | None = None  # accepted and ignored: everything is recorded anyway
+    service_tier: str | None = None  # accepted and ignored
+
+    NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "frequency_penalty": (None, 0), "presence_penalty": (None, 0),
+        "logit_bias": (None, {}), "logprobs": (None, False, 0), "top_logprobs": (None, 0)}
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
+            raise ValueError("only n=1 is supported: one choice per request")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value: str | list[str] | None) -> list[str]:
+        stops = [] if value is None else [value] if isinstance(value, str) else value
+        if len(stops) > 16:
+            raise ValueError("at most 16 stop strings")
+        if any(not stop for stop in stops):
+            raise ValueError("stop strings must not be empty")
+        return stops
+
+    @model_validator(mode="after")
+    def _neutral_values(self) -> _Completion:
+        for name, allowed in self.NEUTRAL.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} is not supported here; leave it out")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def sampling(self) -> dict[str, Any]:
+        return {"model": self.model, "max_tokens": self.max_tokens,
+                "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
+                "stop": self.stop}
+
+
+class ChatCompletionRequest(_Completion):
+    messages: list[Message] = Field(min_length=1, max_length=1000)
+    max_completion_tokens: int | None = Field(None, ge=1, le=32768)
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None  # accepted and ignored
+
+    NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {
+        **_Completion.NEUTRAL, "tools": (None, []), "tool_choice": (None, "none")}
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type") != "text":
+            raise ValueError("only response_format {\"type\": \"text\"} is supported")
+        return value
+
+    def queue_params(self) -> dict[str, Any]:
+        params = self.sampling()
+        if self.max_completion_tokens is not None:
+            params["max_tokens"] = self.max_completion_tokens
+        return {**params, "messages": [message.for_queue() for message in self.messages]}
+
+
+class CompletionRequest(_Completion):
+    prompt: str | list[str] = Field(max_length=MAX_PROMPT_CHARS)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {
+        **_Completion.NEUTRAL, "echo": (False,), "suffix": (None, ""), "best_of": (None, 1)}
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str:
+        if isinstance(value, list):
+            if len(value) != 1:
+                raise ValueError("give one prompt: a string, or a list of exactly one string")
+            value = value[0]
+        return value
+
+    def queue_params(self) -> dict[str, Any]:
+        return {**self.sampling(), "prompt": self.prompt}
+
+
+# -- answers ------------------------------------------------------------------------------
+
+
+def usage(counts: dict[str, int]) -> dict[str, Any]:
+    prompt, completion = counts.get("prompt_tokens", 0), counts.get("completion_tokens", 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": counts.get("cached_tokens", 0)}}
+
+
+class _Renderer:
+    """Answers of one request, whole or as server-sent events ending with [DONE]."""
+
+    content_type = "text/event-stream"
+    object_name = ""
+    id_prefix = ""
+
+    def __init__(self, include_usage: bool = False):
+        self.include_usage = include_usage
+        self.created = int(time.time())
+        self.request_id = self.model = ""
+
+    def bind(self, generation: Any) -> None:
+        """The request being answered: its id and model name go into every chunk."""
+        self.request_id, self.model = generation.id, generation.model
+
+    # What differs between chat and text completions.
+    def choice(self, text: str | None, finish_reason: str | None, *, whole: bool) -> dict:
+        raise NotImplementedError
+
+    def whole(self, result: dict[str, Any]) -> dict[str, Any]:
+        return {**self._head(result["request_id"], result["model"], chunk=False),
+                "choices": [self.choice(result["text"], result["finish_reason"], whole=True)],
+                "usage": usage(result["usage"])}
+
+    def event(self, event: dict[str, Any]) -> str:
+        head = self._head(self.request_id, self.model)
+        if "text" in event:
+            return self._sse({**head, "choices": [self.choice(event["text"], None,
+                                                               whole=False)]})
+        out = self._sse({**head, "choices": [self.choice(None, event["finish_reason"],
+                                                          whole=False)]})
+        if self.include_usage:  # OpenAI's last chunk: no choices, the usage
+            out += self._sse({**head, "choices": [], "usage": usage(event["usage"])})
+        return out
+
+    def error(self, generation: Any, exc: MlxJupyterError) -> str:
+        return self._sse(error_body(exc.status, str(exc), type(exc).__name__, exc.param))
+
+    def end(self) -> str:
+        return "data: [DONE]\n\n"
+
+    chunk_object_name = ""
+
+    def _head(self, request_id: str, model: str, *, chunk: bool = True) -> dict:
+        return {"id": f"{self.id_prefix}-{request_id}",
+                "object": self.chunk_object_name if chunk else self.object_name,
+                "created": self.created, "model": model,
+                "system_fingerprint": f"mlx-jupyter-{__version__}"}
+
+    @staticmethod
+    def _sse(payload: dict[str, Any]) -> str:
+        return f"data: {json.dumps(payload)}\n\n"
+
+
+class ChatRenderer(_Renderer):
+    object_name = "chat.completion"
+    chunk_object_name = "chat.completion.chunk"
+    id_prefix = "chatcmpl"
+    _sent_role = False
+
+    def choice(self, text: str | None, finish_reason: str | None, *, whole: bool) -> dict:
+        if whole:
+            return {"index": 0, "message": {"role": "assistant", "content": text},
+                    "finish_reason": finish_reason, "logprobs": None}
+        delta: dict[str, Any] = {}
+        if not self._sent_role:  # OpenAI's first delta names the role
+            delta["role"] = "assistant"
+            self._sent_role = True
+        if text is not None:
+            delta["content"] = text
+        return {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+
+
+class CompletionRenderer(_Renderer):
+    object_name = chunk_object_name = "text_completion"
+    id_prefix = "cmpl"
+
+    def choice(self, text: str | None, finish_reason: str | None, *, whole: bool) -> dict:
+        return {"index": 0, "text": text or "", "finish_reason": finish_reason,
+                "logprobs": None}
+
+
+def error_body(status: int, message: str, reason: str | None = None,
+               param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape."""
+    return {"error": {"message": message,
+                      "type": ERROR_TYPES.get(status, "server_error" if status >= 500
+                                              else "invalid_request_error"),
+                      "param": param, "code": ERROR_CODES.get(reason or "", None)}}
+
+
+def model_entry(name: str, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "mlx-jupyter"}
