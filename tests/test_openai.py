@@ -166,3 +166,19 @@ def test_a_client_that_disconnects_cancels_its_streamed_completion(live_server):
         os.kill(model["pid"], signal.SIGCONT)
     row = history_row(live_server, request_id)
     assert row["status"] == "cancelled" and row["finished_at"] is not None
+
+
+def test_a_worker_that_dies_mid_stream_ends_the_stream_with_an_openai_error(client,
+                                                                               live_server):
+    client.completions.create(model="demo", prompt="warm", max_tokens=1)  # loaded
+    [model] = [m for m in live_server.get("mlx/api/status").json()["models"]["loaded"]
+               if m["name"] == "demo"]
+    stream = client.completions.create(model="demo", prompt="The sea", max_tokens=4000,
+                                       temperature=1, seed=2, stream=True)
+    with pytest.raises(openai.APIError) as died:
+        for number, _chunk in enumerate(stream):
+            if number == 0:
+                os.kill(model["pid"], signal.SIGKILL)
+    assert "worker" in died.value.message and died.value.body["type"] == "server_error"
+    # The next request starts a fresh worker.
+    assert client.completions.create(model="demo", prompt="again", max_tokens=2).choices
