@@ -124,7 +124,7 @@ def test_unknown_fields_models_and_bodies_are_refused_in_openai_shape(client, li
     with pytest.raises(openai.NotFoundError) as missing:
         client.completions.create(model="no-such-model", prompt="x")
     assert missing.value.body == {"message": missing.value.body["message"],
-                                  "type": "not_found_error", "param": "model",
+                                  "type": "invalid_request_error", "param": "model",
                                   "code": "model_not_found"}
     broken = httpx.post(live_server.url + "mlx/v1/chat/completions", content=b"{not json",
                         headers={"Authorization": f"Bearer {live_server.token}"})

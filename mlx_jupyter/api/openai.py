@@ -20,9 +20,8 @@ from .schemas import MAX_PROMPT_CHARS
 
 # Finish reasons of our own that OpenAI does not define keep their names ("cancelled",
 # "timeout"): clients treat an unknown reason as the end of the answer.
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-               403: "permission_error", 404: "not_found_error", 409: "conflict_error",
-               429: "rate_limit_error"}
+# OpenAI's error types: every other 4xx is an "invalid_request_error", a 5xx a "server_error".
+ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
 ERROR_CODES = {"ModelNotFound": "model_not_found", "QueueFull": "rate_limit_exceeded",
                "InvalidRequest": "invalid_request", "ModelDoesNotFit": "model_does_not_fit",
                "WorkerError": "worker_unavailable"}
