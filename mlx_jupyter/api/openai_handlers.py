@@ -72,28 +72,37 @@ class ModelV1Handler(OpenAIHandler):
         self.write_json(model_entry(model["name"], _created(model)))
 
 
-class ChatCompletionsHandler(OpenAIHandler, GenerationHandler):
+class _CompletionHandler(OpenAIHandler, GenerationHandler):
+    """Chat and text completions: the same flow with their own body and answer shapes."""
+
+    schema: type[ChatCompletionRequest] | type[CompletionRequest]
+    renderer: type[ChatRenderer] | type[CompletionRenderer]
+
+    async def complete(self) -> None:
+        request = parse_body(self.schema, self.request.body)
+        await self.generate(request.queue_params(), self.renderer(request.include_usage),
+                            stream=request.stream, notebook=request.user,
+                            priority=request.priority)
+
+
+class ChatCompletionsHandler(_CompletionHandler):
+    schema, renderer = ChatCompletionRequest, ChatRenderer
+
     @operation("OpenAI: chat completion", tag="openai", body=ChatCompletionRequest,
-               streams=SSE,
-               errors=(404, 409, 429, 503))
+               streams=SSE, errors=(404, 409, 429, 503))
     @endpoint
     async def post(self) -> None:
-        request = parse_body(ChatCompletionRequest, self.request.body)
-        await self.generate(request.queue_params(), ChatRenderer(request.include_usage),
-                            stream=request.stream, notebook=request.user,
-                            priority=request.priority)
+        await self.complete()
 
 
-class CompletionsHandler(OpenAIHandler, GenerationHandler):
+class CompletionsHandler(_CompletionHandler):
+    schema, renderer = CompletionRequest, CompletionRenderer
+
     @operation("OpenAI: text completion", tag="openai", body=CompletionRequest,
-               streams=SSE,
-               errors=(404, 409, 429, 503))
+               streams=SSE, errors=(404, 409, 429, 503))
     @endpoint
     async def post(self) -> None:
-        request = parse_body(CompletionRequest, self.request.body)
-        await self.generate(request.queue_params(), CompletionRenderer(request.include_usage),
-                            stream=request.stream, notebook=request.user,
-                            priority=request.priority)
+        await self.complete()
 
 
 def _created(model: dict[str, Any]) -> int:
