@@ -18,6 +18,7 @@ from traitlets import Bool, Dict, Float, Int, List, TraitError, Unicode, Union, 
 from ._version import __version__
 from .api.routes import ROUTES
 from .engine.proxy import worker_environment
+from .metrics import Metrics
 from .models.manager import Limits, ModelManager, WorkerSettings
 from .models.memory import (
     KIND_OVERHEADS,
@@ -140,6 +141,7 @@ class MlxApp(ExtensionApp):
         self.store = self._open_store()
         self.pool = BlockingPool(self.thread_pool_workers)
         store_service = StoreService(self.store, self.pool)
+        metrics = Metrics()
         limits = Limits(budget_bytes=budget_bytes(self.memory_budget, system_memory().total),
                         max_loaded_models=self.max_loaded_models,
                         worker_base_bytes=self.worker_base_memory,
@@ -150,13 +152,16 @@ class MlxApp(ExtensionApp):
                                      stop_timeout=self.worker_stop_timeout,
                                      max_batch_size=self.max_batch_size,
                                      prompt_cache_bytes=self.prompt_cache_bytes),
-            limits, run_blocking=self.pool.run, on_status=store_service.record_model_status)
+            limits, run_blocking=self.pool.run, on_status=store_service.record_model_status,
+            metrics=metrics)
         models = ModelService(registry, self.manager, store_service, self.pool)
         models.restore()
         self.queue = InferenceQueue(self.manager, store_service,
                                     max_active_per_model=self.max_batch_size,
                                     max_queued=self.max_queued_requests,
-                                    aging_seconds=self.priority_aging_seconds)
+                                    aging_seconds=self.priority_aging_seconds,
+                                    metrics=metrics)
+        metrics.watch(queue=self.queue, manager=self.manager, engine=self.store.engine)
         jobs, interrupted = self.store.recover_unfinished()
         if interrupted:
             self.log.warning("mlx_jupyter: %d request(s) were unfinished when the server last "
@@ -166,7 +171,8 @@ class MlxApp(ExtensionApp):
         self.settings.update({"mlx_jupyter.manager": self.manager,
                               "mlx_jupyter.queue": self.queue,
                               "mlx_jupyter.models": models,
-                              "mlx_jupyter.store": store_service})
+                              "mlx_jupyter.store": store_service,
+                              "mlx_jupyter.metrics": metrics})
 
     def _open_store(self) -> Store:
         """Opens the database, migrating it, before the server takes requests."""

@@ -22,6 +22,7 @@ from typing import Any
 
 from .engine.proxy import WorkerProxy
 from .errors import MlxJupyterError
+from .metrics import Metrics
 from .models.manager import ModelManager
 from .services import StoreService
 from .store import RequestRecord, RequestStatus
@@ -66,6 +67,7 @@ class Generation:
     _admitted_at: float | None = None
     _worker: WorkerProxy | None = None
     _first_text: float | None = None
+    _usage: dict[str, int] | None = None  # the worker's count, once it answered
     _finished: bool = False
     _deadline: asyncio.TimerHandle | None = None  # the per-request timeout, if any
     _timed_out: bool = False
@@ -198,18 +200,25 @@ class Generation:
                                                                   0.0)}
         log.info("request %s on %s: %s, %s tokens, %.0f ms", self.id, self.model,
                  finish_reason, usage["completion_tokens"], total_ms)
+        self._usage = usage
         return {"done": True, "request_id": self.id, "finish_reason": finish_reason,
                 "usage": usage, "timings": timings}
 
     def _end(self, outcome: dict[str, Any], text: str, *,
              model_acquired: bool = True) -> None:
-        """Once per request: frees its place (and its model), admits the next, records it."""
+        """Once per request: frees its place (and its model), admits the next, records and
+        counts it."""
         if self._finished:
             return
         self._finished = True
         if self._deadline is not None:
             self._deadline.cancel()
         self._queue.finished(self, model_acquired=model_acquired)
+        if self._queue.metrics is not None:
+            ttft = None if self._first_text is None else self._first_text - self._submitted
+            self._queue.metrics.request_ended(
+                self.model, str(outcome["status"]), ttft_seconds=ttft, usage=self._usage,
+                duration_seconds=time.perf_counter() - self._submitted)
         # Written behind: the answer is out; its history must not delay it (a failed write is
         # logged by the store service).
         self._queue.store.update_request(
@@ -219,9 +228,10 @@ class Generation:
 class InferenceQueue:
     def __init__(self, manager: ModelManager, store: StoreService, *,
                  max_active_per_model: int = 8, max_queued: int = 256,
-                 aging_seconds: float = 30.0):
+                 aging_seconds: float = 30.0, metrics: Metrics | None = None):
         self.manager = manager
         self.store = store
+        self.metrics = metrics
         self.max_active_per_model = max_active_per_model
         self.max_queued = max_queued
         self.aging_seconds = aging_seconds
@@ -315,6 +325,15 @@ class InferenceQueue:
     def queued_count(self) -> int:
         return sum(len(waiting) for waiting in self._waiting.values())
 
+    def counts_by_priority(self) -> dict[str, collections.Counter[tuple[str, int]]]:
+        """Requests "queued" and "running", each counted per (model, priority)."""
+        return {"queued": collections.Counter((g.model, g.priority)
+                                              for waiting in self._waiting.values()
+                                              for g in waiting),
+                "running": collections.Counter((g.model, g.priority)
+                                               for active in self._active.values()
+                                               for g in active.values())}
+
     def get_queue_status(self, model: str) -> dict[str, int]:
         return {"queued_requests": len(self._waiting.get(model, ())),
                 "active_requests": len(self._active.get(model, ()))}
@@ -370,6 +389,8 @@ class InferenceQueue:
             active[chosen.id] = chosen
             chosen._admitted_at = time.perf_counter()
             chosen._admitted.set_result(True)
+            if self.metrics is not None:
+                self.metrics.request_admitted(model, chosen._admitted_at - chosen._submitted)
 
     def _admission_order(self, model: str) -> list[Generation]:
         now = time.perf_counter()

@@ -32,6 +32,7 @@ class Operation:
     query: type[BaseModel] | None = None
     ok: int = 200
     answer: str = "a JSON object"
+    media_type: str = "application/json"
     streams: dict[str, str] = field(default_factory=dict)  # content type -> when it is used
     errors: tuple[int, ...] = ()
 
@@ -118,7 +119,8 @@ def _schemas(models: set[type[BaseModel]]) -> tuple[dict[str, Any], dict[type, d
 def _operation(pattern: str, handler: type, method: str, op: Operation,
                refs: dict[type, dict]) -> dict[str, Any]:
     error_schema = getattr(handler, "error_schema", "Error")
-    content: dict[str, Any] = {"application/json": {"schema": {"type": "object"}}}
+    content: dict[str, Any] = {op.media_type: {"schema": {
+        "type": "object" if op.media_type == "application/json" else "string"}}}
     for media_type, when in op.streams.items():
         content[media_type] = {"schema": {"type": "string", "description": when}}
     responses: dict[str, Any] = {str(op.ok): {"description": op.answer, "content": content}}

@@ -14,6 +14,7 @@ from .handlers import (
     SettingsHandler,
     StatusHandler,
 )
+from .metrics_handler import MetricsHandler
 from .openai_handlers import (
     ChatCompletionsHandler,
     CompletionsHandler,
@@ -43,4 +44,5 @@ ROUTES = [
     (rf"{V1}/models/(?P<name>[^/]+(?:/[^/]+)?)", ModelV1Handler),
     (rf"{V1}/chat/completions", ChatCompletionsHandler),
     (rf"{V1}/completions", CompletionsHandler),
+    (r"mlx/metrics", MetricsHandler),
 ]

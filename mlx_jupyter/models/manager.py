@@ -24,6 +24,7 @@ from typing import Any
 
 from ..engine.proxy import WorkerProxy
 from ..errors import MlxJupyterError, ModelBusy, ModelDoesNotFit
+from ..metrics import Metrics
 from ..store.schema import ModelStatus, utcnow
 from .memory import RssSampler, system_memory
 from .registry import ModelRegistry
@@ -80,10 +81,11 @@ class ModelSlot:
 class ModelManager:
     def __init__(self, registry: ModelRegistry, worker_settings: WorkerSettings, limits: Limits,
                  *, run_blocking: Callable[..., Any],
-                 on_status: Callable[..., Any] | None = None):
+                 on_status: Callable[..., Any] | None = None, metrics: Metrics | None = None):
         """File work (resolving and estimating a model) runs on the thread pool through
         `run_blocking`; `on_status(name, status, error)` persists status changes."""
         self.registry = registry
+        self.metrics = metrics
         self.limits = limits
         self._settings = worker_settings
         self._run_blocking = run_blocking
@@ -174,6 +176,7 @@ class ModelManager:
         return slot
 
     async def unload(self, name: str, *, reason: str = "requested") -> ModelSlot:
+        """`reason`: "requested", or "forgotten" when the model is being unregistered."""
         slot = self.slot(name)
         if slot.loading is not None:
             await asyncio.shield(slot.loading)
@@ -209,9 +212,10 @@ class ModelManager:
                 slot.budget_bytes = self.limits.worker_base_bytes + estimate
             except MlxJupyterError as exc:
                 self._set_status(slot, ModelStatus.FAILED, error=str(exc))
+                self._count_load_failure(slot)
                 raise
             for victim in self._eviction_plan(slot):
-                await self._stop(victim, "evicted to make room for " + repr(slot.name))
+                await self._stop(victim, "evicted", f"to make room for {slot.name!r}")
             self._set_status(slot, ModelStatus.LOADING)
             worker = WorkerProxy(slot.name, slot.path, env=self._settings.env,
                                  start_timeout=self._settings.start_timeout,
@@ -223,10 +227,13 @@ class ModelManager:
                 await worker.start()
             except BaseException as exc:
                 self._set_status(slot, ModelStatus.FAILED, error=str(exc))
+                self._count_load_failure(slot)
                 raise
             slot.worker = worker
             self._touch(slot)
             self._set_status(slot, ModelStatus.LOADED)
+            if self.metrics is not None:
+                self.metrics.model_loaded(slot.name)
             if slot.active_requests == 0:
                 self._start_idle_timer(slot)
 
@@ -265,14 +272,17 @@ class ModelManager:
                 f"{max(0, budget - used) / GB:.2f} GB of the {budget / GB:.2f} GB budget is "
                 f"free, and the models holding the rest cannot be unloaded now: {kept or 'none'}")
 
-    async def _stop(self, slot: ModelSlot, reason: str) -> None:
+    async def _stop(self, slot: ModelSlot, reason: str, detail: str = "") -> None:
+        """`reason` is one of metrics.UNLOAD_REASONS; `detail` only goes to the log."""
         self._stop_idle_timer(slot)
         self._set_status(slot, ModelStatus.UNLOADING)
         worker, slot.worker = slot.worker, None
         if worker is not None:
             await worker.stop()
-        log.info("model %s unloaded (%s)", slot.name, reason)
+        log.info("model %s unloaded (%s)", slot.name, f"{reason} {detail}".strip())
         self._set_status(slot, ModelStatus.UNLOADED)
+        if self.metrics is not None:
+            self.metrics.model_unloaded(slot.name, reason)
 
     def _worker_exited(self, worker: WorkerProxy) -> None:
         slot = self._slots.get(worker.model_name)
@@ -280,6 +290,8 @@ class ModelManager:
             slot.worker = None
             self._stop_idle_timer(slot)
             self._set_status(slot, ModelStatus.FAILED, error=worker.exit_error)
+            if self.metrics is not None:
+                self.metrics.model_unloaded(slot.name, "worker_exited")
 
     # -- idle unload ----------------------------------------------------------------------
 
@@ -298,12 +310,16 @@ class ModelManager:
     def _unload_idle(self, slot: ModelSlot) -> None:
         slot.idle_timer = None
         if slot.evictable:
-            task = asyncio.create_task(self._stop(slot, "idle for "
-                                                  f"{self.limits.idle_unload_seconds:g} s"))
+            task = asyncio.create_task(self._stop(
+                slot, "idle", f"for {self.limits.idle_unload_seconds:g} s"))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
     # -- bookkeeping ----------------------------------------------------------------------
+
+    def _count_load_failure(self, slot: ModelSlot) -> None:
+        if self.metrics is not None:
+            self.metrics.model_load_failed(slot.name)
 
     def _touch(self, slot: ModelSlot) -> None:
         slot.last_used = time.monotonic()
