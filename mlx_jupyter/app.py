@@ -95,6 +95,20 @@ class MlxApp(ExtensionApp):
                                 help="Seconds a model's memory estimate stays cached (a change "
                                      "to its files invalidates it at once).")
 
+    blas_threads = Int(
+        0, config=True,
+        help="Threads of the BLAS library in each model worker. 0: one thread for models "
+             "estimated under 64 MiB (their matrices are too small to gain from more; the "
+             "demo decodes as fast with one), the library's default (all cores) for larger "
+             "ones, unless OPENBLAS_NUM_THREADS is set in the server's environment.")
+
+    @validate("blas_threads")
+    def _valid_blas_threads(self, proposal: dict) -> int:
+        if proposal["value"] < 0:
+            raise TraitError("c.MlxApp.blas_threads must be 0 (automatic) or a positive "
+                             f"number of threads, not {proposal['value']}")
+        return proposal["value"]
+
     max_batch_size = Int(
         8, config=True,
         help="Requests a model generates at once, batched in its worker (a new one joins "
@@ -151,7 +165,8 @@ class MlxApp(ExtensionApp):
                                      start_timeout=self.worker_start_timeout,
                                      stop_timeout=self.worker_stop_timeout,
                                      max_batch_size=self.max_batch_size,
-                                     prompt_cache_bytes=self.prompt_cache_bytes),
+                                     prompt_cache_bytes=self.prompt_cache_bytes,
+                                     blas_threads=self.blas_threads),
             limits, run_blocking=self.pool.run, on_status=store_service.record_model_status,
             metrics=metrics)
         models = ModelService(registry, self.manager, store_service, self.pool)

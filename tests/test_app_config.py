@@ -17,3 +17,11 @@ def test_memory_budget_accepts_sizes_fractions_and_percentages(value):
 def test_a_bad_memory_budget_is_refused_naming_the_trait(value):
     with pytest.raises(TraitError, match="c.MlxApp.memory_budget"):
         MlxApp().memory_budget = value
+
+
+def test_blas_threads_must_not_be_negative():
+    app = MlxApp()
+    app.blas_threads = 3
+    assert app.blas_threads == 3
+    with pytest.raises(TraitError, match="c.MlxApp.blas_threads"):
+        app.blas_threads = -1

@@ -165,3 +165,25 @@ async def test_unload_ends_the_worker_and_returns_its_memory(tmp_path):
         assert manager.get_system_status()["models"]["loaded_count"] == 0
     finally:
         await manager.shutdown()
+
+
+@pytest.mark.parametrize(("configured", "inherited", "size", "expected"), [
+    (0, {}, 10 * 1024**2, "1"),  # small: one thread
+    (0, {}, 500 * 1024**2, None),  # large: the library's default
+    (0, {"OPENBLAS_NUM_THREADS": "2"}, 10 * 1024**2, "2"),  # the server's setting wins
+    (3, {"OPENBLAS_NUM_THREADS": "2"}, 500 * 1024**2, "3"),  # configured: always
+])
+def test_blas_threads_follow_the_model_size_unless_configured(configured, inherited, size,
+                                                              expected):
+    settings = WorkerSettings(env={"PATH": "/bin", **inherited}, blas_threads=configured)
+    assert (settings.environment(size) or {}).get("OPENBLAS_NUM_THREADS") == expected
+
+
+async def test_a_small_model_worker_runs_with_one_blas_thread(models):
+    manager = manager_for({"a": models["a"]})
+    try:
+        worker = await manager.acquire("a")
+        manager.release("a")
+        assert psutil.Process(worker.pid).environ().get("OPENBLAS_NUM_THREADS") == "1"
+    finally:
+        await manager.shutdown()
