@@ -15,8 +15,8 @@ made here), with the same fixed chat prompts (temperature 0):
 5. submit-to-admitted: the server's own ``timings.queue_ms`` (submission to admission into the
    model's batch), with free capacity at every level here.
 
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 HF_HUB_OFFLINE=1 \\
-        .venv/bin/python benchmarks/bench_serving.py [--levels 1,2,4,8] [--models demo,llama100m]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_serving.py [--levels 1,2,4,8] \\
+        [--models demo,llama100m] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -339,6 +339,12 @@ LEVEL_HEADERS = ["clients", "TTFT p50 ours", "TTFT p50 mlx_lm", "ratio",
                  "submit-to-admitted p50 ours", "p95", "server-side TTFT p50 ours"]
 
 
+def median_run(runs: list[dict]) -> dict:
+    """Each figure's median over the rounds (None where a figure is missing)."""
+    return {key: (p50([run[key] for run in runs]) if runs[0][key] is not None else None)
+            for key in runs[0]}
+
+
 def in_process_summary(local: list[dict]) -> dict:
     e2e = [r["e2e_ms"] for r in local]
     tokens = sum(r["tokens"] for r in local)
@@ -357,6 +363,8 @@ def main() -> None:
     parser.add_argument("--llama-requests", type=int, default=8, help="per level")
     parser.add_argument("--llama-max-tokens", type=int, default=32)
     parser.add_argument("--status-polls", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of in-process, ours and mlx_lm.server; medians reported")
     args = parser.parse_args()
     levels = [int(n) for n in args.levels.split(",")]
     wanted = args.models.split(",")
@@ -378,18 +386,13 @@ def main() -> None:
         models.append(BenchModel("llama-100m", f"random-weight Llama, {params / 1e6:.0f}M "
                                  "parameters, fp32", path, args.llama_requests,
                                  args.llama_max_tokens))
-    local: dict[str, dict] = {}
-    ours: dict[str, dict[int, dict]] = {}
-    theirs: dict[str, dict[int, dict]] = {}
+    local_runs: dict[str, list[dict]] = {m.name: [] for m in models}
+    ours_runs: dict[str, list[dict[int, dict]]] = {m.name: [] for m in models}
+    theirs_runs: dict[str, list[dict[int, dict]]] = {m.name: [] for m in models}
     status = None
-    server = mlx_server = None
+    server = None
+    mlx_servers: dict[str, tuple[subprocess.Popen, str]] = {}
     try:
-        # 2. in-process limits first, while nothing else competes for the cores.
-        for model in models:
-            local[model.name] = in_process_summary(in_process(model))
-            print(json.dumps({"in_process": model.name, **local[model.name]}), flush=True)
-
-        # 1, 4 and 5. our server.
         server = start_server(scratch / "server", scratch / "jupyter.log")
         headers = {"Authorization": f"token {server.token}"}
         for model in models:
@@ -397,25 +400,32 @@ def main() -> None:
                 httpx.post(server.url + "mlx/api/models", headers=headers, timeout=60,
                            json={"name": model.name, "path": str(model.path)}
                            ).raise_for_status()
-            ours[model.name] = asyncio.run(bench_server(ours_one, server.url, headers, levels,
-                                                        model))
+            mlx_servers[model.name] = start_mlx_lm_server(
+                model.path, scratch / f"mlx_lm_server-{model.name}.log")
+        # Rounds interleave the three, so that a busy spell on this shared machine hits all
+        # of them alike; each figure is the median over the rounds.
+        for round_number in range(args.rounds):
+            for model in models:
+                local_runs[model.name].append(in_process_summary(in_process(model)))
+                print(json.dumps({"round": round_number, "in_process": model.name,
+                                  **local_runs[model.name][-1]}), flush=True)
+                ours_runs[model.name].append(asyncio.run(bench_server(
+                    ours_one, server.url, headers, levels, model)))
+                theirs_runs[model.name].append(asyncio.run(bench_server(
+                    mlx_lm_one, mlx_servers[model.name][1], {}, levels, model)))
         if "demo" in wanted:
             status = status_latency(server.url, headers, args.status_polls)
-        stopped_with_children(server.process.pid, lambda: stop_server(server))
-        server = None
-
-        # 3. mlx_lm.server, one per model.
-        for model in models:
-            mlx_server, url = start_mlx_lm_server(model.path, scratch / "mlx_lm_server.log")
-            theirs[model.name] = asyncio.run(bench_server(mlx_lm_one, url, {}, levels, model))
-            stopped_with_children(mlx_server.pid, lambda: stop_process(mlx_server))
-            mlx_server = None
     finally:
         if server is not None:
             stopped_with_children(server.process.pid, lambda: stop_server(server))
-        if mlx_server is not None:
-            stopped_with_children(mlx_server.pid, lambda: stop_process(mlx_server))
+        for process, _ in mlx_servers.values():
+            stopped_with_children(process.pid, lambda: stop_process(process))
         shutil.rmtree(scratch, ignore_errors=True)
+    local = {name: median_run(runs) for name, runs in local_runs.items()}
+    ours = {name: {n: median_run([run[n] for run in runs]) for n in levels}
+            for name, runs in ours_runs.items()}
+    theirs = {name: {n: median_run([run[n] for run in runs]) for n in levels}
+              for name, runs in theirs_runs.items()}
 
     body = "All times in ms; tok/s = output tokens per second; ratio = ours / other.\n\n"
     targets = []
@@ -460,9 +470,12 @@ def main() -> None:
             + body)
     body += f"""## How each figure is measured
 
+- {args.rounds} rounds, each running the in-process limit, our server and mlx_lm.server one
+  after the other on each model (all servers started once, before the first round); every
+  figure in the tables is the median over the rounds, and ratios are ratios of medians.
 - Prompts: {len(PROMPTS)} fixed chat prompts cycled, temperature 0; a closed loop of N clients,
-  each sending its next request when its last one ends; 2 warm-up requests per server and
-  model not counted.
+  each sending its next request when its last one ends; 2 warm-up requests per server, model
+  and round not counted.
 - TTFT and e2e are client-side: from sending the POST to the first non-empty text piece, and to
   the end of the stream (our NDJSON `done` line; mlx_lm.server's `data: [DONE]`). p50 is the
   median, p95/p99 nearest-rank.
@@ -488,7 +501,7 @@ def main() -> None:
 - Total benchmark wall time: {time.perf_counter() - began:.0f} s.
 """
     save("serving", "Serving under concurrency: ours vs mlx_lm.server vs in-process", body,
-         ("LD_PRELOAD=" + OPENBLAS + " HF_HUB_OFFLINE=1 python benchmarks/bench_serving.py "
+         ("HF_HUB_OFFLINE=1 python benchmarks/bench_serving.py "
           + " ".join(sys.argv[1:])).rstrip())
 
 
