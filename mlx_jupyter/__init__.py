@@ -26,12 +26,21 @@ def unload_ipython_extension(ipython) -> None:
 
 
 def __getattr__(name: str):
-    # `from mlx_jupyter import Client` without importing httpx for users of the server side.
+    # `from mlx_jupyter import Client` without importing httpx (or ipywidgets) for users of
+    # the server side.
     if name == "Client":
         from .kernel.client import Client
 
         return Client
+    if name == "AsyncClient":
+        from .kernel.aclient import AsyncClient
+
+        return AsyncClient
+    if name == "panel":
+        from .kernel.panel import panel
+
+        return panel
     raise AttributeError(f"module 'mlx_jupyter' has no attribute {name!r}")
 
 
-__all__ = ["Client", "__version__"]
+__all__ = ["AsyncClient", "Client", "__version__", "panel"]

@@ -4,6 +4,7 @@ Nothing here imports jupyter_server or mlx: kernels stay light. The magics modul
 (which needs IPython) is not imported here, so scripts can use the client alone.
 """
 
+from .aclient import AsyncClient, AsyncEventStream
 from .client import Client, EventStream, GenerationResult
 from .discovery import ServerInfo, find_server
 from .errors import (
@@ -17,6 +18,8 @@ from .errors import (
 )
 
 __all__ = [
+    "AsyncClient",
+    "AsyncEventStream",
     "AuthenticationError",
     "Client",
     "ConnectionFailed",

@@ -1,55 +1,40 @@
-"""A small synchronous client for the mlx-jupyter REST API.
+"""The synchronous client of the mlx-jupyter REST API (`AsyncClient` is its async twin).
 
     from mlx_jupyter import Client
     client = Client()                      # finds the Jupyter server of this kernel
     print(client.generate("Hello", model="demo").text)
-    with client.stream(messages=[{"role": "user", "content": "Hi"}], model="demo") as events:
+    with client.stream(messages=[{"role": "user", "content": "Hi"}]) as events:
         for event in events:
             print(event.get("text", ""), end="")
+    job = client.submit("A long essay", priority=-1)   # a background job
+    print(client.result(job).text)                     # waits for it
 
 Closing a stream before its end closes the HTTP response, which the server takes as a
-cancel of the generation.
+cancel of the generation. A model left out is the server's `default_model` setting.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
+import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
+from . import calls
+from .calls import Message
 from .discovery import TOKEN_ENV, ServerInfo, find_server
-from .errors import (
-    AuthenticationError,
-    ConnectionFailed,
-    InvalidRequest,
-    MlxError,
-    ModelNotFound,
-    ServerError,
-    ServerNotFound,
+from .http import (
+    DEFAULT_TIMEOUT,
+    GenerationResult,
+    StreamReader,
+    json_object,
+    raise_for_status,
+    transport_errors,
 )
 
-GENERATE_PATH = "mlx/api/generate"
-STATUS_PATH = "mlx/api/status"
-
-# Generous reads: a first token may wait for a model to load or for other requests.
-DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
-
-Message = dict[str, str]
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    text: str
-    request_id: str
-    model: str
-    finish_reason: str  # "stop", "length" or "cancelled"
-    usage: dict[str, int] = field(default_factory=dict)  # prompt_tokens, completion_tokens
-    timings: dict[str, float] = field(default_factory=dict)  # ttft_ms, total_ms, tokens_per_second
+__all__ = ["Client", "EventStream", "GenerationResult"]
 
 
 class Client:
@@ -62,15 +47,14 @@ class Client:
     def __init__(self, url: str | None = None, token: str | None = None, *,
                  timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
                  transport: httpx.BaseTransport | None = None):
-        server = _resolve_server(url, token)
+        server = resolve_server(url, token)
         self.url = server.url
         if transport is None and server.sock:
             transport = httpx.HTTPTransport(uds=server.sock)
-        headers = {"Authorization": f"token {server.token}"} if server.token else {}
         # trust_env=False: the server is almost always local, and a proxy from the
         # environment would otherwise swallow requests to it.
-        self._http = httpx.Client(base_url=server.url, headers=headers, timeout=timeout,
-                                  transport=transport, trust_env=False)
+        self._http = httpx.Client(base_url=server.url, headers=auth_headers(server),
+                                  timeout=timeout, transport=transport, trust_env=False)
 
     def __repr__(self) -> str:
         return f"Client(url={self.url!r})"
@@ -84,50 +68,116 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
+    # -- the server -----------------------------------------------------------------------
+
     def status(self) -> dict[str, Any]:
-        """The server's version and the models it has loaded."""
-        with _transport_errors(self.url):
-            response = self._http.get(STATUS_PATH)
-            _raise_for_status(response, self.url)
-            return _json_object(response)
+        """Version, memory, loaded models and queue counts."""
+        return self._run(calls.status())
 
-    def generate(self, prompt: str | None = None, *, model: str,
-                 messages: Sequence[Message] | None = None, max_tokens: int | None = None,
-                 temperature: float | None = None, top_p: float | None = None,
-                 seed: int | None = None, stop: str | Sequence[str] | None = None,
+    def models(self) -> list[dict[str, Any]]:
+        """Every model the server knows, with its status and memory estimate."""
+        return self._run(calls.models())
+
+    def model(self, name: str) -> dict[str, Any]:
+        return self._run(calls.model(name))
+
+    def load(self, name: str) -> dict[str, Any]:
+        """Loads a model (waits until it is loaded); returns its description."""
+        return self._run(calls.model_action(name, "load"))
+
+    def unload(self, name: str) -> dict[str, Any]:
+        return self._run(calls.model_action(name, "unload"))
+
+    def pin(self, name: str, pinned: bool = True) -> dict[str, Any]:
+        """A pinned model is never unloaded for idleness or to make room."""
+        return self._run(calls.model_action(name, "pin" if pinned else "unpin"))
+
+    def unpin(self, name: str) -> dict[str, Any]:
+        return self.pin(name, False)
+
+    def queue(self) -> dict[str, Any]:
+        """Per model, the active requests and the waiting ones with positions and ETAs."""
+        return self._run(calls.queue())
+
+    def history(self, limit: int = 20, *, offset: int = 0, model: str | None = None,
+                notebook: str | None = None, status: str | None = None,
+                ) -> list[dict[str, Any]]:
+        """Recent requests, newest first (previews of prompt and output)."""
+        return self._run(calls.history(limit, offset, model=model, notebook=notebook,
+                                       status=status))
+
+    def request(self, request_id: str) -> dict[str, Any]:
+        """One request with everything: prompt, parameters, output, times, error."""
+        return self._run(calls.request(request_id))
+
+    def cancel(self, request_id: str) -> dict[str, Any]:
+        return self._run(calls.cancel(request_id))
+
+    def settings(self) -> dict[str, dict[str, Any]]:
+        return self._run(calls.settings())
+
+    def set_setting(self, key: str, value: Any) -> dict[str, Any]:
+        return self._run(calls.set_setting(key, value))
+
+    # -- generation -----------------------------------------------------------------------
+
+    def generate(self, prompt: str | None = None, *, model: str | None = None,
+                 messages: Sequence[Message] | None = None, **options: Any
                  ) -> GenerationResult:
-        """Generates a whole answer. Give exactly one of `prompt` or `messages`."""
-        body = _generate_body(prompt, model=model, messages=messages, max_tokens=max_tokens,
-                              temperature=temperature, top_p=top_p, seed=seed, stop=stop,
-                              stream=False)
-        with _transport_errors(self.url):
-            response = self._http.post(GENERATE_PATH, json=body)
-            _raise_for_status(response, self.url, model_route=True)
-            return _result_from_json(_json_object(response), model)
+        """A whole answer. Give exactly one of `prompt` or `messages`; options: max_tokens,
+        temperature, top_p, seed, stop, priority, timeout."""
+        return self._run(calls.generate(prompt, model=model, messages=messages, **options))
 
-    def stream(self, prompt: str | None = None, *, model: str,
-               messages: Sequence[Message] | None = None, max_tokens: int | None = None,
-               temperature: float | None = None, top_p: float | None = None,
-               seed: int | None = None, stop: str | Sequence[str] | None = None,
-               ) -> EventStream:
+    def chat(self, messages: Sequence[Message], *, model: str | None = None,
+             **options: Any) -> GenerationResult:
+        """A whole answer to a conversation (the model's chat template applies)."""
+        return self.generate(model=model, messages=messages, **options)
+
+    def stream(self, prompt: str | None = None, *, model: str | None = None,
+               messages: Sequence[Message] | None = None, **options: Any) -> EventStream:
         """Starts a streaming generation; errors before any output raise here.
 
         Iterate the returned EventStream for {"text": ...} events and a final
         {"done": true, ...} event; use it as a context manager, or close() it, to stop.
         """
-        body = _generate_body(prompt, model=model, messages=messages, max_tokens=max_tokens,
-                              temperature=temperature, top_p=top_p, seed=seed, stop=stop,
-                              stream=True)
-        request = self._http.build_request("POST", GENERATE_PATH, json=body)
-        with _transport_errors(self.url):
+        call = calls.generate(prompt, model=model, messages=messages, stream=True, **options)
+        request = self._http.build_request(call.method, call.path, json=call.json)
+        with transport_errors(self.url):
             response = self._http.send(request, stream=True)
             if response.is_error:
                 try:
                     response.read()  # the error's JSON body
                 finally:
                     response.close()
-                _raise_for_status(response, self.url, model_route=True)
+                raise_for_status(response, self.url, model_route=True)
         return EventStream(response, model=model, url=self.url)
+
+    def submit(self, prompt: str | None = None, *, model: str | None = None,
+               messages: Sequence[Message] | None = None, **options: Any) -> str:
+        """Queues a background job and returns its request id at once; the server runs it
+        even if this kernel goes away (and again after a server restart)."""
+        return self._run(calls.generate(prompt, model=model, messages=messages,
+                                        background=True, **options))
+
+    def result(self, request_id: str, *, wait: bool = True, timeout: float | None = None,
+               poll_seconds: float = 0.25) -> GenerationResult | None:
+        """The result of a request (a background job); with `wait`, polls until it ends.
+        None if it has not ended (wait=False, or `timeout` seconds passed)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            result = calls.finished_result(self.request(request_id))
+            if result is not None or not wait:
+                return result
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            time.sleep(poll_seconds)
+
+    def _run(self, call: calls.Call) -> Any:
+        with transport_errors(self.url):
+            response = self._http.request(call.method, call.path, json=call.json,
+                                          params=call.params)
+            raise_for_status(response, self.url, model_route=call.model_route)
+            return call.read(json_object(response))
 
 
 class EventStream:
@@ -138,15 +188,14 @@ class EventStream:
     final event was read, `result` holds the whole GenerationResult.
     """
 
-    def __init__(self, response: httpx.Response, *, model: str, url: str):
+    def __init__(self, response: httpx.Response, *, model: str | None, url: str):
         self._response = response
         self._lines = response.iter_lines()
         self._url = url
-        self._chunks: list[str] = []
         self._finished = False
-        self.model = model
-        self.request_id: str | None = response.headers.get("X-Request-Id")
-        self.result: GenerationResult | None = None
+        self._reader = StreamReader(model, response.headers.get("X-Request-Id"))
+        self.model = model or ""
+        self.request_id: str | None = self._reader.request_id
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self
@@ -160,7 +209,11 @@ class EventStream:
     @property
     def text(self) -> str:
         """The text received so far."""
-        return "".join(self._chunks)
+        return self._reader.text
+
+    @property
+    def result(self) -> GenerationResult | None:
+        return self._reader.result
 
     def close(self) -> None:
         """Stops reading; before the final event, this cancels the generation."""
@@ -171,39 +224,21 @@ class EventStream:
         if self._finished:
             raise StopIteration
         try:
-            event = self._read_event()
-            if event.get("done"):
-                self._finish(event)
-            else:
-                self._chunks.append(str(event.get("text", "")))
-            return event
+            with transport_errors(self._url):
+                for line in self._lines:
+                    event = self._reader.feed(line)
+                    if event is not None:
+                        if event.get("done"):
+                            self.close()
+                        return event
+            raise StreamReader.cut_short()
         except BaseException:
             # Including KeyboardInterrupt: dropping the connection cancels the request.
             self.close()
             raise
 
-    def _read_event(self) -> dict[str, Any]:
-        with _transport_errors(self._url):
-            for line in self._lines:
-                if line.strip():
-                    return _parse_event(line)
-        raise ConnectionFailed("the connection to the Jupyter server closed before the "
-                               "generation finished; check that the server is still running")
 
-    def _finish(self, event: dict[str, Any]) -> None:
-        self.close()
-        request_id = str(event.get("request_id") or self.request_id or "")
-        if event.get("finish_reason") == "error":
-            message = _one_line(str(event.get("error") or "unknown error")).rstrip(".")
-            raise ServerError(f"generation failed: {message}; see the Jupyter server log "
-                              f"(request {request_id})", request_id=request_id)
-        self.result = GenerationResult(
-            text=self.text, request_id=request_id, model=self.model,
-            finish_reason=str(event.get("finish_reason", "stop")),
-            usage=event.get("usage") or {}, timings=event.get("timings") or {})
-
-
-def _resolve_server(url: str | None, token: str | None) -> ServerInfo:
+def resolve_server(url: str | None, token: str | None) -> ServerInfo:
     if url is None:
         server = find_server()
         return server if token is None else ServerInfo(server.url, token, server.sock)
@@ -212,111 +247,5 @@ def _resolve_server(url: str | None, token: str | None) -> ServerInfo:
     return ServerInfo(url if url.endswith("/") else url + "/", token)
 
 
-def _generate_body(prompt: str | None, *, model: str, messages: Sequence[Message] | None,
-                   stream: bool, stop: str | Sequence[str] | None,
-                   **options: Any) -> dict[str, Any]:
-    """The request body, with only the options that were given (None = server default)."""
-    body: dict[str, Any] = {"model": model, "stream": stream}
-    # Jupyter tells a kernel which notebook it serves; the server keeps it in the history.
-    if notebook := os.environ.get("JPY_SESSION_NAME"):
-        body["notebook"] = notebook
-    if prompt is not None:
-        body["prompt"] = prompt
-    if messages is not None:
-        body["messages"] = [dict(message) for message in messages]
-    if stop is not None:
-        body["stop"] = [stop] if isinstance(stop, str) else list(stop)
-    body.update({name: value for name, value in options.items() if value is not None})
-    return body
-
-
-@contextlib.contextmanager
-def _transport_errors(url: str) -> Iterator[None]:
-    """Turns httpx's network errors into ConnectionFailed."""
-    try:
-        yield
-    except httpx.ConnectError as exc:
-        raise ConnectionFailed(f"cannot connect to the Jupyter server at {url} ({exc}); "
-                               f"is it running? Restart the kernel if the server was "
-                               f"restarted") from None
-    except httpx.TimeoutException:
-        raise ConnectionFailed(f"the Jupyter server at {url} did not answer in time; "
-                               f"it may be overloaded, try again") from None
-    except httpx.RequestError as exc:
-        raise ConnectionFailed(f"the connection to the Jupyter server at {url} failed: "
-                               f"{_one_line(str(exc)) or type(exc).__name__}") from None
-
-
-def _raise_for_status(response: httpx.Response, url: str, *, model_route: bool = False) -> None:
-    status = response.status_code
-    if status < 400:
-        return
-    message = _server_message(response)
-    if status in (401, 403):
-        detail = "" if message in ("Forbidden", "Unauthorized") else f" ({message})"
-        raise AuthenticationError(
-            f"the Jupyter server refused the token{detail}; set {TOKEN_ENV} to its token "
-            f"(`jupyter server list` shows it), or restart the kernel if the server was "
-            f"restarted", status=status)
-    if status == 404 and model_route and message != "Not Found":
-        raise ModelNotFound(message, status=status)
-    if status == 404:
-        raise ServerNotFound(
-            f"the Jupyter server at {url} has no mlx-jupyter API (HTTP 404); enable it with "
-            f"`jupyter server extension enable mlx_jupyter` and restart the server",
-            status=status)
-    if status == 400:
-        raise InvalidRequest(f"invalid request: {message}", status=status)
-    if status >= 500:
-        raise ServerError(f"the server failed (HTTP {status}): {message.rstrip('.')}; see "
-                          f"the Jupyter server log", status=status)
-    raise MlxError(f"unexpected answer from the Jupyter server (HTTP {status}): {message}",
-                   status=status)
-
-
-def _server_message(response: httpx.Response) -> str:
-    """The "message" of a Jupyter JSON error body, else the HTTP reason phrase."""
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict) and isinstance(body.get("message"), str) and body["message"]:
-        return _one_line(body["message"])
-    return response.reason_phrase or f"HTTP {response.status_code}"
-
-
-def _json_object(response: httpx.Response) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        raise ServerError(f"the Jupyter server sent an answer that is not a JSON object "
-                          f"(from {response.url}); is {response.url.host} a Jupyter server?")
-    return body
-
-
-def _parse_event(line: str) -> dict[str, Any]:
-    try:
-        event = json.loads(line)
-    except ValueError:
-        event = None
-    if not isinstance(event, dict):
-        raise ServerError(f"the Jupyter server sent a malformed stream event: {line[:80]!r}")
-    return event
-
-
-def _result_from_json(body: dict[str, Any], model: str) -> GenerationResult:
-    if body.get("finish_reason") == "error":
-        message = _one_line(str(body.get("error") or "unknown error")).rstrip(".")
-        raise ServerError(f"generation failed: {message}; see the Jupyter server log",
-                          request_id=body.get("request_id"))
-    return GenerationResult(
-        text=str(body.get("text", "")), request_id=str(body.get("request_id", "")),
-        model=str(body.get("model") or model),
-        finish_reason=str(body.get("finish_reason", "stop")),
-        usage=body.get("usage") or {}, timings=body.get("timings") or {})
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
+def auth_headers(server: ServerInfo) -> dict[str, str]:
+    return {"Authorization": f"token {server.token}"} if server.token else {}

@@ -1,0 +1,140 @@
+"""The requests of the mlx-jupyter API, as data: what to send and how to read the answer.
+
+`Client` and `AsyncClient` run the same `Call`s, one over a sync and one over an async
+transport, so each request is written once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+from .errors import InvalidRequest, ServerError
+from .http import GenerationResult, one_line, result_from_json
+
+GENERATE_PATH = "mlx/api/generate"
+STATUS_PATH = "mlx/api/status"
+FINAL_STATUSES = ("completed", "cancelled", "failed", "interrupted")
+
+Message = dict[str, str]
+
+
+def _same(body: dict[str, Any]) -> Any:
+    return body
+
+
+@dataclass(frozen=True)
+class Call:
+    method: str
+    path: str
+    json: Any = None
+    params: dict[str, Any] | None = None
+    read: Callable[[dict[str, Any]], Any] = _same  # the answer's JSON -> what the method returns
+    model_route: bool = False  # a 404 names an unknown model, not a missing API
+
+
+def status() -> Call:
+    return Call("GET", STATUS_PATH)
+
+
+def models() -> Call:
+    return Call("GET", "mlx/api/models", read=lambda body: body.get("models", []))
+
+
+def model(name: str) -> Call:
+    return Call("GET", f"mlx/api/models/{_name(name)}", model_route=True)
+
+
+def model_action(name: str, action: str) -> Call:
+    """load, unload, pin or unpin."""
+    return Call("POST", f"mlx/api/models/{_name(name)}/{action}", model_route=True)
+
+
+def queue() -> Call:
+    return Call("GET", "mlx/api/queue")
+
+
+def history(limit: int, offset: int, **filters: str | None) -> Call:
+    params = {"limit": limit, "offset": offset,
+              **{key: value for key, value in filters.items() if value is not None}}
+    return Call("GET", "mlx/api/requests", params=params,
+                read=lambda body: body.get("requests", []))
+
+
+def request(request_id: str) -> Call:
+    return Call("GET", f"mlx/api/requests/{quote(request_id, safe='')}", model_route=True)
+
+
+def cancel(request_id: str) -> Call:
+    return Call("DELETE", f"mlx/api/requests/{quote(request_id, safe='')}", model_route=True)
+
+
+def settings() -> Call:
+    return Call("GET", "mlx/api/settings", read=lambda body: body.get("settings", {}))
+
+
+def set_setting(key: str, value: Any) -> Call:
+    return Call("PUT", f"mlx/api/settings/{quote(key, safe='')}", json={"value": value},
+                model_route=True)
+
+
+def generate(prompt: str | None, *, model: str | None, messages: Sequence[Message] | None,
+             stream: bool = False, background: bool = False, **options: Any) -> Call:
+    body = generate_body(prompt, model=model, messages=messages, stream=stream,
+                         background=background, **options)
+    if background:
+        return Call("POST", GENERATE_PATH, json=body, model_route=True,
+                    read=lambda answer: str(answer["request_id"]))
+    return Call("POST", GENERATE_PATH, json=body, model_route=True,
+                read=lambda answer: result_from_json(answer, model or ""))
+
+
+def generate_body(prompt: str | None, *, model: str | None, messages: Sequence[Message] | None,
+                  stream: bool, stop: str | Sequence[str] | None = None,
+                  background: bool = False, **options: Any) -> dict[str, Any]:
+    """The request body, with only the options that were given (None: the server's default,
+    the stored settings, model included)."""
+    if (prompt is None) == (messages is None):
+        raise InvalidRequest("give exactly one of a prompt or messages")
+    body: dict[str, Any] = {"stream": stream}
+    if model is not None:
+        body["model"] = model
+    # Jupyter tells a kernel which notebook it serves; the server keeps it in the history.
+    if notebook := os.environ.get("JPY_SESSION_NAME"):
+        body["notebook"] = notebook
+    if prompt is not None:
+        body["prompt"] = prompt
+    if messages is not None:
+        body["messages"] = [dict(message) for message in messages]
+    if stop is not None:
+        body["stop"] = [stop] if isinstance(stop, str) else list(stop)
+    if background:
+        body["background"] = True
+        del body["stream"]
+    body.update({name: value for name, value in options.items() if value is not None})
+    return body
+
+
+def finished_result(row: dict[str, Any]) -> GenerationResult | None:
+    """The result of a request from its history row; None while it is not finished."""
+    status = row.get("status")
+    if status not in FINAL_STATUSES:
+        return None
+    if status in ("failed", "interrupted") and row.get("finish_reason") != "timeout":
+        message = one_line(str(row.get("error") or status)).rstrip(".")
+        raise ServerError(f"request {row.get('id')} {status}: {message}",
+                          request_id=row.get("id"))
+    return GenerationResult(
+        text=str(row.get("output_text") or ""), request_id=str(row.get("id", "")),
+        model=str(row.get("model") or ""), finish_reason=str(row.get("finish_reason") or status),
+        usage={key: row[key] for key in ("prompt_tokens", "completion_tokens")
+               if row.get(key) is not None},
+        timings={"ttft_ms": row["ttft_ms"]} if row.get("ttft_ms") is not None else {})
+
+
+def _name(name: str) -> str:
+    # Hugging Face names hold one "/", which the routes accept as it is.
+    return quote(name, safe="/")
