@@ -201,8 +201,8 @@ class Generation:
         log.info("request %s on %s: %s, %s tokens, %.0f ms", self.id, self.model,
                  finish_reason, usage["completion_tokens"], total_ms)
         self._usage = usage
-        return {"done": True, "request_id": self.id, "finish_reason": finish_reason,
-                "usage": usage, "timings": timings}
+        return {"done": True, "request_id": self.id, "model": self.model,
+                "finish_reason": finish_reason, "usage": usage, "timings": timings}
 
     def _end(self, outcome: dict[str, Any], text: str, *,
              model_acquired: bool = True) -> None:

@@ -37,7 +37,8 @@ from mlx_jupyter.kernel import (
 )
 from IPython.core.error import UsageError
 
-from mlx_jupyter.kernel.magics import PlainText, parse_cell
+from mlx_jupyter.kernel.options import parse_cell
+from mlx_jupyter.kernel.render import PlainText
 
 TOKEN = "secret-token"
 BASE = "/base/"
@@ -131,10 +132,14 @@ def json_reply(status: int, payload: Any) -> Responder:
     return lambda handler: send_json(handler, status, payload)
 
 
-def done_event(finish_reason: str = "stop", completion_tokens: int = 3) -> dict[str, Any]:
+def done_event(finish_reason: str = "stop", completion_tokens: int = 3,
+               model: str | None = None) -> dict[str, Any]:
+    """The server's last event; it names the model that answered (the server's default when
+    the request named none)."""
     return {"done": True, "request_id": "req-1", "finish_reason": finish_reason,
             "usage": {"prompt_tokens": 5, "completion_tokens": completion_tokens},
-            "timings": {"ttft_ms": 10.0, "total_ms": 100.0, "tokens_per_second": 30.0}}
+            "timings": {"ttft_ms": 10.0, "total_ms": 100.0, "tokens_per_second": 30.0},
+            **({"model": model} if model else {})}
 
 
 def ndjson_reply(chunks: list[bytes | dict[str, Any]], *, hang: bool = False,
@@ -499,7 +504,7 @@ def test_plain_text_output_prints_the_growing_text_and_footer(capsys: pytest.Cap
     output = PlainText()
     output.update("Hel")
     output.update("Hello")
-    output.finish("Hello!", "demo · 3 tokens")
+    output.finish({"text/plain": "Hello!"}, "demo · 3 tokens")
     assert capsys.readouterr().out == "Hello!\n[demo · 3 tokens]\n"
 
 
@@ -612,7 +617,7 @@ def test_cell_streams_markdown_in_place(mlx: Kernel, fake_server: FakeServer):
 
 
 def test_footer_names_a_finish_reason_other_than_stop(mlx: Kernel, fake_server: FakeServer):
-    fake_server.routes[GENERATE] = ndjson_reply([{"text": "a"}, done_event("length", 1)])
+    fake_server.routes[GENERATE] = ndjson_reply([{"text": "a"}, done_event("length", 1, "demo")])
     output = mlx.run("%%mlx\nHi")
     assert output.displays[-1]["content"]["data"]["text/plain"] == \
         "demo · 1 token · 30.0 tok/s · length"
@@ -636,7 +641,7 @@ def test_default_model_is_configurable(mlx: Kernel, fake_server: FakeServer):
     mlx.run("%config MlxMagics.default_model = 'other'")
     mlx.run("%%mlx\nHi")
     assert fake_server.generate_bodies()[0]["model"] == "other"
-    mlx.run("%config MlxMagics.default_model = 'demo'")
+    mlx.run("%config MlxMagics.default_model = ''")
 
 
 def test_a_bad_option_is_one_usage_line(mlx: Kernel, fake_server: FakeServer):
@@ -687,7 +692,7 @@ def test_interrupting_a_cell_cancels_the_generation(mlx: Kernel, fake_server: Fa
     output = mlx.run("%%mlx\nTell a long story")
     assert_no_traceback(output)
     assert "KeyboardInterrupt" not in output.stdout + output.stderr
-    assert output.displays[-1]["content"]["data"]["text/plain"] == "demo · cancelled"
+    assert output.displays[-1]["content"]["data"]["text/plain"] == "mlx · cancelled"
     # The interrupt may land before the first event was read: then there is no text yet.
     assert all(text.startswith("Once upon") for _, text in output.markdown_updates()[:-1])
     assert fake_server.disconnected.wait(20), "closing the stream did not reach the server"

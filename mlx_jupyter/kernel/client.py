@@ -49,6 +49,7 @@ class Client:
                  transport: httpx.BaseTransport | None = None):
         server = resolve_server(url, token)
         self.url = server.url
+        self.server = server
         if transport is None and server.sock:
             transport = httpx.HTTPTransport(uds=server.sock)
         # trust_env=False: the server is almost always local, and a proxy from the
@@ -67,6 +68,12 @@ class Client:
 
     def close(self) -> None:
         self._http.close()
+
+    def clone(self) -> Client:
+        """A new client of the same server, for another thread (one client per thread)."""
+        return Client(self.server.url, self.server.token, timeout=self._http.timeout,
+                      transport=httpx.HTTPTransport(uds=self.server.sock)
+                      if self.server.sock else None)
 
     # -- the server -----------------------------------------------------------------------
 
@@ -232,6 +239,11 @@ class EventStream:
                             self.close()
                         return event
             raise StreamReader.cut_short()
+        except Exception:
+            if self._finished:  # closed from another thread (a Stop button): just the end
+                raise StopIteration from None
+            self.close()
+            raise
         except BaseException:
             # Including KeyboardInterrupt: dropping the connection cancels the request.
             self.close()

@@ -66,7 +66,7 @@ class StreamReader:
             raise ServerError(f"generation failed: {message}; see the Jupyter server log "
                               f"(request {request_id})", request_id=request_id)
         self.result = GenerationResult(
-            text=self.text, request_id=request_id, model=self.model,
+            text=self.text, request_id=request_id, model=str(event.get("model") or self.model),
             finish_reason=str(event.get("finish_reason", "stop")),
             usage=event.get("usage") or {}, timings=event.get("timings") or {})
         return event

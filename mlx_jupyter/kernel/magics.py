@@ -1,117 +1,89 @@
-"""The `%%mlx` cell magic and the `%mlx` line magic.
+"""The `%%mlx` cell magic and the `%mlx` commands.
 
     %load_ext mlx_jupyter
 
     %%mlx demo --max-tokens 64 --system "Answer briefly."
-    What is MLX?
+    What is {topic}?
 
 Errors are shown as one red line, never as a traceback, and do not raise.
 """
 
 from __future__ import annotations
 
-import argparse
-import html
 import shlex
 import sys
-import time
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
-from IPython.display import display, update_display
-from traitlets import Unicode
+from IPython.display import display
+from traitlets import Bool, Enum, Float, Int, Unicode
 
-from .client import Client, EventStream, GenerationResult
+from . import render
+from .client import Client, EventStream
 from .errors import AuthenticationError, ConnectionFailed, MlxError, ServerNotFound
+from .http import GenerationResult
+from .options import FORMATS, USAGE, CellRequest, parse_cell
 
-USAGE = ("%%mlx [MODEL] [--max-tokens N] [--temperature F] [--top-p F] [--seed N] "
-         "[--stop S]... [--system TEXT] [--no-stream]")
+COMMANDS = """\
+%mlx list                  the models the server knows
+%mlx status                version, memory, loaded models
+%mlx load|unload|pin|unpin MODEL
+%mlx queue                 requests running and waiting, per model
+%mlx cancel REQUEST_ID     cancel a queued or running request
+%mlx history [N]           the last N requests (default 10)
+%mlx settings              the server's settings
+%mlx chat [list | reset [NAME]]   the conversations of --chat
+%mlx panel                 the control panel (models, queue, playground, history, settings)
+%mlx help                  this help"""
 
 HELP = f"""\
 {USAGE}
-    Sends the cell to MODEL as the user message and streams the answer as Markdown.
+    Sends the cell to MODEL (default: the server's default model) and streams the answer.
+    -f, --format F     markdown (default), text, code (also put in a new cell below),
+                       html, json, math
     --max-tokens N     most tokens to generate
     --temperature F    sampling temperature (0 = greedy)
     --top-p F          nucleus sampling threshold
     --seed N           random seed, for reproducible sampling
     --stop S           stop at S (repeatable)
     --system TEXT      a system message before the cell
+    --priority N       higher runs first when the server is busy
+    -o, --output VAR   also store the answer's text in VAR
+    --chat [NAME]      continue the conversation NAME (default "default")
     --no-stream        show the answer only once it is complete
-%mlx status            the server's version and its loaded models
-%mlx help              this help
-From Python: `from mlx_jupyter import Client`. Interrupt the kernel to cancel a generation."""
-
-# At most this many display updates per second while tokens stream in.
-UPDATES_PER_SECOND = 12
+    --no-interpolate   send {{var}}, {{In[n]}}, {{Out[n]}} as written instead of their values
+{COMMANDS}
+From Python: `from mlx_jupyter import Client, panel`. Interrupt the kernel to cancel.
+`%config MlxMagics.default_model = "..."` (also default_format, default_max_tokens,
+default_temperature, system_prompt)."""
 
 # Errors after which the next call discovers the server again: it may have restarted.
 _STALE_CLIENT_ERRORS = (ServerNotFound, ConnectionFailed, AuthenticationError)
-
-
-@dataclass(frozen=True)
-class CellRequest:
-    """What one `%%mlx` cell asks for."""
-
-    model: str
-    messages: list[dict[str, str]]
-    options: dict[str, Any] = field(default_factory=dict)  # only the options given
-    stream: bool = True
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    # argparse would print to stderr and exit the kernel; a UsageError becomes one line.
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(message)
-
-    def exit(self, status: int = 0, message: str | None = None) -> None:  # type: ignore[override]
-        raise UsageError(message or "")
-
-
-def _cell_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(prog="%%mlx", usage=USAGE, add_help=False, allow_abbrev=False,
-                             exit_on_error=False)
-    parser.add_argument("model", nargs="?")
-    parser.add_argument("--max-tokens", type=int)
-    parser.add_argument("--temperature", type=float)
-    parser.add_argument("--top-p", type=float)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--stop", action="append")
-    parser.add_argument("--system")
-    parser.add_argument("--no-stream", dest="stream", action="store_false")
-    return parser
-
-
-def parse_cell(line: str, cell: str, default_model: str) -> CellRequest:
-    """Parses a `%%mlx` line and its cell; raises UsageError on a bad option."""
-    try:
-        args = _cell_parser().parse_args(shlex.split(line))
-    except ValueError as exc:  # shlex: an unclosed quote
-        raise UsageError(str(exc)) from None
-    except argparse.ArgumentError as exc:
-        raise UsageError(str(exc)) from None
-    prompt = cell.strip()
-    if not prompt:
-        raise UsageError("the cell is empty; write the prompt below the %%mlx line")
-    messages = [{"role": "user", "content": prompt}]
-    if args.system is not None:
-        messages.insert(0, {"role": "system", "content": args.system})
-    options = {name: getattr(args, name)
-               for name in ("max_tokens", "temperature", "top_p", "seed", "stop")
-               if getattr(args, name) is not None}
-    return CellRequest(model=args.model or default_model, messages=messages, options=options,
-                       stream=args.stream)
+_MODEL_ACTIONS = ("load", "unload", "pin", "unpin")
 
 
 @magics_class
 class MlxMagics(Magics):
-    default_model = Unicode("demo", help="The model %%mlx uses when the cell names none."
+    default_model = Unicode(
+        "", help="The model %%mlx uses when the cell names none; empty: the server's "
+                 "default_model setting.").tag(config=True)
+    default_format = Enum(FORMATS, "markdown", help="The format of answers without -f."
+                          ).tag(config=True)
+    default_max_tokens = Int(0, help="--max-tokens when not given; 0: the server's setting."
+                             ).tag(config=True)
+    default_temperature = Float(None, allow_none=True,
+                                help="--temperature when not given; None: the server's "
+                                     "setting.").tag(config=True)
+    system_prompt = Unicode("", help="A system message for cells without --system."
                             ).tag(config=True)
+    interpolate = Bool(True, help="Fill {var}, {In[n]} and {Out[n]} in cells (unless "
+                                  "--no-interpolate).").tag(config=True)
 
     def __init__(self, shell: Any = None, **kwargs: Any):
         super().__init__(shell=shell, **kwargs)
         self._client: Client | None = None
+        self.conversations: dict[str, list[dict[str, str]]] = {}
 
     def close(self) -> None:
         self._forget_client()
@@ -121,187 +93,248 @@ class MlxMagics(Magics):
         """Generate with a local MLX model: `%%mlx [MODEL] [options]`; `%mlx help`."""
         try:
             if cell is None:
-                self._run_command(line.strip())
+                self._run_command(line)
             else:
                 self._run_cell(line, cell)
         except UsageError as exc:
-            _show_error(f"{exc}; usage: {USAGE}")
+            _show_error(f"{exc}; usage: {USAGE if cell is not None else '%mlx help'}")
         except MlxError as exc:
             if isinstance(exc, _STALE_CLIENT_ERRORS):
                 self._forget_client()
             _show_error(str(exc))
 
-    # -- %mlx COMMAND -------------------------------------------------------------------
-
-    def _run_command(self, command: str) -> None:
-        if command in ("", "help"):
-            print(HELP)
-        elif command == "status":
-            self._print_status()
-        else:
-            _show_error(f"unknown command {command!r}; `%mlx help` lists the commands")
-
-    def _print_status(self) -> None:
-        client = self._get_client()
-        status = client.status()
-        print(f"mlx-jupyter {status.get('version', '?')} at {client.url}")
-        memory = status.get("memory") or {}
-        if memory:
-            print(f"memory: {_gb(memory.get('used_by_models'))} used by models of a "
-                  f"{_gb(memory.get('budget'))} budget; {_gb(memory.get('available'))} of "
-                  f"{_gb(memory.get('total'))} available")
-        models = (status.get("models") or {}).get("loaded") or []
-        if not models:
-            print("no models loaded")
-        for model in models:
-            print(f"  {model.get('name')}: {model.get('status')} (pid {model.get('pid')}, "
-                  f"{_gb(model.get('rss_bytes'))} resident)")
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = Client()
+        return self._client
 
     # -- %%mlx --------------------------------------------------------------------------
 
     def _run_cell(self, line: str, cell: str) -> None:
-        request = parse_cell(line, cell, self.default_model)
-        client = self._get_client()
-        output = self._new_output()
-        if request.stream:
-            _stream_to(output, client, request)
-        else:
-            _generate_to(output, client, request)
+        namespace = self.shell.user_ns if self.shell is not None and self.interpolate else None
+        request = self._with_defaults(parse_cell(line, cell, self.default_model, namespace))
+        messages = self._conversation_messages(request)
+        output = self._new_output(request.format)
+        text, result = (_stream_to if request.stream else _generate_to)(
+            output, self.client(), request, messages)
+        bundle, problem = render.final_bundle(text, request.format)
+        if result is None:  # interrupted: show what came, keep nothing
+            output.finish(bundle, f"{request.model or 'mlx'} · cancelled",
+                          _metadata(request, result))
+            return
+        output.finish(bundle, render.footer(request.model or "", result),
+                      _metadata(request, result))
+        if problem:
+            _show_error(problem)
+        if request.chat is not None:
+            self.conversations[request.chat] = [*messages, {"role": "assistant",
+                                                            "content": text}]
+        if request.output is not None:
+            self.shell.user_ns[request.output] = text
+        if request.format == "code" and text and self.shell is not None:
+            self.shell.set_next_input(render.code_of(text), replace=False)
 
-    def _get_client(self) -> Client:
-        if self._client is None:
-            self._client = Client()
-        return self._client
+    def _with_defaults(self, request: CellRequest) -> CellRequest:
+        options = dict(request.options)
+        if self.default_max_tokens and "max_tokens" not in options:
+            options["max_tokens"] = self.default_max_tokens
+        if self.default_temperature is not None and "temperature" not in options:
+            options["temperature"] = self.default_temperature
+        messages = request.messages
+        if self.system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        answer_format = request.format
+        if answer_format == "markdown" and self.default_format != "markdown":
+            answer_format = self.default_format  # -f markdown and no -f look the same
+        return CellRequest(request.model, messages, options, request.stream, answer_format,
+                           request.output, request.chat)
+
+    def _conversation_messages(self, request: CellRequest) -> list[dict[str, str]]:
+        """The messages to send: the named conversation so far, then this cell's."""
+        if request.chat is None:
+            return request.messages
+        history = self.conversations.get(request.chat, [])
+        if history and request.messages[0]["role"] == "system":
+            # A conversation keeps its first system message; a new one replaces it.
+            history = [m for m in history if m["role"] != "system"]
+        return [*request.messages[:-1], *history, request.messages[-1]] \
+            if request.messages[0]["role"] == "system" else [*history, *request.messages]
+
+    def _new_output(self, answer_format: str) -> render.Output:
+        # A kernel's frontend can redraw a display in place; a terminal cannot.
+        if getattr(self.shell, "kernel", None) is not None:
+            return render.LiveDisplay(render.live_mime(answer_format))
+        return render.PlainText()
 
     def _forget_client(self) -> None:
         if self._client is not None:
             self._client.close()
             self._client = None
 
-    def _new_output(self) -> _Output:
-        # A kernel's frontend can redraw a display in place; a terminal cannot.
-        if getattr(self.shell, "kernel", None) is not None:
-            return LiveMarkdown()
-        return PlainText()
+    # -- %mlx COMMAND -------------------------------------------------------------------
+
+    def _run_command(self, line: str) -> None:
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        command, args = (words[0], words[1:]) if words else ("help", [])
+        if command == "help":
+            print(HELP)
+        elif command in _MODEL_ACTIONS:
+            self._model_action(command, args)
+        elif command in ("list", "status", "queue", "settings", "panel"):
+            _no_arguments(command, args)
+            getattr(self, f"_show_{command}")()
+        elif command == "cancel":
+            request_id = _one_argument(command, args, "REQUEST_ID")
+            answer = self.client().cancel(request_id)
+            print(f"request {request_id}: {answer.get('status')} (it was {answer.get('was')})")
+        elif command == "history":
+            self._show_history(_count(args))
+        elif command == "chat":
+            self._chat_command(args)
+        else:
+            raise UsageError(f"unknown command {command!r}")
+
+    def _model_action(self, action: str, args: list[str]) -> None:
+        name = _one_argument(action, args, "MODEL")
+        client = self.client()
+        model = client.pin(name, action == "pin") if action in ("pin", "unpin") else \
+            getattr(client, action)(name)
+        pid = f", pid {model['pid']}" if model.get("pid") else ""
+        print(f"{model['name']}: {model['status']}{pid}"
+              f"{', pinned' if model.get('pinned') else ''}")
+
+    def _show_list(self) -> None:
+        render.table(
+            ["model", "status", "source", "memory estimate", "pinned", "uses", "last used"],
+            [[m["name"], m["status"], m.get("source"), render.gigabytes(m.get("budget_bytes")),
+              m.get("pinned"), m.get("use_count"), m.get("last_used_at")]
+             for m in self.client().models()], empty="no models")
+
+    def _show_status(self) -> None:
+        client = self.client()
+        status = client.status()
+        print(f"mlx-jupyter {status.get('version', '?')} at {client.url}")
+        memory = status.get("memory") or {}
+        if memory:
+            print(f"memory: {render.gigabytes(memory.get('used_by_models'))} used by models of "
+                  f"a {render.gigabytes(memory.get('budget'))} budget; "
+                  f"{render.gigabytes(memory.get('available'))} of "
+                  f"{render.gigabytes(memory.get('total'))} available")
+        models = (status.get("models") or {}).get("loaded") or []
+        if not models:
+            print("no models loaded")
+        for model in models:
+            print(f"  {model.get('name')}: {model.get('status')} (pid {model.get('pid')}, "
+                  f"{render.gigabytes(model.get('rss_bytes'))} resident)")
+
+    def _show_queue(self) -> None:
+        rows = []
+        for name, model in sorted(self.client().queue().get("models", {}).items()):
+            rows += [[name, "running", r["request_id"], r["priority"], "", "",
+                      r["waited_seconds"]] for r in model.get("active", [])]
+            rows += [[name, "queued", r["request_id"], r["priority"], r["position"],
+                      r.get("eta_seconds"), r["waited_seconds"]] for r in model.get("queued", [])]
+        render.table(["model", "state", "request", "priority", "position", "ETA s", "waited s"],
+                     rows, empty="the queue is empty")
+
+    def _show_history(self, count: int) -> None:
+        render.table(
+            ["created", "model", "status", "tokens", "prompt", "request"],
+            [[row.get("created_at"), row.get("model"), row.get("status"),
+              row.get("completion_tokens"), (row.get("prompt_preview") or "")[:60], row["id"]]
+             for row in self.client().history(count)], empty="no requests yet")
+
+    def _show_settings(self) -> None:
+        render.table(["setting", "value", "default", "what it does"],
+                     [[key, s["value"], s["default"], s["description"]]
+                      for key, s in sorted(self.client().settings().items())],
+                     empty="no settings")
+
+    def _show_panel(self) -> None:
+        from .panel import Panel
+
+        display(Panel(self.client()))
+
+    def _chat_command(self, args: list[str]) -> None:
+        if not args or args == ["list"]:
+            render.table(["conversation", "messages"],
+                         [[name, len(messages)] for name, messages in
+                          sorted(self.conversations.items())], empty="no conversations")
+        elif args[0] == "reset" and len(args) <= 2:
+            names = args[1:] or list(self.conversations)
+            for name in names:
+                self.conversations.pop(name, None)
+            print(f"forgot {', '.join(names) or 'nothing'}")
+        else:
+            raise UsageError("use %mlx chat [list | reset [NAME]]")
 
 
-def _stream_to(output: _Output, client: Client, request: CellRequest) -> None:
+def _stream_to(output: render.Output, client: Client, request: CellRequest,
+               messages: list[dict[str, str]]) -> tuple[str, GenerationResult | None]:
     events: EventStream | None = None
     try:
-        events = client.stream(model=request.model, messages=request.messages,
-                               **request.options)
+        events = client.stream(model=request.model, messages=messages, **request.options)
         for event in events:
             if "text" in event:
                 output.update(events.text)
-        output.finish(events.text, _footer(request.model, events.result))
+        return events.text, events.result
     except KeyboardInterrupt:
-        if events is not None:
-            events.close()  # the server cancels the generation when the response closes
-        output.finish(events.text if events is not None else "", f"{request.model} · cancelled")
+        return (events.text if events is not None else ""), None
     except MlxError:
-        output.finish(events.text if events is not None else "", None)  # keep what arrived
+        if events is not None:  # keep what arrived before the error
+            output.finish({"text/plain": events.text, "text/markdown": events.text}, None)
         raise
     finally:
         if events is not None:
-            events.close()
+            events.close()  # before the end: the server cancels the generation
 
 
-def _generate_to(output: _Output, client: Client, request: CellRequest) -> None:
+def _generate_to(output: render.Output, client: Client, request: CellRequest,
+                 messages: list[dict[str, str]]) -> tuple[str, GenerationResult | None]:
     try:
-        result = client.generate(model=request.model, messages=request.messages,
-                                 **request.options)
+        result = client.generate(model=request.model, messages=messages, **request.options)
     except KeyboardInterrupt:
         # httpx drops the connection on the way out, which cancels the request.
-        output.finish("", f"{request.model} · cancelled")
-        return
-    output.finish(result.text, _footer(request.model, result))
+        return "", None
+    return result.text, result
 
 
-def _footer(model: str, result: GenerationResult | None) -> str:
-    """E.g. "demo · 42 tokens · 31.5 tok/s", plus the finish reason unless "stop"."""
-    if result is None:
-        return model
-    parts = [result.model or model]
-    tokens = result.usage.get("completion_tokens")
-    if tokens is not None:
-        parts.append(f"{tokens} token{'' if tokens == 1 else 's'}")
-    speed = result.timings.get("tokens_per_second")
-    if speed is not None:
-        parts.append(f"{speed:.1f} tok/s")
-    if result.finish_reason != "stop":
-        parts.append(result.finish_reason)
-    return " · ".join(parts)
+def _metadata(request: CellRequest, result: GenerationResult | None) -> dict[str, Any]:
+    """What the notebook keeps of how the answer was made."""
+    return {"mlx_jupyter": {
+        "model": (result.model if result else None) or request.model,
+        "request_id": result.request_id if result else None,
+        "parameters": request.options, "seed": request.options.get("seed"),
+        "format": request.format, "chat": request.chat,
+        "finish_reason": result.finish_reason if result else "cancelled",
+        "usage": result.usage if result else {}}}
 
 
-def _gb(value: object) -> str:
-    return f"{value / 1024**3:.2f} GB" if isinstance(value, int | float) else "?"
+def _no_arguments(command: str, args: list[str]) -> None:
+    if args:
+        raise UsageError(f"%mlx {command} takes no arguments")
+
+
+def _one_argument(command: str, args: list[str], what: str) -> str:
+    if len(args) != 1:
+        raise UsageError(f"use %mlx {command} {what}")
+    return args[0]
+
+
+def _count(args: list[str]) -> int:
+    if not args:
+        return 10
+    if len(args) > 1 or not args[0].isdigit() or not 1 <= int(args[0]) <= 500:
+        raise UsageError("use %mlx history [N], N from 1 to 500")
+    return int(args[0])
 
 
 def _show_error(message: str) -> None:
     # Red via ANSI: Jupyter frontends and terminals both render it.
     print(f"\x1b[31mmlx: {message}\x1b[0m", file=sys.stderr)
-
-
-# -- output -------------------------------------------------------------------------------
-
-
-class _Output(Protocol):
-    def update(self, text: str) -> None:
-        """Shows the text so far; may skip updates that come too fast."""
-
-    def finish(self, text: str, footer: str | None) -> None:
-        """Shows the final text, then the footer line if any."""
-
-
-class LiveMarkdown:
-    """A Markdown display updated in place, for kernels with a rich frontend."""
-
-    def __init__(self, updates_per_second: float = UPDATES_PER_SECOND):
-        self._interval = 1.0 / updates_per_second
-        self._last_update = float("-inf")
-        self._display_id: str | None = None
-
-    def update(self, text: str) -> None:
-        now = time.monotonic()
-        if text and now - self._last_update >= self._interval:
-            self._last_update = now
-            self._show(text)
-
-    def finish(self, text: str, footer: str | None) -> None:
-        if text or self._display_id is not None:
-            self._show(text)
-        if footer:
-            # A separate display: an unclosed code fence in the text cannot swallow it.
-            display({"text/markdown": f"<sub>{html.escape(footer)}</sub>",
-                     "text/plain": footer}, raw=True)
-
-    def _show(self, text: str) -> None:
-        bundle = {"text/markdown": text, "text/plain": text}
-        if self._display_id is None:
-            handle = display(bundle, raw=True, display_id=True)
-            self._display_id = handle.display_id
-        else:
-            update_display(bundle, raw=True, display_id=self._display_id)
-
-
-class PlainText:
-    """Prints the text as it grows, for terminal IPython."""
-
-    def __init__(self) -> None:
-        self._printed = 0
-
-    def update(self, text: str) -> None:
-        sys.stdout.write(text[self._printed:])
-        sys.stdout.flush()
-        self._printed = len(text)
-
-    def finish(self, text: str, footer: str | None) -> None:
-        self.update(text)
-        if self._printed:
-            sys.stdout.write("\n")
-        if footer:
-            sys.stdout.write(f"[{footer}]\n")
-        sys.stdout.flush()
 
 
 # -- extension entry points ---------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, func, select
+from sqlalchemy import ColumnElement, Select, Text, cast, func, select
 
 from .schema import RequestStatus, models_table, requests_table
 
@@ -57,7 +57,9 @@ def history_page(filters: list[ColumnElement[bool]], *, limit: int, offset: int 
                  preview_chars: int = 200) -> Select[Any]:
     """Newest first. With a model filter: ix_requests_model_created; notebook:
     ix_requests_notebook_created; status: ix_requests_status_created; none: ix_requests_created."""
-    previews = (func.substr(requests.prompt, 1, preview_chars).label("prompt_preview"),
+    # A chat request has messages instead of a prompt: its preview is the messages' JSON.
+    prompt = func.coalesce(requests.prompt, cast(requests.messages, Text))
+    previews = (func.substr(prompt, 1, preview_chars).label("prompt_preview"),
                 func.substr(requests.output_text, 1, preview_chars).label("output_preview"))
     return (select(*LIST_COLUMNS, *previews)
             .where(*filters)

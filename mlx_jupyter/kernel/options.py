@@ -1,0 +1,146 @@
+"""What a `%%mlx` cell asks for: its options (parsed with shlex and argparse) and its prompt,
+with `{var}`, `{In[n]}` and `{Out[n]}` taken from the user's namespace."""
+
+from __future__ import annotations
+
+import argparse
+import keyword
+import re
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from IPython.core.error import UsageError
+
+FORMATS = ("markdown", "text", "code", "html", "json", "math")
+USAGE = ("%%mlx [MODEL] [-f markdown|text|code|html|json|math] [--max-tokens N] "
+         "[--temperature F] [--top-p F] [--seed N] [--stop S]... [--system TEXT] "
+         "[--priority N] [-o VAR] [--chat [NAME]] [--no-stream] [--no-interpolate]")
+DEFAULT_CHAT = "default"
+
+# {name} or {name[3]} / {name[-1]}: names and indexes only, never arbitrary expressions.
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?:\[(-?\d+)\])?\}")
+_CHAT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+@dataclass(frozen=True)
+class CellRequest:
+    """What one `%%mlx` cell asks for."""
+
+    model: str | None  # None: the server's default_model setting
+    messages: list[dict[str, str]]
+    options: dict[str, Any] = field(default_factory=dict)  # only the options given
+    stream: bool = True
+    format: str = "markdown"
+    output: str | None = None  # the variable that receives the answer's text
+    chat: str | None = None  # the named conversation this cell continues
+
+    @property
+    def prompt(self) -> str:
+        return self.messages[-1]["content"]
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    # argparse would print to stderr and exit the kernel; a UsageError becomes one line.
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+    def exit(self, status: int = 0, message: str | None = None) -> None:  # type: ignore[override]
+        raise UsageError(message or "")
+
+
+def _bounded(kind: type, low: float | None = None, high: float | None = None,
+             low_open: bool = False) -> Any:
+    def convert(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"invalid {kind.__name__} value: {text!r}") from None
+        too_low = low is not None and (value <= low if low_open else value < low)
+        if too_low or (high is not None and value > high):
+            where = f"{'above' if low_open else 'at least'} {low}" if high is None else \
+                f"in {'(' if low_open else '['}{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"{text} is not {where}")
+        return value
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def _variable(text: str) -> str:
+    if not text.isidentifier() or keyword.iskeyword(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Python variable name")
+    return text
+
+
+def _chat_name(text: str) -> str:
+    if not _CHAT_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a conversation name (letters, digits, _ . -; up to 64)")
+    return text
+
+
+def _cell_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog="%%mlx", usage=USAGE, add_help=False, allow_abbrev=False,
+                             exit_on_error=False)
+    parser.add_argument("model", nargs="?")
+    parser.add_argument("-f", "--format", choices=FORMATS, default="markdown")
+    parser.add_argument("--max-tokens", type=_bounded(int, 1, 32768))
+    parser.add_argument("--temperature", type=_bounded(float, 0.0, 2.0))
+    parser.add_argument("--top-p", type=_bounded(float, 0.0, 1.0, low_open=True))
+    parser.add_argument("--seed", type=_bounded(int, 0, 2**32 - 1))
+    parser.add_argument("--stop", action="append")
+    parser.add_argument("--system")
+    parser.add_argument("--priority", type=_bounded(int, -1000, 1000))
+    parser.add_argument("-o", "--output", type=_variable)
+    parser.add_argument("--chat", nargs="?", const=DEFAULT_CHAT, type=_chat_name)
+    parser.add_argument("--no-stream", dest="stream", action="store_false")
+    parser.add_argument("--no-interpolate", dest="interpolate", action="store_false")
+    return parser
+
+
+def parse_cell(line: str, cell: str, default_model: str | None,
+               namespace: Mapping[str, Any] | None = None) -> CellRequest:
+    """Parses a `%%mlx` line and its cell; raises UsageError on a bad option. With a
+    namespace, placeholders in the cell are filled from it (unless --no-interpolate)."""
+    try:
+        args = _cell_parser().parse_args(shlex.split(line))
+    except ValueError as exc:  # shlex: an unclosed quote
+        raise UsageError(str(exc)) from None
+    except argparse.ArgumentError as exc:
+        raise UsageError(str(exc)) from None
+    if any(not stop for stop in args.stop or ()):
+        raise UsageError("--stop strings must not be empty")
+    prompt = cell.strip()
+    if not prompt:
+        raise UsageError("the cell is empty; write the prompt below the %%mlx line")
+    if namespace is not None and args.interpolate:
+        prompt = interpolate(prompt, namespace)
+    messages = [{"role": "user", "content": prompt}]
+    if args.system is not None:
+        messages.insert(0, {"role": "system", "content": args.system})
+    options = {name: getattr(args, name)
+               for name in ("max_tokens", "temperature", "top_p", "seed", "stop", "priority")
+               if getattr(args, name) is not None}
+    return CellRequest(model=args.model or default_model or None, messages=messages,
+                       options=options, stream=args.stream, format=args.format,
+                       output=args.output, chat=args.chat)
+
+
+def interpolate(text: str, namespace: Mapping[str, Any]) -> str:
+    """Replaces `{name}` with str(namespace[name]) and `{name[i]}` with str(namespace[name][i])
+    (so `{In[3]}`, `{Out[2]}`); a placeholder that does not resolve stays as written."""
+    def value(match: re.Match[str]) -> str:
+        name, index = match.group(1), match.group(2)
+        if name not in namespace:
+            return match.group(0)
+        found = namespace[name]
+        if index is not None:
+            try:
+                found = found[int(index)]
+            except (LookupError, TypeError, ValueError):
+                return match.group(0)
+        return str(found)
+
+    return _PLACEHOLDER.sub(value, text)

@@ -1,0 +1,166 @@
+"""How answers and tables appear in a cell: live displays, the final format, footers, tables.
+
+Every rich output also carries text/plain, so terminals, nbconvert and tests read it too.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from IPython.display import display, update_display
+
+from .http import GenerationResult
+
+# At most this many display updates per second while tokens stream in.
+UPDATES_PER_SECOND = 12
+_FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:```|\Z)", re.DOTALL)
+
+
+class Output(Protocol):
+    def update(self, text: str) -> None:
+        """Shows the text so far; may skip updates that come too fast."""
+
+    def finish(self, bundle: dict[str, str], footer: str | None,
+               metadata: dict[str, Any] | None = None) -> None:
+        """Shows the final answer (a MIME bundle), then the footer line if any."""
+
+
+class LiveDisplay:
+    """One display updated in place while the answer grows, for kernels with a frontend.
+    Markdown renders as it streams; other formats stream as plain text and render at the end."""
+
+    def __init__(self, mime: str = "text/markdown",
+                 updates_per_second: float = UPDATES_PER_SECOND):
+        self._mime = mime
+        self._interval = 1.0 / updates_per_second
+        self._last_update = float("-inf")
+        self._display_id: str | None = None
+
+    def update(self, text: str) -> None:
+        now = time.monotonic()
+        if text and now - self._last_update >= self._interval:
+            self._last_update = now
+            self._show({self._mime: text, "text/plain": text})
+
+    def finish(self, bundle: dict[str, str], footer: str | None,
+               metadata: dict[str, Any] | None = None) -> None:
+        if bundle.get("text/plain") or self._display_id is not None:
+            self._show(bundle, metadata)
+        if footer:
+            # A separate display: an unclosed code fence in the text cannot swallow it.
+            display({"text/markdown": f"<sub>{html.escape(footer)}</sub>",
+                     "text/plain": footer}, raw=True, metadata=metadata)
+
+    def _show(self, bundle: dict[str, str], metadata: dict[str, Any] | None = None) -> None:
+        if self._display_id is None:
+            handle = display(bundle, raw=True, display_id=True, metadata=metadata)
+            self._display_id = handle.display_id
+        else:
+            update_display(bundle, raw=True, display_id=self._display_id, metadata=metadata)
+
+
+class PlainText:
+    """Prints the text as it grows, for terminal IPython."""
+
+    def __init__(self) -> None:
+        self._printed = 0
+
+    def update(self, text: str) -> None:
+        sys.stdout.write(text[self._printed:])
+        sys.stdout.flush()
+        self._printed = len(text)
+
+    def finish(self, bundle: dict[str, str], footer: str | None,
+               metadata: dict[str, Any] | None = None) -> None:
+        self.update(bundle.get("text/plain", ""))
+        if self._printed:
+            sys.stdout.write("\n")
+        if footer:
+            sys.stdout.write(f"[{footer}]\n")
+        sys.stdout.flush()
+
+
+def live_mime(answer_format: str) -> str:
+    return "text/markdown" if answer_format in ("markdown", "code") else "text/plain"
+
+
+def final_bundle(text: str, answer_format: str) -> tuple[dict[str, str], str | None]:
+    """The answer as its format's MIME bundle, and a problem to report (the answer is not
+    the JSON it was asked to be), if any."""
+    bundle = {"text/plain": text}
+    if answer_format == "markdown":
+        bundle["text/markdown"] = text
+    elif answer_format == "code":
+        bundle["text/markdown"] = f"```\n{code_of(text)}\n```"
+    elif answer_format == "html":
+        bundle["text/html"] = text
+    elif answer_format == "math":
+        body = text.strip()
+        bundle["text/latex"] = body if body.startswith("$") else f"$$\n{body}\n$$"
+    elif answer_format == "json":
+        try:
+            bundle["application/json"] = json.loads(code_of(text))
+        except ValueError as exc:
+            return bundle, f"the answer is not valid JSON ({exc})"
+    return bundle, None
+
+
+def code_of(text: str) -> str:
+    """The first fenced block of an answer, or the whole answer when it has none."""
+    match = _FENCE.search(text)
+    return (match.group(1) if match else text).strip("\n")
+
+
+def footer(model: str, result: GenerationResult | None) -> str:
+    """E.g. "demo · 42 tokens · 31.5 tok/s", plus the finish reason unless "stop"."""
+    if result is None:
+        return model
+    parts = [result.model or model]
+    tokens = result.usage.get("completion_tokens")
+    if tokens is not None:
+        parts.append(f"{tokens} token{'' if tokens == 1 else 's'}")
+    speed = result.timings.get("tokens_per_second")
+    if speed is not None:
+        parts.append(f"{speed:.1f} tok/s")
+    if result.finish_reason != "stop":
+        parts.append(result.finish_reason)
+    return " · ".join(part for part in parts if part)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, empty: str) -> None:
+    """Displays a table: HTML for notebooks, aligned text for everything else."""
+    if not rows:
+        print(empty)
+        return
+    cells = [[_cell(value) for value in row] for row in rows]
+    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(headers)]
+    text = "\n".join("  ".join(value.ljust(w) for value, w in zip(row, widths)).rstrip()
+                     for row in [list(headers), ["-" * w for w in widths], *cells])
+    display({"text/html": html_table(headers, rows, empty), "text/plain": text}, raw=True)
+
+
+def html_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], empty: str) -> str:
+    if not rows:
+        return f"<i>{html.escape(empty)}</i>"
+    head = "".join(f"<th style='text-align:left'>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(value))}</td>" for value in row)
+                   + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def gigabytes(value: object) -> str:
+    return f"{value / 1024**3:.2f} GB" if isinstance(value, int | float) else "?"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else ""
+    return " ".join(str(value).split())
