@@ -245,10 +245,16 @@ class _Playground:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stops the generation (the server cancels it)."""
+        """Cancels the generation on the server; its stream then ends by itself. (Closing the
+        connection from this thread would not wake the one blocked reading it.)"""
         events = self._events
-        if events is not None:
-            events.close()
+        if events is None or events.request_id is None:
+            return
+        try:
+            self.panel.client.cancel(events.request_id)
+        except MlxError:
+            pass  # it has just finished
+        self.panel.say("stopping…")
 
     def wait(self, timeout: float | None = None) -> None:
         if self._thread is not None:
@@ -262,9 +268,8 @@ class _Playground:
                 for event in self._events:
                     if "text" in event:
                         self.answer.value = self._events.text
-                result = self._events.result
-                self.footer.value = (footer(options["model"] or "", result) if result
-                                     else f"stopped · {len(self._events.text)} characters")
+                self.footer.value = footer(options["model"] or "", self._events.result)
+                self.panel.say("")
 
             self.panel.attempt(stream)
         finally:
