@@ -34,7 +34,8 @@ def markdown_texts(outputs: list) -> list[str]:
 def test_quickstart_notebook_streams_answers_from_the_demo_model(kernel_env, tmp_path,
                                                                   monkeypatch):
     # What Jupyter's session manager tells a kernel it starts for a notebook.
-    monkeypatch.setenv("JPY_SESSION_NAME", str(tmp_path / "quickstart.ipynb"))
+    path = str(tmp_path / "quickstart.ipynb")
+    monkeypatch.setenv("JPY_SESSION_NAME", path)
     notebook = run_notebook("quickstart.ipynb", tmp_path)
     for magic in ("%%mlx demo", "%%mlx --max-tokens 48"):
         outputs = outputs_of(notebook, magic)
@@ -43,19 +44,85 @@ def test_quickstart_notebook_streams_answers_from_the_demo_model(kernel_env, tmp
         assert sum(ch.isalpha() for ch in answer) >= 10  # generated words, not an empty cell
         assert "demo ·" in footer and "tokens" in footer
 
-    status = "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
-                     for o in outputs_of(notebook, "%mlx status"))
-    assert "demo" in status
+    history = kernel_env.get("mlx/api/requests", params={"notebook": path}).json()
+    # Five %%mlx cells and one Client call, all from this notebook.
+    assert history["total"] == 6
+    assert {row["status"] for row in history["requests"]} == {"completed"}
+    ids = {row["id"] for row in history["requests"]}
 
-    printed = "".join(o.text for o in outputs_of(notebook, "from mlx_jupyter import Client")
-                      if o.output_type == "stream")
+    # The answer's metadata says how it was made.
+    seeded = [o for o in outputs_of(notebook, "%%mlx --max-tokens 48")
+              if o.output_type == "display_data"][-1]
+    made = seeded.metadata["mlx_jupyter"]
+    assert made["request_id"] in ids and made["model"] == "demo" and made["seed"] == 7
+    assert made["parameters"] == {"max_tokens": 48, "temperature": 0.8, "seed": 7}
+
+    # {topic} was filled in, and -o kept the answer.
+    story = kernel_env.get(f"mlx/api/requests/{stored_id(notebook, '%%mlx --max-tokens 40')}"
+                           ).json()
+    assert story["messages"][-1]["content"] == "Write two sentences about lighthouses."
+    printed = stream_text(outputs_of(notebook, "print(len(story"))
+    assert printed.endswith("words about lighthouses\n") and int(printed.split()[0]) >= 1
+
+    # The second --chat cell sent the first exchange along.
+    second = kernel_env.get(
+        f"mlx/api/requests/{stored_id(notebook, '%%mlx --chat trip', index=1)}").json()
+    assert [m["role"] for m in second["messages"]] == ["user", "assistant", "user"]
+    assert second["messages"][0]["content"] == "I am planning a walk by the sea."
+    assert "trip" in stream_text(outputs_of(notebook, "%mlx chat")) + html_texts(
+        outputs_of(notebook, "%mlx chat"))
+
+    assert "demo" in stream_text(outputs_of(notebook, "%mlx status"))
+    assert "<td>demo</td>" in html_texts(outputs_of(notebook, "%mlx list"))
+    assert html_texts(outputs_of(notebook, "%mlx history 3")).count("<tr>") == 4  # head + 3
+
+    printed = stream_text(outputs_of(notebook, "from mlx_jupyter import Client"))
     text, reason_line = printed.rstrip("\n").rsplit("\n", 1)
     assert text.strip() and reason_line.split()[0] in ("stop", "length")
 
-    history = kernel_env.get("mlx/api/requests",
-                             params={"notebook": str(tmp_path / "quickstart.ipynb")}).json()
-    assert history["total"] == 3  # two %%mlx cells and one Client call, all from this notebook
+
+def test_control_panel_notebook_drives_the_panel(kernel_env, tmp_path):
+    notebook = run_notebook("control-panel.ipynb", tmp_path)
+    shown = outputs_of(notebook, "from mlx_jupyter import panel")
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in shown)
+    assert stream_text(outputs_of(notebook, 'control.models_tab')).strip() == "demo: loaded"
+    answer, footer = stream_text(outputs_of(notebook, "playground = ")).rstrip("\n").rsplit(
+        "\n", 1)
+    assert sum(ch.isalpha() for ch in answer) >= 10 and footer.startswith("demo · ")
+    assert stream_text(outputs_of(notebook, "control.close()")).strip() == "refreshing: False"
+
+
+def test_batch_jobs_notebook_gathers_background_results(kernel_env, tmp_path, monkeypatch):
+    path = str(tmp_path / "batch-jobs.ipynb")
+    monkeypatch.setenv("JPY_SESSION_NAME", path)
+    notebook = run_notebook("batch-jobs.ipynb", tmp_path)
+    assert stream_text(outputs_of(notebook, "from mlx_jupyter import Client")).strip() == \
+        "8 jobs queued"
+    [table] = markdown_texts(outputs_of(notebook, "from IPython.display import Markdown"))
+    rows = table.splitlines()[2:]
+    assert len(rows) == 8
+    assert all(row.rstrip(" |").rsplit("| ", 1)[1] in ("stop", "length") for row in rows)
+    history = kernel_env.get("mlx/api/requests", params={"notebook": path}).json()
+    assert history["total"] == 8
     assert {row["status"] for row in history["requests"]} == {"completed"}
+    assert sorted(row["priority"] for row in history["requests"]) == [0] * 6 + [5, 5]
+
+
+def stored_id(notebook: nbformat.NotebookNode, source_start: str, index: int = 0) -> str:
+    """The request id an %%mlx cell's answer recorded in its metadata."""
+    cells = [c for c in notebook.cells if c.cell_type == "code"
+             and c.source.startswith(source_start)]
+    outputs = [o for o in cells[index].outputs if o.output_type == "display_data"]
+    return outputs[-1].metadata["mlx_jupyter"]["request_id"]
+
+
+def stream_text(outputs: list) -> str:
+    return "".join(o.text for o in outputs if o.output_type == "stream" and o.name == "stdout")
+
+
+def html_texts(outputs: list) -> str:
+    return "".join(o["data"].get("text/html", "") for o in outputs
+                   if o.output_type in ("display_data", "execute_result"))
 
 
 def test_mlx_runs_in_the_worker_never_in_the_server_process(live_server):
