@@ -1,0 +1,108 @@
+"""%%mlx and %mlx in a real IPython shell: options, interpolation, and the magic against a
+live server (answers, variables, chats, formats, commands)."""
+
+import re
+
+import pytest
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+
+from mlx_jupyter.kernel.options import interpolate, parse_cell
+
+
+@pytest.fixture(scope="module")
+def shell():
+    shell = InteractiveShell.instance()
+    yield shell
+    InteractiveShell.clear_instance()
+
+
+@pytest.fixture
+def mlx(shell, live_server, monkeypatch):
+    monkeypatch.setenv("MLX_JUPYTER_URL", live_server.url)
+    monkeypatch.setenv("MLX_JUPYTER_TOKEN", live_server.token)
+    shell.run_line_magic("load_ext", "mlx_jupyter")
+    yield shell
+    shell.run_line_magic("unload_ext", "mlx_jupyter")
+
+
+def test_placeholders_come_from_the_namespace_and_unknown_ones_stay(shell):
+    shell.run_cell("topic = 'tides'", store_history=True)
+    shell.run_cell("6 * 7", store_history=True)
+    number = shell.execution_count - 1
+    text = interpolate(f"{{topic}} {{Out[{number}]}} {{In[{number}]}} {{missing}} {{Out[999]}} "
+                       "{not a placeholder} {topic.upper()}", shell.user_ns)
+    assert text == ("tides 42 6 * 7 {missing} {Out[999]} {not a placeholder} "
+                    "{topic.upper()}")
+
+
+def test_every_option_parses_and_interpolation_can_be_turned_off(shell):
+    shell.user_ns["city"] = "Lisbon"
+    request = parse_cell("-f json --priority 3 -o answer --chat --seed 1 --top-p 0.5",
+                         "About {city}", "", shell.user_ns)
+    assert (request.format, request.output, request.chat, request.model) == \
+        ("json", "answer", "default", None)
+    assert request.options == {"priority": 3, "seed": 1, "top_p": 0.5}
+    assert request.prompt == "About Lisbon"
+    kept = parse_cell("m --no-interpolate --chat trip", "About {city}", "", shell.user_ns)
+    assert kept.prompt == "About {city}" and kept.chat == "trip" and kept.model == "m"
+
+
+@pytest.mark.parametrize(("line", "says"), [
+    ("-f pdf", "invalid choice: 'pdf'"),
+    ("-o 1x", "'1x' is not a Python variable name"),
+    ("-o class", "'class' is not a Python variable name"),
+    ("--temperature 3", "3 is not in [0.0, 2.0]"),
+    ("--top-p 0", "0 is not in (0.0, 1.0]"),
+    ("--max-tokens 0", "0 is not in [1, 32768]"),
+    ("--priority 5000", "5000 is not in [-1000, 1000]"),
+    ("--chat 'a b'", "not a conversation name"),
+    ("--stop ''", "--stop strings must not be empty"),
+])
+def test_bad_options_are_usage_errors(line, says):
+    with pytest.raises(UsageError, match=re.escape(says)):
+        parse_cell(line, "Hi", "demo")
+
+
+def test_the_answer_goes_into_a_variable_and_a_chat_remembers(mlx, capsys, live_server):
+    mlx.run_cell_magic("mlx", "demo --max-tokens 12 --temperature 0 -o first --chat walk",
+                       "I am planning a walk by the sea.")
+    printed = capsys.readouterr()
+    assert printed.err == "" and mlx.user_ns["first"] in printed.out
+    assert "demo · " in printed.out
+    mlx.run_cell_magic("mlx", "demo --max-tokens 12 --temperature 0 --chat walk -o second",
+                       "What should I bring?")
+    magics = mlx.magics_manager.registry["MlxMagics"]
+    assert [m["role"] for m in magics.conversations["walk"]] == \
+        ["user", "assistant", "user", "assistant"]
+    assert magics.conversations["walk"][1]["content"] == mlx.user_ns["first"]
+    mlx.run_line_magic("mlx", "chat reset walk")
+    assert "walk" not in magics.conversations and "forgot walk" in capsys.readouterr().out
+
+
+def test_code_goes_to_the_next_input_and_bad_json_is_reported(mlx, capsys):
+    mlx.run_cell_magic("mlx", "demo -f code --max-tokens 8 --temperature 0", "Write code.")
+    assert mlx.rl_next_input  # the answer, for a new cell below
+    capsys.readouterr()
+    mlx.run_cell_magic("mlx", "demo -f json --max-tokens 8 --temperature 0 --no-stream",
+                       "Say hi.")
+    assert "the answer is not valid JSON" in capsys.readouterr().err
+
+
+def test_commands_print_tables_and_errors_are_one_line(mlx, capsys):
+    mlx.run_line_magic("mlx", "load demo")
+    assert capsys.readouterr().out.startswith("demo: loaded, pid ")
+    mlx.run_line_magic("mlx", "list")
+    listed = capsys.readouterr().out
+    assert "model" in listed and "demo" in listed  # the text form of the table
+    mlx.run_line_magic("mlx", "settings")
+    assert "default_max_tokens" in capsys.readouterr().out
+    mlx.run_line_magic("mlx", "history 2")
+    assert capsys.readouterr().out.count("\n") == 4  # header, rule, 2 rows
+    mlx.run_line_magic("mlx", "cancel 0123")
+    assert "no request with id '0123'" in capsys.readouterr().err
+    for bad, says in [("load", "use %mlx load MODEL"), ("history many", "N from 1 to 500"),
+                      ("status now", "takes no arguments"), ("frobnicate", "unknown command")]:
+        mlx.run_line_magic("mlx", bad)
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1
