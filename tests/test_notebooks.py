@@ -159,3 +159,41 @@ def test_a_client_that_disconnects_cancels_its_request(live_server):
         time.sleep(0.05)
     record = live_server.get(f"mlx/api/requests/{request_id}").json()
     assert record["status"] == "cancelled" and record["finish_reason"] == "cancelled"
+
+
+def test_interrupting_the_kernel_cancels_the_request_on_the_server(kernel_env, tmp_path):
+    from jupyter_client.manager import start_new_kernel
+
+    notebook = str(tmp_path / "interrupted.ipynb")
+    worker = kernel_env.get("mlx/api/models/demo").json()
+    if worker["status"] != "loaded":
+        httpx.post(kernel_env.url + "mlx/api/models/demo/load", timeout=120,
+                   headers={"Authorization": f"token {kernel_env.token}"}).raise_for_status()
+        worker = kernel_env.get("mlx/api/models/demo").json()
+    manager, kernel = start_new_kernel(kernel_name="python3",
+                                       env={**os.environ, "JPY_SESSION_NAME": notebook})
+    try:
+        kernel.execute_interactive("%load_ext mlx_jupyter", timeout=60)
+        os.kill(worker["pid"], signal.SIGSTOP)  # the request stays running until we let go
+        try:
+            kernel.execute("%%mlx demo --max-tokens 4000\nTell a long story.")
+            deadline = time.monotonic() + 60
+            while not (running := kernel_env.get(
+                    "mlx/api/requests", params={"notebook": notebook, "status": "running"}
+                    ).json()["requests"]):
+                assert time.monotonic() < deadline, "the cell's request never started"
+                time.sleep(0.1)
+            manager.interrupt_kernel()
+            reply = kernel.get_shell_msg(timeout=60)
+        finally:
+            os.kill(worker["pid"], signal.SIGCONT)
+        assert reply["content"]["status"] == "ok"  # the magic took the interrupt itself
+        request_id = running[0]["id"]
+        deadline = time.monotonic() + 30
+        while kernel_env.get(f"mlx/api/requests/{request_id}").json()["status"] == "running":
+            assert time.monotonic() < deadline, "the interrupt did not cancel the request"
+            time.sleep(0.05)
+        assert kernel_env.get(f"mlx/api/requests/{request_id}").json()["status"] == "cancelled"
+    finally:
+        kernel.stop_channels()
+        manager.shutdown_kernel(now=True)
