@@ -12,6 +12,8 @@ from mlx_jupyter.kernel.options import interpolate, parse_cell
 
 @pytest.fixture(scope="module")
 def shell():
+    # A plain terminal-like shell, not one a kernel test left behind as the singleton.
+    InteractiveShell.clear_instance()
     shell = InteractiveShell.instance()
     yield shell
     InteractiveShell.clear_instance()
