@@ -6,9 +6,16 @@ STAMP  := $(VENV)/.installed
 OPENBLAS := /usr/lib/x86_64-linux-gnu/libopenblas.so.0
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
+# The JupyterLab sidebar: built with node into mlx_jupyter/labextension, which wheels ship.
+LABEXT_DIR   := labextension
+LABEXT       := mlx_jupyter/labextension/package.json
+NODE_MODULES := $(LABEXT_DIR)/node_modules/.package-lock.json
+LABEXT_SRC   := $(wildcard $(LABEXT_DIR)/src/*.ts $(LABEXT_DIR)/style/*) \
+                $(LABEXT_DIR)/package.json $(LABEXT_DIR)/tsconfig.json
+
 .PHONY: setup system-deps lab test bench clean
 
-setup: system-deps $(STAMP)
+setup: system-deps $(LABEXT) $(STAMP)
 
 # Linux only, and only where apt-get can install; elsewhere workers use mlx's bundled BLAS.
 system-deps:
@@ -16,6 +23,12 @@ system-deps:
 		echo "installing Debian's OpenBLAS for fast CPU generation"; \
 		apt-get update -qq && apt-get install -y -qq libopenblas0-pthread; \
 	fi
+# Chromium for the sidebar's browser tests (Playwright drives it; it never downloads a browser).
+	@if [ "$$(uname -s)" = Linux ] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then \
+		echo "installing Debian's Chromium for the browser tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	fi
+	@command -v npm >/dev/null || { echo "node and npm are needed to build the JupyterLab sidebar"; exit 1; }
 # PostgreSQL binaries for the store's PostgreSQL tests (they start a private cluster of their own).
 	@if [ "$$(uname -s)" = Linux ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
 		&& ! command -v initdb >/dev/null && command -v apt-get >/dev/null; then \
@@ -23,12 +36,22 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
 	fi
 
-$(STAMP): pyproject.toml
+$(NODE_MODULES): $(LABEXT_DIR)/package.json $(LABEXT_DIR)/package-lock.json
+	cd $(LABEXT_DIR) && npm ci --no-audit --no-fund --loglevel=error
+
+$(LABEXT): $(NODE_MODULES) $(LABEXT_SRC)
+	cd $(LABEXT_DIR) && npm run build
+
+# The sidebar is built first: the editable install copies it into the environment; a link
+# replaces that copy so that later rebuilds show at once.
+$(STAMP): pyproject.toml | $(LABEXT)
 	[ -x $(PYTHON) ] || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q -e ".[test]"
 	# jsonschema's optional rfc3987-syntax adds ~4 s to every server start and nothing needs it.
 	$(PYTHON) -m pip uninstall -q -y rfc3987-syntax
+	rm -rf $(VENV)/share/jupyter/labextensions/mlx-jupyter
+	ln -s $(CURDIR)/mlx_jupyter/labextension $(VENV)/share/jupyter/labextensions/mlx-jupyter
 	touch $(STAMP)
 
 lab: setup
@@ -44,4 +67,4 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/bench_serving.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) build dist *.egg-info mlx_jupyter/labextension $(LABEXT_DIR)/lib $(LABEXT_DIR)/node_modules

@@ -13,6 +13,11 @@ def _jupyter_server_extension_points() -> list[dict]:
     return [{"module": "mlx_jupyter.app", "app": MlxApp}]
 
 
+def _jupyter_labextension_paths() -> list[dict]:
+    # The JupyterLab sidebar, prebuilt into mlx_jupyter/labextension.
+    return [{"src": "labextension", "dest": "mlx-jupyter"}]
+
+
 def load_ipython_extension(ipython) -> None:
     from .kernel.magics import load_ipython_extension as load
 
