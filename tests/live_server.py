@@ -33,14 +33,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(root: Path, log_path: Path, timeout: float = 90.0) -> LiveServer:
+def start_server(root: Path, log_path: Path, timeout: float = 90.0, *,
+                 lab: bool = False) -> LiveServer:
+    """A Jupyter server with the extension; with `lab`, JupyterLab (for the browser tests)."""
     runtime_dir, root_dir = root / "runtime", root / "notebooks"
     root_dir.mkdir(parents=True, exist_ok=True)
     token, port = secrets.token_hex(16), free_port()
     # Its own runtime and data folders: kernels find it there, and its database is a new one.
     env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime_dir),
            "JUPYTER_DATA_DIR": str(root / "data"), "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root",
+    app = ["jupyter_server"]
+    if lab:
+        # No news pop-up, no update check: nothing of JupyterLab's own over the page.
+        settings = root / "lab-settings" / "@jupyterlab" / "apputils-extension"
+        settings.mkdir(parents=True, exist_ok=True)
+        (settings / "notification.jupyterlab-settings").write_text(
+            '{"fetchNews": "false", "checkForUpdates": false}')
+        app = ["jupyterlab", f"--LabApp.user_settings_dir={root / 'lab-settings'}",
+               "--LabApp.expose_app_in_browser=True",
+               "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+    command = [sys.executable, "-m", *app, "--no-browser", "--allow-root",
                "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
                "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
                f"--ServerApp.root_dir={root_dir}"]

@@ -53,11 +53,18 @@ async def test_every_generation_is_recorded_with_its_notebook_and_outcome(jp_fet
 
 @pytest.mark.parametrize("params, field", [
     ({"status": "done"}, "status"), ({"limit": 0}, "limit"), ({"limit": "x"}, "limit"),
-    ({"offset": -1}, "offset"), ({"color": "red"}, "color"),
+    ({"offset": -1}, "offset"), ({"color": "red"}, "color"), ({"123": "x"}, "123"),
 ])
 async def test_bad_history_queries_are_refused_naming_the_field(jp_fetch, params, field):
     code, message = await refused(jp_fetch, "requests", params=params)
     assert code == 400 and field in message
+
+
+async def test_jupyterlabs_cache_buster_is_not_a_field(jp_fetch):
+    # ServerConnection appends "&<milliseconds>" to every GET.
+    response = await jp_fetch("mlx", "api", "requests", method="GET",
+                              params={"limit": 2, "1795733111086": ""})
+    assert json.loads(response.body)["limit"] == 2
 
 
 async def test_an_unknown_request_id_is_a_404(jp_fetch):

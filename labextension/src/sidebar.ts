@@ -163,29 +163,26 @@ export class MlxSidebar extends Widget {
   }
 
   private recentList(): HTMLElement {
-    const rows = this.model.recent.map(row =>
-      h(
-        'tr',
-        { 'data-testid': `mlx-recent-${row.id}` },
-        h('td', { title: row.notebook || '' }, basename(row.notebook)),
-        h('td', {}, row.model),
-        h('td', {}, row.completion_tokens === null ? '' : String(row.completion_tokens)),
-        h('td', {}, tokensPerSecond(row)),
-        h('td', {}, row.status)
-      )
-    );
+    const items = this.model.recent.map(row => {
+      const speed = tokensPerSecond(row);
+      const facts = [
+        row.model,
+        row.completion_tokens === null ? null : `${row.completion_tokens} tokens`,
+        speed ? `${speed} tok/s` : null,
+        row.status
+      ].filter(Boolean);
+      return h(
+        'li',
+        { 'data-testid': `mlx-recent-${row.id}`, 'data-notebook': row.notebook || '', 'data-status': row.status },
+        h('div', { class: 'mlx-Recent-notebook', title: row.notebook || '' }, basename(row.notebook) || '(no notebook)'),
+        h('div', { class: 'mlx-Caption' }, facts.join(' · '))
+      );
+    });
     return h(
       'section',
       { 'data-testid': 'mlx-recent' },
       h('h3', {}, 'Recent requests'),
-      rows.length
-        ? h(
-            'table',
-            { class: 'mlx-Table' },
-            h('thead', {}, h('tr', {}, ...['notebook', 'model', 'tokens', 'tok/s', 'status'].map(t => h('th', {}, t)))),
-            h('tbody', {}, ...rows)
-          )
-        : h('div', { class: 'mlx-Empty' }, 'No requests yet.')
+      items.length ? h('ul', { class: 'mlx-List mlx-Recent' }, ...items) : h('div', { class: 'mlx-Empty' }, 'No requests yet.')
     );
   }
 }

@@ -91,8 +91,10 @@ def parse_body(schema: type[BodyT], body: bytes) -> BodyT:
 
 
 def parse_query(schema: type[BodyT], arguments: dict[str, list[bytes]]) -> BodyT:
-    """Validates query arguments (the last value of each wins)."""
-    values = {key: raw[-1].decode(errors="replace") for key, raw in arguments.items()}
+    """Validates query arguments (the last value of each wins). A bare number with no value is
+    a cache buster (JupyterLab's ServerConnection adds one to every GET), not a field."""
+    values = {key: raw[-1].decode(errors="replace") for key, raw in arguments.items()
+              if not (key.isdigit() and raw == [b""])}
     try:
         return schema.model_validate(values)
     except ValidationError as exc:
