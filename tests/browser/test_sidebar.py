@@ -3,8 +3,9 @@ real JupyterLab with the extension: open it, load the demo model, see a notebook
 unload it, and read a clear message when the server goes away. Screenshots go to
 test-artifacts/sidebar/."""
 
-import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ import httpx
 import pytest
 
 from live_server import start_server, stop_server
+
+from mlx_jupyter.models.registry import DEMO_MODEL_PATH
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "sidebar"
@@ -35,7 +38,10 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     root = tmp_path_factory.mktemp("lab")
-    server = start_server(root, root / "lab.log", lab=True)
+    # One model at a time: a second load while the first is pinned is refused (a 409).
+    server = start_server(root, root / "lab.log", lab=True,
+                          args=("--MlxApp.max_loaded_models=1",))
+    shutil.copytree(DEMO_MODEL_PATH, server.root_dir / "demo-copy")
     yield server
     if server.process.poll() is None:
         stop_server(server)
@@ -94,6 +100,22 @@ def test_load_makes_it_loaded_and_the_status_bar_says_so(page, lab):
     shot(page, "2-loaded")
 
 
+def test_a_refused_load_shows_the_servers_reason(page, lab):
+    httpx.post(lab.url + "mlx/api/models", headers={"Authorization": f"token {lab.token}"},
+               json={"name": "demo-copy", "path": str(lab.root_dir / "demo-copy")},
+               timeout=30).raise_for_status()
+    page.wait_for_selector('[data-testid="mlx-model-demo-copy"]')
+    page.click('[data-testid="mlx-pin-demo"]')
+    page.wait_for_selector('[data-testid="mlx-unpin-demo"]')
+    page.click('[data-testid="mlx-load-demo-copy"]')
+    error = page.wait_for_selector('[data-testid="mlx-action-error"]')
+    assert "load demo-copy: cannot load 'demo-copy'" in error.inner_text()
+    assert "pinned" in error.inner_text()
+    shot(page, "3-refused")
+    page.click('[data-testid="mlx-unpin-demo"]')
+    page.wait_for_selector('[data-testid="mlx-pin-demo"]')
+
+
 def test_a_generation_from_a_notebook_appears_in_the_recent_list(page, lab):
     headers = {"Authorization": f"token {lab.token}"}
     httpx.put(lab.url + "api/contents/sea.ipynb", headers=headers, timeout=30,
@@ -112,7 +134,24 @@ def test_a_generation_from_a_notebook_appears_in_the_recent_list(page, lab):
     assert "sea.ipynb" in recent and "demo" in recent and "completed" in recent
     history = lab.get("mlx/api/requests", params={"model": "demo"}).json()["requests"]
     assert any((r["notebook"] or "").endswith("sea.ipynb") for r in history)
-    shot(page, "3-generated")
+    shot(page, "4-generated")
+
+
+def test_cancel_in_the_queue_cancels_the_request(page, lab):
+    headers = {"Authorization": f"token {lab.token}"}
+    pid = lab.get("mlx/api/models/demo").json()["pid"]
+    os.kill(pid, signal.SIGSTOP)  # the job stays running until it is cancelled
+    try:
+        job = httpx.post(lab.url + "mlx/api/generate", headers=headers, timeout=30, json={
+            "model": "demo", "prompt": "The sea", "max_tokens": 2000, "background": True,
+        }).json()["request_id"]
+        page.wait_for_selector(f'[data-testid="mlx-request-{job}"]')
+        shot(page, "5-queue")
+        page.click(f'[data-testid="mlx-cancel-{job}"]')
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    page.wait_for_selector(f'[data-testid="mlx-request-{job}"]', state="detached")
+    assert lab.get(f"mlx/api/requests/{job}").json()["status"] == "cancelled"
 
 
 def test_unload_frees_it(page, lab):
@@ -122,7 +161,7 @@ def test_unload_frees_it(page, lab):
                  .textContent === 'unloaded'""")
     status = lab.get("mlx/api/status").json()
     assert status["models"]["loaded_count"] == 0 and status["memory"]["used_by_models"] == 0
-    shot(page, "4-unloaded")
+    shot(page, "6-unloaded")
 
 
 def test_a_server_that_goes_away_is_a_readable_message(page, lab):
@@ -130,4 +169,4 @@ def test_a_server_that_goes_away_is_a_readable_message(page, lab):
     error = page.wait_for_selector('[data-testid="mlx-error"]', timeout=60_000)
     assert "cannot be reached" in error.inner_text()
     assert "offline" in page.inner_text('[data-testid="mlx-statusbar"]')
-    shot(page, "5-server-gone")
+    shot(page, "7-server-gone")
