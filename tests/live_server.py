@@ -34,7 +34,7 @@ def free_port() -> int:
 
 
 def start_server(root: Path, log_path: Path, timeout: float = 90.0, *,
-                 lab: bool = False) -> LiveServer:
+                 lab: bool = False, args: tuple[str, ...] = ()) -> LiveServer:
     """A Jupyter server with the extension; with `lab`, JupyterLab (for the browser tests)."""
     runtime_dir, root_dir = root / "runtime", root / "notebooks"
     root_dir.mkdir(parents=True, exist_ok=True)
@@ -55,7 +55,7 @@ def start_server(root: Path, log_path: Path, timeout: float = 90.0, *,
     command = [sys.executable, "-m", *app, "--no-browser", "--allow-root",
                "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
                "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
-               f"--ServerApp.root_dir={root_dir}"]
+               f"--ServerApp.root_dir={root_dir}", *args]
     log = open(log_path, "wb")
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     server = LiveServer(f"http://127.0.0.1:{port}/", token, process, runtime_dir, root_dir)
