@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -23,6 +22,7 @@ from .client import auth_headers, resolve_server
 from .http import (
     DEFAULT_TIMEOUT,
     GenerationResult,
+    StreamBase,
     StreamReader,
     json_object,
     raise_for_status,
@@ -130,14 +130,10 @@ class AsyncClient:
     async def result(self, request_id: str, *, wait: bool = True,
                      timeout: float | None = None, poll_seconds: float = 0.25
                      ) -> GenerationResult | None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            result = calls.finished_result(await self.request(request_id))
-            if result is not None or not wait:
-                return result
-            if deadline is not None and time.monotonic() >= deadline:
-                return None
+        poll = calls.ResultPoll(wait, timeout)
+        while not poll.done(await self.request(request_id)):
             await asyncio.sleep(poll_seconds)
+        return poll.result
 
     async def _run(self, call: calls.Call) -> Any:
         with transport_errors(self.url):
@@ -147,17 +143,12 @@ class AsyncClient:
             return call.read(json_object(response))
 
 
-class AsyncEventStream:
+class AsyncEventStream(StreamBase):
     """`EventStream`, read with `async for`; `aclose()` before the end cancels."""
 
     def __init__(self, response: httpx.Response, *, model: str | None, url: str):
-        self._response = response
+        super().__init__(response, model=model, url=url)
         self._lines = response.aiter_lines()
-        self._url = url
-        self._finished = False
-        self._reader = StreamReader(model, response.headers.get("X-Request-Id"))
-        self.model = model or ""
-        self.request_id: str | None = self._reader.request_id
 
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         return self
@@ -167,14 +158,6 @@ class AsyncEventStream:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
-
-    @property
-    def text(self) -> str:
-        return self._reader.text
-
-    @property
-    def result(self) -> GenerationResult | None:
-        return self._reader.result
 
     async def aclose(self) -> None:
         self._finished = True

@@ -7,6 +7,7 @@ transport, so each request is written once.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -116,6 +117,20 @@ def generate_body(prompt: str | None, *, model: str | None, messages: Sequence[M
         del body["stream"]
     body.update({name: value for name, value in options.items() if value is not None})
     return body
+
+
+class ResultPoll:
+    """Waiting for a request's result: feed `done` each reading of the request until True."""
+
+    def __init__(self, wait: bool, timeout: float | None):
+        self._wait = wait
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self.result: GenerationResult | None = None  # None: not finished (yet)
+
+    def done(self, row: dict[str, Any]) -> bool:
+        self.result = finished_result(row)
+        return (self.result is not None or not self._wait
+                or (self._deadline is not None and time.monotonic() >= self._deadline))
 
 
 def finished_result(row: dict[str, Any]) -> GenerationResult | None:

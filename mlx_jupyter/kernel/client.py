@@ -28,6 +28,7 @@ from .discovery import TOKEN_ENV, ServerInfo, find_server
 from .http import (
     DEFAULT_TIMEOUT,
     GenerationResult,
+    StreamBase,
     StreamReader,
     json_object,
     raise_for_status,
@@ -170,14 +171,10 @@ class Client:
                poll_seconds: float = 0.25) -> GenerationResult | None:
         """The result of a request (a background job); with `wait`, polls until it ends.
         None if it has not ended (wait=False, or `timeout` seconds passed)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            result = calls.finished_result(self.request(request_id))
-            if result is not None or not wait:
-                return result
-            if deadline is not None and time.monotonic() >= deadline:
-                return None
+        poll = calls.ResultPoll(wait, timeout)
+        while not poll.done(self.request(request_id)):
             time.sleep(poll_seconds)
+        return poll.result
 
     def _run(self, call: calls.Call) -> Any:
         with transport_errors(self.url):
@@ -187,7 +184,7 @@ class Client:
             return call.read(json_object(response))
 
 
-class EventStream:
+class EventStream(StreamBase):
     """The events of one streaming generation, read from an NDJSON response.
 
     Raises ServerError when the server reports an error mid-stream, and
@@ -196,13 +193,8 @@ class EventStream:
     """
 
     def __init__(self, response: httpx.Response, *, model: str | None, url: str):
-        self._response = response
+        super().__init__(response, model=model, url=url)
         self._lines = response.iter_lines()
-        self._url = url
-        self._finished = False
-        self._reader = StreamReader(model, response.headers.get("X-Request-Id"))
-        self.model = model or ""
-        self.request_id: str | None = self._reader.request_id
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self
@@ -212,15 +204,6 @@ class EventStream:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    @property
-    def text(self) -> str:
-        """The text received so far."""
-        return self._reader.text
-
-    @property
-    def result(self) -> GenerationResult | None:
-        return self._reader.result
 
     def close(self) -> None:
         """Stops reading; before the final event, this cancels the generation."""
