@@ -129,6 +129,7 @@ class Worker:
         self._eos_stops = None
         self._waiting: collections.deque[_Request] = collections.deque()
         self._active: dict[int, _Request] = {}  # BatchGenerator uid -> request
+        self._in_step = False
 
     # -- commands -------------------------------------------------------------------------
 
@@ -151,7 +152,8 @@ class Worker:
 
     def send(self, message: dict[str, Any]) -> None:
         self._events.write(encode(message))
-        self._events.flush()
+        if not self._in_step:  # a step's events leave together, in one write (see _step)
+            self._events.flush()
 
     # -- model ----------------------------------------------------------------------------
 
@@ -297,7 +299,16 @@ class Worker:
         return self.tokenizer.encode(command.get("prompt") or "")
 
     def _step(self) -> None:
-        """One BatchGenerator step: a decode step for the batch and/or a prefill chunk."""
+        """One BatchGenerator step: a decode step for the batch and/or a prefill chunk. Its
+        events (a token for each request in the batch) go out in one write."""
+        self._in_step = True
+        try:
+            self._run_step()
+        finally:
+            self._in_step = False
+            self._events.flush()
+
+    def _run_step(self) -> None:
         try:
             _, responses = self._generator.next()
         except Exception as exc:
