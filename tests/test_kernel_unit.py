@@ -30,6 +30,7 @@ from mlx_jupyter.kernel import (
     ConnectionFailed,
     InvalidRequest,
     ModelNotFound,
+    QueueFull,
     ServerError,
     ServerInfo,
     ServerNotFound,
@@ -387,6 +388,26 @@ def test_a_bad_field_is_an_invalid_request(fake_server: FakeServer, client: Clie
         "message": "temperature: Input should be less than or equal to 2", "reason": None})
     with pytest.raises(InvalidRequest, match="^invalid request: temperature: Input should"):
         client.generate("Hi", model="demo", temperature=5.0)
+
+
+def test_a_full_queue_is_queue_full_with_its_retry_after(fake_server: FakeServer,
+                                                         client: Client):
+    # 256 waiting requests are needed to fill the real server's queue; the contract is enough.
+    message = "the inference queue is full (256 requests waiting); retry in 7 s"
+
+    def full(handler: _Handler) -> None:
+        body = json.dumps({"message": message, "reason": "QueueFull"}).encode()
+        handler.send_response(429)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Retry-After", "7")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    fake_server.routes[GENERATE] = full
+    with pytest.raises(QueueFull, match="^the inference queue is full") as info:
+        client.generate("Hi", model="demo")
+    assert (info.value.status, info.value.retry_after) == (429, 7.0)
 
 
 def test_a_worker_failure_is_a_server_error(fake_server: FakeServer, client: Client):
