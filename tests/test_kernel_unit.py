@@ -622,11 +622,16 @@ def test_cell_streams_markdown_in_place(mlx: Kernel, fake_server: FakeServer):
     output = mlx.run('%%mlx tiny --max-tokens 16 --stop END --system "Be brief."\nWhat is MLX?')
     assert_no_traceback(output)
     assert output.stderr == ""
-    assert fake_server.generate_bodies() == [{
+    [body] = fake_server.generate_bodies()
+    seed = body.pop("seed")  # the magic picks one when the cell samples without --seed
+    assert isinstance(seed, int) and 0 <= seed < 2**31
+    assert body == {
         "model": "tiny", "stream": True, "max_tokens": 16, "stop": ["END"],
         "messages": [{"role": "system", "content": "Be brief."},
-                     {"role": "user", "content": "What is MLX?"}]}]
+                     {"role": "user", "content": "What is MLX?"}]}
     answer, footer = output.displays[:-1], output.displays[-1]
+    made = answer[-1]["content"]["metadata"]["mlx_jupyter"]
+    assert (made["seed"], made["request_id"], made["model"]) == (seed, "req-1", "tiny")
     assert answer[0]["msg_type"] == "display_data"
     display_id = answer[0]["content"]["transient"]["display_id"]
     assert all(d["content"]["transient"]["display_id"] == display_id for d in answer)

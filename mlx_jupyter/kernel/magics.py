@@ -10,6 +10,7 @@ Errors are shown as one red line, never as a traceback, and do not raise.
 
 from __future__ import annotations
 
+import random
 import shlex
 import sys
 from typing import Any
@@ -56,7 +57,7 @@ HELP = f"""\
 {COMMANDS}
 From Python: `from mlx_jupyter import Client, panel`. Interrupt the kernel to cancel.
 `%config MlxMagics.default_model = "..."` (also default_format, default_max_tokens,
-default_temperature, system_prompt)."""
+default_temperature, system_prompt, interpolate, seed_every_answer)."""
 
 # Errors after which the next call discovers the server again: it may have restarted.
 _STALE_CLIENT_ERRORS = (ServerNotFound, ConnectionFailed, AuthenticationError)
@@ -79,13 +80,18 @@ class MlxMagics(Magics):
                             ).tag(config=True)
     interpolate = Bool(True, help="Fill {var}, {In[n]} and {Out[n]} in cells (unless "
                                   "--no-interpolate).").tag(config=True)
+    seed_every_answer = Bool(True, help="Send a random seed with cells that sample without "
+                                        "--seed, so the output's metadata holds the seed that "
+                                        "reproduces the answer.").tag(config=True)
 
     def __init__(self, shell: Any = None, **kwargs: Any):
         super().__init__(shell=shell, **kwargs)
         self._client: Client | None = None
+        self._panel: Any = None  # the last `%mlx panel`
         self.conversations: dict[str, list[dict[str, str]]] = {}
 
     def close(self) -> None:
+        self._close_panel()
         self._forget_client()
 
     @line_cell_magic
@@ -112,7 +118,8 @@ class MlxMagics(Magics):
 
     def _run_cell(self, line: str, cell: str) -> None:
         namespace = self.shell.user_ns if self.shell is not None and self.interpolate else None
-        request = self._with_defaults(parse_cell(line, cell, self.default_model, namespace))
+        request = self._with_defaults(parse_cell(line, cell, self.default_model, namespace,
+                                                 default_format=self.default_format))
         messages = self._conversation_messages(request)
         output = self._new_output(request.format)
         text, result = (_stream_to if request.stream else _generate_to)(
@@ -140,13 +147,14 @@ class MlxMagics(Magics):
             options["max_tokens"] = self.default_max_tokens
         if self.default_temperature is not None and "temperature" not in options:
             options["temperature"] = self.default_temperature
+        if self.seed_every_answer and "seed" not in options and options.get("temperature") != 0:
+            # A seed chosen here is recorded in the output's metadata: `--seed N` with it
+            # gives the same answer again, which a seed the server picked would not.
+            options["seed"] = random.randrange(2**31)
         messages = request.messages
         if self.system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
-        answer_format = request.format
-        if answer_format == "markdown" and self.default_format != "markdown":
-            answer_format = self.default_format  # -f markdown and no -f look the same
-        return CellRequest(request.model, messages, options, request.stream, answer_format,
+        return CellRequest(request.model, messages, options, request.stream, request.format,
                            request.output, request.chat)
 
     def _conversation_messages(self, request: CellRequest) -> list[dict[str, str]]:
@@ -256,7 +264,16 @@ class MlxMagics(Magics):
     def _show_panel(self) -> None:
         from .panel import Panel
 
-        display(Panel(self.client()))
+        # Running the cell again replaces its output, but a widget's refresh thread would
+        # outlive its view: the previous panel is closed first.
+        self._close_panel()
+        self._panel = Panel()  # its own client: the magic's may be replaced after an error
+        display(self._panel)
+
+    def _close_panel(self) -> None:
+        if self._panel is not None:
+            self._panel.close()
+            self._panel = None
 
     def _chat_command(self, args: list[str]) -> None:
         if not args or args == ["list"]:

@@ -35,6 +35,7 @@ class Panel(widgets.VBox):
 
     def __init__(self, client: Client | None = None, *,
                  refresh_seconds: float = REFRESH_SECONDS):
+        self._owns_client = client is None  # closed with the panel
         self.client = client if client is not None else Client()
         self.message = widgets.HTML()
         self._lock = threading.Lock()  # one refresh at a time, from any thread
@@ -76,6 +77,8 @@ class Panel(widgets.VBox):
         self.playground.stop()
         if self._poller is not None and self._poller is not threading.current_thread():
             self._poller.join(10)
+        if self._owns_client:
+            self.client.close()
         super().close()
 
     def attempt(self, action: Callable[[], Any], *, clear: bool = True) -> Any:
