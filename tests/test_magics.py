@@ -153,3 +153,19 @@ def test_showing_the_panel_again_stops_the_previous_one(mlx, capsys):
     finally:
         mlx.run_line_magic("load_ext", "mlx_jupyter")
     assert capsys.readouterr().err == ""
+
+
+def test_history_shows_what_a_chat_cell_asked_at_local_time(mlx, capsys):
+    mlx.run_cell_magic("mlx", 'demo --max-tokens 2 --temperature 0 --system "Be brief."',
+                       'Where is the "harbour"?')
+    capsys.readouterr()
+    mlx.run_line_magic("mlx", "history 1")
+    header, rule, row = capsys.readouterr().out.splitlines()
+    assert 'Where is the "harbour"?' in row and '"role"' not in row  # not the messages' JSON
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d  demo ", row)  # no microseconds, no zone
+
+
+def test_resetting_an_unknown_conversation_says_so(mlx, capsys):
+    mlx.run_line_magic("mlx", "chat reset nobody")
+    captured = capsys.readouterr()
+    assert "no conversation named 'nobody'" in captured.err and captured.out == ""

@@ -218,7 +218,7 @@ class MlxMagics(Magics):
         render.table(
             ["model", "status", "source", "memory estimate", "pinned", "uses", "last used"],
             [[m["name"], m["status"], m.get("source"), render.gigabytes(m.get("budget_bytes")),
-              m.get("pinned"), m.get("use_count"), m.get("last_used_at")]
+              m.get("pinned"), m.get("use_count"), render.when(m.get("last_used_at"))]
              for m in self.client().models()], empty="no models")
 
     def _show_status(self) -> None:
@@ -251,8 +251,9 @@ class MlxMagics(Magics):
     def _show_history(self, count: int) -> None:
         render.table(
             ["created", "model", "status", "tokens", "prompt", "request"],
-            [[row.get("created_at"), row.get("model"), row.get("status"),
-              row.get("completion_tokens"), (row.get("prompt_preview") or "")[:60], row["id"]]
+            [[render.when(row.get("created_at")), row.get("model"), row.get("status"),
+              row.get("completion_tokens"), render.prompt_preview(row.get("prompt_preview"), 60),
+              row["id"]]
              for row in self.client().history(count)], empty="no requests yet")
 
     def _show_settings(self) -> None:
@@ -281,10 +282,12 @@ class MlxMagics(Magics):
                          [[name, len(messages)] for name, messages in
                           sorted(self.conversations.items())], empty="no conversations")
         elif args[0] == "reset" and len(args) <= 2:
-            names = args[1:] or list(self.conversations)
+            if len(args) == 2 and args[1] not in self.conversations:
+                raise UsageError(f"no conversation named {args[1]!r}; `%mlx chat` lists them")
+            names = args[1:] or sorted(self.conversations)
             for name in names:
-                self.conversations.pop(name, None)
-            print(f"forgot {', '.join(names) or 'nothing'}")
+                del self.conversations[name]
+            print(f"forgot {', '.join(names)}" if names else "there were no conversations")
         else:
             raise UsageError("use %mlx chat [list | reset [NAME]]")
 

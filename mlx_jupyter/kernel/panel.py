@@ -19,7 +19,7 @@ import ipywidgets as widgets
 
 from .client import Client, EventStream
 from .errors import MlxError
-from .render import footer, gigabytes, html_table
+from .render import footer, gigabytes, html_table, prompt_preview, when
 
 REFRESH_SECONDS = 2.0
 _ACTIONS = ("load", "unload", "pin", "unpin")
@@ -292,8 +292,9 @@ class _HistoryTab:
     def show(self, rows: list[dict[str, Any]]) -> None:
         self.table.value = html_table(
             ["created", "model", "notebook", "status", "tokens", "prompt"],
-            [[r.get("created_at"), r.get("model"), r.get("notebook"), r.get("status"),
-              r.get("completion_tokens"), (r.get("prompt_preview") or "")[:80]] for r in rows],
+            [[when(r.get("created_at")), r.get("model"), r.get("notebook"), r.get("status"),
+              r.get("completion_tokens"), prompt_preview(r.get("prompt_preview"), 80)]
+             for r in rows],
             "No requests yet.")
 
 
