@@ -122,12 +122,12 @@ class MlxMagics(Magics):
                                                  default_format=self.default_format))
         messages = self._conversation_messages(request)
         output = self._new_output(request.format)
-        text, result = (_stream_to if request.stream else _generate_to)(
+        text, result, request_id = (_stream_to if request.stream else _generate_to)(
             output, self.client(), request, messages)
         bundle, problem = render.final_bundle(text, request.format)
         if result is None:  # interrupted: show what came, keep nothing
             output.finish(bundle, f"{request.model or 'mlx'} · cancelled",
-                          _metadata(request, result))
+                          _metadata(request, result, request_id))
             return
         output.finish(bundle, render.footer(request.model or "", result),
                       _metadata(request, result))
@@ -292,17 +292,24 @@ class MlxMagics(Magics):
             raise UsageError("use %mlx chat [list | reset [NAME]]")
 
 
+# What a cell got: the text, the result (None when interrupted) and the request's id if known.
+_Answer = tuple[str, GenerationResult | None, str | None]
+
+
 def _stream_to(output: render.Output, client: Client, request: CellRequest,
-               messages: list[dict[str, str]]) -> tuple[str, GenerationResult | None]:
+               messages: list[dict[str, str]]) -> _Answer:
     events: EventStream | None = None
     try:
         events = client.stream(model=request.model, messages=messages, **request.options)
         for event in events:
             if "text" in event:
                 output.update(events.text)
-        return events.text, events.result
+        result = events.result
+        return events.text, result, result.request_id if result else events.request_id
     except KeyboardInterrupt:
-        return (events.text if events is not None else ""), None
+        if events is None:
+            return "", None, None
+        return events.text, None, events.request_id  # the id came with the headers
     except MlxError:
         if events is not None:  # keep what arrived before the error
             output.finish({"text/plain": events.text, "text/markdown": events.text}, None)
@@ -313,20 +320,22 @@ def _stream_to(output: render.Output, client: Client, request: CellRequest,
 
 
 def _generate_to(output: render.Output, client: Client, request: CellRequest,
-                 messages: list[dict[str, str]]) -> tuple[str, GenerationResult | None]:
+                 messages: list[dict[str, str]]) -> _Answer:
     try:
         result = client.generate(model=request.model, messages=messages, **request.options)
     except KeyboardInterrupt:
-        # httpx drops the connection on the way out, which cancels the request.
-        return "", None
-    return result.text, result
+        # httpx drops the connection on the way out, which cancels the request. A whole
+        # answer has no headers before it, so its id is not known here.
+        return "", None, None
+    return result.text, result, result.request_id
 
 
-def _metadata(request: CellRequest, result: GenerationResult | None) -> dict[str, Any]:
-    """What the notebook keeps of how the answer was made."""
+def _metadata(request: CellRequest, result: GenerationResult | None,
+              request_id: str | None = None) -> dict[str, Any]:
+    """What the notebook keeps of how the answer was made (or cancelled)."""
     return {"mlx_jupyter": {
         "model": (result.model if result else None) or request.model,
-        "request_id": result.request_id if result else None,
+        "request_id": result.request_id if result else request_id,
         "parameters": request.options, "seed": request.options.get("seed"),
         "format": request.format, "chat": request.chat,
         "finish_reason": result.finish_reason if result else "cancelled",
