@@ -11,6 +11,7 @@ stops when closed, and shows errors inside itself instead of raising.
 from __future__ import annotations
 
 import html
+import random
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -238,6 +239,9 @@ class _Playground:
         messages = ([{"role": "system", "content": self.system.value}]
                     if self.system.value.strip() else [])
         messages.append({"role": "user", "content": self.prompt.value})
+        if not seed and self.temperature.value > 0:
+            # As in %%mlx: a seed chosen here and shown in the footer reproduces the answer.
+            seed = str(random.randrange(2**31))
         options = {"model": self.model.value.strip() or None, "messages": messages,
                    "max_tokens": self.max_tokens.value, "temperature": self.temperature.value,
                    "seed": int(seed) if seed else None}
@@ -271,7 +275,8 @@ class _Playground:
                 for event in self._events:
                     if "text" in event:
                         self.answer.value = self._events.text
-                self.footer.value = footer(options["model"] or "", self._events.result)
+                seed = f" · seed {options['seed']}" if options["seed"] is not None else ""
+                self.footer.value = footer(options["model"] or "", self._events.result) + seed
                 self.panel.say("")
 
             self.panel.attempt(stream)
