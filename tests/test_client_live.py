@@ -8,7 +8,14 @@ import time
 import pytest
 
 from mlx_jupyter import AsyncClient, Client
-from mlx_jupyter.kernel import InvalidRequest, ModelNotFound, ServerError
+from mlx_jupyter.kernel import (
+    Conflict,
+    InvalidRequest,
+    ModelNotFound,
+    NotFound,
+    RequestNotFound,
+    ServerError,
+)
 
 CHAT = [{"role": "user", "content": "Tell me about the sea."}]
 
@@ -68,10 +75,18 @@ def test_a_running_request_is_cancelled_and_its_result_says_so(client):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert client.result(job, wait=False) is None
+        with pytest.raises(Conflict, match="request\\(s\\) in flight") as busy:
+            client.unload("demo")
+        assert busy.value.status == 409 and "HTTP" not in str(busy.value)
         assert client.cancel(job)["status"] in ("cancelling", "cancelled")
     finally:
         os.kill(pid, signal.SIGCONT)
     assert client.result(job, timeout=60).finish_reason == "cancelled"
+    with pytest.raises(Conflict, match=f"request '{job}' is not running: it is cancelled"):
+        client.cancel(job)
+    with pytest.raises(RequestNotFound, match="no request with id") as unknown:
+        client.request("0" * 32)
+    assert isinstance(unknown.value, NotFound) and not isinstance(unknown.value, ModelNotFound)
 
 
 def test_settings_are_read_and_written(client):

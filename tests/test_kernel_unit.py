@@ -30,6 +30,7 @@ from mlx_jupyter.kernel import (
     ConnectionFailed,
     InvalidRequest,
     ModelNotFound,
+    QueueFull,
     ServerError,
     ServerInfo,
     ServerNotFound,
@@ -389,6 +390,26 @@ def test_a_bad_field_is_an_invalid_request(fake_server: FakeServer, client: Clie
         client.generate("Hi", model="demo", temperature=5.0)
 
 
+def test_a_full_queue_is_queue_full_with_its_retry_after(fake_server: FakeServer,
+                                                         client: Client):
+    # 256 waiting requests are needed to fill the real server's queue; the contract is enough.
+    message = "the inference queue is full (256 requests waiting); retry in 7 s"
+
+    def full(handler: _Handler) -> None:
+        body = json.dumps({"message": message, "reason": "QueueFull"}).encode()
+        handler.send_response(429)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Retry-After", "7")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    fake_server.routes[GENERATE] = full
+    with pytest.raises(QueueFull, match="^the inference queue is full") as info:
+        client.generate("Hi", model="demo")
+    assert (info.value.status, info.value.retry_after) == (429, 7.0)
+
+
 def test_a_worker_failure_is_a_server_error(fake_server: FakeServer, client: Client):
     fake_server.routes[GENERATE] = json_reply(503, {
         "message": "the worker for 'demo' exited\nwith code 1", "reason": "WorkerError"})
@@ -601,11 +622,16 @@ def test_cell_streams_markdown_in_place(mlx: Kernel, fake_server: FakeServer):
     output = mlx.run('%%mlx tiny --max-tokens 16 --stop END --system "Be brief."\nWhat is MLX?')
     assert_no_traceback(output)
     assert output.stderr == ""
-    assert fake_server.generate_bodies() == [{
+    [body] = fake_server.generate_bodies()
+    seed = body.pop("seed")  # the magic picks one when the cell samples without --seed
+    assert isinstance(seed, int) and 0 <= seed < 2**31
+    assert body == {
         "model": "tiny", "stream": True, "max_tokens": 16, "stop": ["END"],
         "messages": [{"role": "system", "content": "Be brief."},
-                     {"role": "user", "content": "What is MLX?"}]}]
+                     {"role": "user", "content": "What is MLX?"}]}
     answer, footer = output.displays[:-1], output.displays[-1]
+    made = answer[-1]["content"]["metadata"]["mlx_jupyter"]
+    assert (made["seed"], made["request_id"], made["model"]) == (seed, "req-1", "tiny")
     assert answer[0]["msg_type"] == "display_data"
     display_id = answer[0]["content"]["transient"]["display_id"]
     assert all(d["content"]["transient"]["display_id"] == display_id for d in answer)

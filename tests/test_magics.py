@@ -108,3 +108,64 @@ def test_commands_print_tables_and_errors_are_one_line(mlx, capsys):
         mlx.run_line_magic("mlx", bad)
         err = capsys.readouterr().err
         assert says in err and err.count("\n") == 1
+
+
+def test_a_sampled_answer_records_the_seed_that_reproduces_it(mlx, capsys, live_server):
+    from mlx_jupyter import Client
+
+    prompt = "Tell me about the sea."
+    with Client(live_server.url, live_server.token) as client:
+        mlx.run_cell_magic("mlx", "demo --max-tokens 16 --temperature 1.0 -o first", prompt)
+        [row] = client.history(1)
+        seed = client.request(row["id"])["parameters"]["seed"]
+        assert isinstance(seed, int)  # chosen by the magic: no --seed was given
+        mlx.run_cell_magic("mlx", f"demo --max-tokens 16 --temperature 1.0 --seed {seed} "
+                                  f"-o again", prompt)
+        assert mlx.user_ns["again"] == mlx.user_ns["first"] and mlx.user_ns["first"]
+        mlx.run_cell_magic("mlx", "demo --max-tokens 2 --temperature 0", prompt)  # greedy
+        [row] = client.history(1)
+        assert client.request(row["id"])["parameters"]["seed"] is None
+    assert capsys.readouterr().err == ""
+
+
+def test_an_explicit_format_wins_over_the_configured_default(mlx, capsys):
+    mlx.run_line_magic("config", "MlxMagics.default_format = 'json'")
+    try:
+        mlx.run_cell_magic("mlx", "demo -f markdown --max-tokens 4 --temperature 0", "Hi")
+        assert capsys.readouterr().err == ""  # markdown, so not checked as JSON
+        mlx.run_cell_magic("mlx", "demo --max-tokens 4 --temperature 0", "Hi")
+        assert "the answer is not valid JSON" in capsys.readouterr().err
+    finally:
+        mlx.run_line_magic("config", "MlxMagics.default_format = 'markdown'")
+
+
+def test_showing_the_panel_again_stops_the_previous_one(mlx, capsys):
+    magics = mlx.magics_manager.registry["MlxMagics"]
+    mlx.run_line_magic("mlx", "panel")
+    first = magics._panel
+    assert first.refreshing
+    mlx.run_line_magic("mlx", "panel")
+    assert magics._panel is not first and not first.refreshing and magics._panel.refreshing
+    second = magics._panel
+    mlx.run_line_magic("unload_ext", "mlx_jupyter")  # unloading closes it too
+    try:
+        assert not second.refreshing
+    finally:
+        mlx.run_line_magic("load_ext", "mlx_jupyter")
+    assert capsys.readouterr().err == ""
+
+
+def test_history_shows_what_a_chat_cell_asked_at_local_time(mlx, capsys):
+    mlx.run_cell_magic("mlx", 'demo --max-tokens 2 --temperature 0 --system "Be brief."',
+                       'Where is the "harbour"?')
+    capsys.readouterr()
+    mlx.run_line_magic("mlx", "history 1")
+    header, rule, row = capsys.readouterr().out.splitlines()
+    assert 'Where is the "harbour"?' in row and '"role"' not in row  # not the messages' JSON
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d  demo ", row)  # no microseconds, no zone
+
+
+def test_resetting_an_unknown_conversation_says_so(mlx, capsys):
+    mlx.run_line_magic("mlx", "chat reset nobody")
+    captured = capsys.readouterr()
+    assert "no conversation named 'nobody'" in captured.err and captured.out == ""

@@ -176,13 +176,16 @@ def test_interrupting_the_kernel_cancels_the_request_on_the_server(kernel_env, t
         kernel.execute_interactive("%load_ext mlx_jupyter", timeout=60)
         os.kill(worker["pid"], signal.SIGSTOP)  # the request stays running until we let go
         try:
-            kernel.execute("%%mlx demo --max-tokens 4000\nTell a long story.")
+            msg_id = kernel.execute("%%mlx demo --max-tokens 4000\nTell a long story.")
             deadline = time.monotonic() + 60
             while not (running := kernel_env.get(
                     "mlx/api/requests", params={"notebook": notebook, "status": "running"}
                     ).json()["requests"]):
                 assert time.monotonic() < deadline, "the cell's request never started"
                 time.sleep(0.1)
+            # The stream's headers, with the request id, follow the running status at once;
+            # a busy machine may still need a moment to hand them to the kernel.
+            time.sleep(0.5)
             manager.interrupt_kernel()
             reply = kernel.get_shell_msg(timeout=60)
         finally:
@@ -194,6 +197,19 @@ def test_interrupting_the_kernel_cancels_the_request_on_the_server(kernel_env, t
             assert time.monotonic() < deadline, "the interrupt did not cancel the request"
             time.sleep(0.05)
         assert kernel_env.get(f"mlx/api/requests/{request_id}").json()["status"] == "cancelled"
+        # The cell's output says it was cancelled, and which request it was.
+        footers = []
+        while True:
+            msg = kernel.get_iopub_msg(timeout=30)
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "display_data":
+                footers.append(msg["content"])
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                break
+        assert footers[-1]["data"]["text/plain"] == "demo · cancelled"
+        made = footers[-1]["metadata"]["mlx_jupyter"]
+        assert (made["request_id"], made["finish_reason"]) == (request_id, "cancelled")
     finally:
         kernel.stop_channels()
         manager.shutdown_kernel(now=True)

@@ -57,8 +57,16 @@ def test_the_playground_streams_an_answer_equal_to_the_api(control, client):
     assert playground.answer.value == expected.text and expected.text
     assert playground.footer.value.startswith("demo · ")
     assert not playground.generate.disabled and playground.stop_button.disabled
+    assert "seed" not in playground.footer.value  # greedy: nothing to seed
     control.refresh()
     assert "Tell me about the sea." in control.history_tab.table.value
+
+    playground.temperature.value = 1.0  # sampled: the footer shows the seed it was made with
+    playground.generate.click()
+    playground.wait(120)
+    seed = int(playground.footer.value.rsplit("· seed ", 1)[1])
+    [row] = client.history(1)
+    assert client.request(row["id"])["parameters"]["seed"] == seed
 
 
 def test_stop_cancels_the_generation_on_the_server(control, client):
@@ -79,7 +87,7 @@ def test_stop_cancels_the_generation_on_the_server(control, client):
         os.kill(pid, signal.SIGCONT)
     playground.wait(30)
     assert client.request(request_id)["status"] == "cancelled"
-    assert playground.footer.value.endswith("· cancelled") and playground._thread.is_alive() \
+    assert "· cancelled" in playground.footer.value and playground._thread.is_alive() \
         is False
 
 

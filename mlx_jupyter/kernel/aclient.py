@@ -119,7 +119,7 @@ class AsyncClient:
                     await response.aread()
                 finally:
                     await response.aclose()
-                raise_for_status(response, self.url, model_route=True)
+                raise_for_status(response, self.url, not_found=call.not_found)
         return AsyncEventStream(response, model=model, url=self.url)
 
     async def submit(self, prompt: str | None = None, *, model: str | None = None,
@@ -139,7 +139,7 @@ class AsyncClient:
         with transport_errors(self.url):
             response = await self._http.request(call.method, call.path, json=call.json,
                                                 params=call.params)
-            raise_for_status(response, self.url, model_route=call.model_route)
+            raise_for_status(response, self.url, not_found=call.not_found)
             return call.read(json_object(response))
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from .errors import InvalidRequest, ServerError
+from .errors import InvalidRequest, ModelNotFound, NotFound, RequestNotFound, ServerError
 from .http import GenerationResult, one_line, result_from_json
 
 GENERATE_PATH = "mlx/api/generate"
@@ -34,7 +34,8 @@ class Call:
     json: Any = None
     params: dict[str, Any] | None = None
     read: Callable[[dict[str, Any]], Any] = _same  # the answer's JSON -> what the method returns
-    model_route: bool = False  # a 404 names an unknown model, not a missing API
+    # What a 404 of ours means here (an unknown model, request, ...); None: the API is missing.
+    not_found: type[NotFound] | None = None
 
 
 def status() -> Call:
@@ -46,12 +47,12 @@ def models() -> Call:
 
 
 def model(name: str) -> Call:
-    return Call("GET", f"mlx/api/models/{_name(name)}", model_route=True)
+    return Call("GET", f"mlx/api/models/{_name(name)}", not_found=ModelNotFound)
 
 
 def model_action(name: str, action: str) -> Call:
     """load, unload, pin or unpin."""
-    return Call("POST", f"mlx/api/models/{_name(name)}/{action}", model_route=True)
+    return Call("POST", f"mlx/api/models/{_name(name)}/{action}", not_found=ModelNotFound)
 
 
 def queue() -> Call:
@@ -66,11 +67,13 @@ def history(limit: int, offset: int, **filters: str | None) -> Call:
 
 
 def request(request_id: str) -> Call:
-    return Call("GET", f"mlx/api/requests/{quote(request_id, safe='')}", model_route=True)
+    return Call("GET", f"mlx/api/requests/{quote(request_id, safe='')}",
+                not_found=RequestNotFound)
 
 
 def cancel(request_id: str) -> Call:
-    return Call("DELETE", f"mlx/api/requests/{quote(request_id, safe='')}", model_route=True)
+    return Call("DELETE", f"mlx/api/requests/{quote(request_id, safe='')}",
+                not_found=RequestNotFound)
 
 
 def settings() -> Call:
@@ -78,8 +81,7 @@ def settings() -> Call:
 
 
 def set_setting(key: str, value: Any) -> Call:
-    return Call("PUT", f"mlx/api/settings/{quote(key, safe='')}", json={"value": value},
-                model_route=True)
+    return Call("PUT", f"mlx/api/settings/{quote(key, safe='')}", json={"value": value})
 
 
 def generate(prompt: str | None, *, model: str | None, messages: Sequence[Message] | None,
@@ -87,9 +89,9 @@ def generate(prompt: str | None, *, model: str | None, messages: Sequence[Messag
     body = generate_body(prompt, model=model, messages=messages, stream=stream,
                          background=background, **options)
     if background:
-        return Call("POST", GENERATE_PATH, json=body, model_route=True,
+        return Call("POST", GENERATE_PATH, json=body, not_found=ModelNotFound,
                     read=lambda answer: str(answer["request_id"]))
-    return Call("POST", GENERATE_PATH, json=body, model_route=True,
+    return Call("POST", GENERATE_PATH, json=body, not_found=ModelNotFound,
                 read=lambda answer: result_from_json(answer, model or ""))
 
 

@@ -157,7 +157,7 @@ class Client:
                     response.read()  # the error's JSON body
                 finally:
                     response.close()
-                raise_for_status(response, self.url, model_route=True)
+                raise_for_status(response, self.url, not_found=call.not_found)
         return EventStream(response, model=model, url=self.url)
 
     def submit(self, prompt: str | None = None, *, model: str | None = None,
@@ -180,7 +180,7 @@ class Client:
         with transport_errors(self.url):
             response = self._http.request(call.method, call.path, json=call.json,
                                           params=call.params)
-            raise_for_status(response, self.url, model_route=call.model_route)
+            raise_for_status(response, self.url, not_found=call.not_found)
             return call.read(json_object(response))
 
 

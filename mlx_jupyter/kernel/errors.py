@@ -34,8 +34,30 @@ class InvalidRequest(MlxError):
     """The server rejected a parameter (HTTP 400)."""
 
 
-class ModelNotFound(MlxError):
+class NotFound(MlxError):
+    """The server has no such model, request or setting (HTTP 404)."""
+
+
+class ModelNotFound(NotFound):
     """The server does not know the model (HTTP 404)."""
+
+
+class RequestNotFound(NotFound):
+    """The history has no request with that id (HTTP 404)."""
+
+
+class Conflict(MlxError):
+    """The server cannot do it now (HTTP 409): a model busy with requests or too big for the
+    memory budget, or a request that already finished."""
+
+
+class QueueFull(MlxError):
+    """The server's queue is full (HTTP 429); `retry_after` says when to try again."""
+
+    def __init__(self, message: str, *, status: int | None = None,
+                 retry_after: float | None = None):
+        super().__init__(message, status=status)
+        self.retry_after = retry_after  # seconds, from the Retry-After header
 
 
 class ServerError(MlxError):

@@ -17,10 +17,12 @@ import httpx
 from .discovery import TOKEN_ENV
 from .errors import (
     AuthenticationError,
+    Conflict,
     ConnectionFailed,
     InvalidRequest,
     MlxError,
-    ModelNotFound,
+    NotFound,
+    QueueFull,
     ServerError,
     ServerNotFound,
 )
@@ -116,7 +118,11 @@ def transport_errors(url: str) -> Iterator[None]:
                                f"{one_line(str(exc)) or type(exc).__name__}") from None
 
 
-def raise_for_status(response: httpx.Response, url: str, *, model_route: bool = False) -> None:
+def raise_for_status(response: httpx.Response, url: str, *,
+                     not_found: type[NotFound] | None = None) -> None:
+    """Raises the typed error of an HTTP error answer. `not_found`: what a 404 with a message
+    of ours means on this route (ModelNotFound, RequestNotFound, ...); without it, or with
+    Jupyter's own "Not Found", a 404 means the extension is missing."""
     status = response.status_code
     if status < 400:
         return
@@ -127,8 +133,8 @@ def raise_for_status(response: httpx.Response, url: str, *, model_route: bool = 
             f"the Jupyter server refused the token{detail}; set {TOKEN_ENV} to its token "
             f"(`jupyter server list` shows it), or restart the kernel if the server was "
             f"restarted", status=status)
-    if status == 404 and model_route and message != "Not Found":
-        raise ModelNotFound(message, status=status)
+    if status == 404 and not_found is not None and message != "Not Found":
+        raise not_found(message, status=status)
     if status == 404:
         raise ServerNotFound(
             f"the Jupyter server at {url} has no mlx-jupyter API (HTTP 404); enable it with "
@@ -136,11 +142,23 @@ def raise_for_status(response: httpx.Response, url: str, *, model_route: bool = 
             status=status)
     if status == 400:
         raise InvalidRequest(f"invalid request: {message}", status=status)
+    if status == 409:
+        raise Conflict(message, status=status)
+    if status == 429:
+        retry_after = _seconds(response.headers.get("Retry-After"))
+        raise QueueFull(message, status=status, retry_after=retry_after)
     if status >= 500:
         raise ServerError(f"the server failed (HTTP {status}): {message.rstrip('.')}; see "
                           f"the Jupyter server log", status=status)
     raise MlxError(f"unexpected answer from the Jupyter server (HTTP {status}): {message}",
                    status=status)
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: the message says when, too
 
 
 def server_message(response: httpx.Response) -> str:

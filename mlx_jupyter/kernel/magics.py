@@ -10,6 +10,7 @@ Errors are shown as one red line, never as a traceback, and do not raise.
 
 from __future__ import annotations
 
+import random
 import shlex
 import sys
 from typing import Any
@@ -56,7 +57,7 @@ HELP = f"""\
 {COMMANDS}
 From Python: `from mlx_jupyter import Client, panel`. Interrupt the kernel to cancel.
 `%config MlxMagics.default_model = "..."` (also default_format, default_max_tokens,
-default_temperature, system_prompt)."""
+default_temperature, system_prompt, interpolate, seed_every_answer)."""
 
 # Errors after which the next call discovers the server again: it may have restarted.
 _STALE_CLIENT_ERRORS = (ServerNotFound, ConnectionFailed, AuthenticationError)
@@ -79,13 +80,18 @@ class MlxMagics(Magics):
                             ).tag(config=True)
     interpolate = Bool(True, help="Fill {var}, {In[n]} and {Out[n]} in cells (unless "
                                   "--no-interpolate).").tag(config=True)
+    seed_every_answer = Bool(True, help="Send a random seed with cells that sample without "
+                                        "--seed, so the output's metadata holds the seed that "
+                                        "reproduces the answer.").tag(config=True)
 
     def __init__(self, shell: Any = None, **kwargs: Any):
         super().__init__(shell=shell, **kwargs)
         self._client: Client | None = None
+        self._panel: Any = None  # the last `%mlx panel`
         self.conversations: dict[str, list[dict[str, str]]] = {}
 
     def close(self) -> None:
+        self._close_panel()
         self._forget_client()
 
     @line_cell_magic
@@ -112,15 +118,16 @@ class MlxMagics(Magics):
 
     def _run_cell(self, line: str, cell: str) -> None:
         namespace = self.shell.user_ns if self.shell is not None and self.interpolate else None
-        request = self._with_defaults(parse_cell(line, cell, self.default_model, namespace))
+        request = self._with_defaults(parse_cell(line, cell, self.default_model, namespace,
+                                                 default_format=self.default_format))
         messages = self._conversation_messages(request)
         output = self._new_output(request.format)
-        text, result = (_stream_to if request.stream else _generate_to)(
+        text, result, request_id = (_stream_to if request.stream else _generate_to)(
             output, self.client(), request, messages)
         bundle, problem = render.final_bundle(text, request.format)
         if result is None:  # interrupted: show what came, keep nothing
             output.finish(bundle, f"{request.model or 'mlx'} · cancelled",
-                          _metadata(request, result))
+                          _metadata(request, result, request_id))
             return
         output.finish(bundle, render.footer(request.model or "", result),
                       _metadata(request, result))
@@ -140,13 +147,14 @@ class MlxMagics(Magics):
             options["max_tokens"] = self.default_max_tokens
         if self.default_temperature is not None and "temperature" not in options:
             options["temperature"] = self.default_temperature
+        if self.seed_every_answer and "seed" not in options and options.get("temperature") != 0:
+            # A seed chosen here is recorded in the output's metadata: `--seed N` with it
+            # gives the same answer again, which a seed the server picked would not.
+            options["seed"] = random.randrange(2**31)
         messages = request.messages
         if self.system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
-        answer_format = request.format
-        if answer_format == "markdown" and self.default_format != "markdown":
-            answer_format = self.default_format  # -f markdown and no -f look the same
-        return CellRequest(request.model, messages, options, request.stream, answer_format,
+        return CellRequest(request.model, messages, options, request.stream, request.format,
                            request.output, request.chat)
 
     def _conversation_messages(self, request: CellRequest) -> list[dict[str, str]]:
@@ -210,7 +218,7 @@ class MlxMagics(Magics):
         render.table(
             ["model", "status", "source", "memory estimate", "pinned", "uses", "last used"],
             [[m["name"], m["status"], m.get("source"), render.gigabytes(m.get("budget_bytes")),
-              m.get("pinned"), m.get("use_count"), m.get("last_used_at")]
+              m.get("pinned"), m.get("use_count"), render.when(m.get("last_used_at"))]
              for m in self.client().models()], empty="no models")
 
     def _show_status(self) -> None:
@@ -243,8 +251,9 @@ class MlxMagics(Magics):
     def _show_history(self, count: int) -> None:
         render.table(
             ["created", "model", "status", "tokens", "prompt", "request"],
-            [[row.get("created_at"), row.get("model"), row.get("status"),
-              row.get("completion_tokens"), (row.get("prompt_preview") or "")[:60], row["id"]]
+            [[render.when(row.get("created_at")), row.get("model"), row.get("status"),
+              row.get("completion_tokens"), render.prompt_preview(row.get("prompt_preview"), 60),
+              row["id"]]
              for row in self.client().history(count)], empty="no requests yet")
 
     def _show_settings(self) -> None:
@@ -256,7 +265,16 @@ class MlxMagics(Magics):
     def _show_panel(self) -> None:
         from .panel import Panel
 
-        display(Panel(self.client()))
+        # Running the cell again replaces its output, but a widget's refresh thread would
+        # outlive its view: the previous panel is closed first.
+        self._close_panel()
+        self._panel = Panel()  # its own client: the magic's may be replaced after an error
+        display(self._panel)
+
+    def _close_panel(self) -> None:
+        if self._panel is not None:
+            self._panel.close()
+            self._panel = None
 
     def _chat_command(self, args: list[str]) -> None:
         if not args or args == ["list"]:
@@ -264,25 +282,34 @@ class MlxMagics(Magics):
                          [[name, len(messages)] for name, messages in
                           sorted(self.conversations.items())], empty="no conversations")
         elif args[0] == "reset" and len(args) <= 2:
-            names = args[1:] or list(self.conversations)
+            if len(args) == 2 and args[1] not in self.conversations:
+                raise UsageError(f"no conversation named {args[1]!r}; `%mlx chat` lists them")
+            names = args[1:] or sorted(self.conversations)
             for name in names:
-                self.conversations.pop(name, None)
-            print(f"forgot {', '.join(names) or 'nothing'}")
+                del self.conversations[name]
+            print(f"forgot {', '.join(names)}" if names else "there were no conversations")
         else:
             raise UsageError("use %mlx chat [list | reset [NAME]]")
 
 
+# What a cell got: the text, the result (None when interrupted) and the request's id if known.
+_Answer = tuple[str, GenerationResult | None, str | None]
+
+
 def _stream_to(output: render.Output, client: Client, request: CellRequest,
-               messages: list[dict[str, str]]) -> tuple[str, GenerationResult | None]:
+               messages: list[dict[str, str]]) -> _Answer:
     events: EventStream | None = None
     try:
         events = client.stream(model=request.model, messages=messages, **request.options)
         for event in events:
             if "text" in event:
                 output.update(events.text)
-        return events.text, events.result
+        result = events.result
+        return events.text, result, result.request_id if result else events.request_id
     except KeyboardInterrupt:
-        return (events.text if events is not None else ""), None
+        if events is None:
+            return "", None, None
+        return events.text, None, events.request_id  # the id came with the headers
     except MlxError:
         if events is not None:  # keep what arrived before the error
             output.finish({"text/plain": events.text, "text/markdown": events.text}, None)
@@ -293,20 +320,22 @@ def _stream_to(output: render.Output, client: Client, request: CellRequest,
 
 
 def _generate_to(output: render.Output, client: Client, request: CellRequest,
-                 messages: list[dict[str, str]]) -> tuple[str, GenerationResult | None]:
+                 messages: list[dict[str, str]]) -> _Answer:
     try:
         result = client.generate(model=request.model, messages=messages, **request.options)
     except KeyboardInterrupt:
-        # httpx drops the connection on the way out, which cancels the request.
-        return "", None
-    return result.text, result
+        # httpx drops the connection on the way out, which cancels the request. A whole
+        # answer has no headers before it, so its id is not known here.
+        return "", None, None
+    return result.text, result, result.request_id
 
 
-def _metadata(request: CellRequest, result: GenerationResult | None) -> dict[str, Any]:
-    """What the notebook keeps of how the answer was made."""
+def _metadata(request: CellRequest, result: GenerationResult | None,
+              request_id: str | None = None) -> dict[str, Any]:
+    """What the notebook keeps of how the answer was made (or cancelled)."""
     return {"mlx_jupyter": {
         "model": (result.model if result else None) or request.model,
-        "request_id": result.request_id if result else None,
+        "request_id": result.request_id if result else request_id,
         "parameters": request.options, "seed": request.options.get("seed"),
         "format": request.format, "chat": request.chat,
         "finish_reason": result.finish_reason if result else "cancelled",

@@ -85,7 +85,7 @@ def _cell_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(prog="%%mlx", usage=USAGE, add_help=False, allow_abbrev=False,
                              exit_on_error=False)
     parser.add_argument("model", nargs="?")
-    parser.add_argument("-f", "--format", choices=FORMATS, default="markdown")
+    parser.add_argument("-f", "--format", choices=FORMATS)
     parser.add_argument("--max-tokens", type=_bounded(int, 1, 32768))
     parser.add_argument("--temperature", type=_bounded(float, 0.0, 2.0))
     parser.add_argument("--top-p", type=_bounded(float, 0.0, 1.0, low_open=True))
@@ -101,7 +101,8 @@ def _cell_parser() -> argparse.ArgumentParser:
 
 
 def parse_cell(line: str, cell: str, default_model: str | None,
-               namespace: Mapping[str, Any] | None = None) -> CellRequest:
+               namespace: Mapping[str, Any] | None = None, *,
+               default_format: str = "markdown") -> CellRequest:
     """Parses a `%%mlx` line and its cell; raises UsageError on a bad option. With a
     namespace, placeholders in the cell are filled from it (unless --no-interpolate)."""
     try:
@@ -124,7 +125,8 @@ def parse_cell(line: str, cell: str, default_model: str | None,
                for name in ("max_tokens", "temperature", "top_p", "seed", "stop", "priority")
                if getattr(args, name) is not None}
     return CellRequest(model=args.model or default_model or None, messages=messages,
-                       options=options, stream=args.stream, format=args.format,
+                       options=options, stream=args.stream,
+                       format=args.format or default_format,
                        output=args.output, chat=args.chat)
 
 

@@ -11,6 +11,7 @@ stops when closed, and shows errors inside itself instead of raising.
 from __future__ import annotations
 
 import html
+import random
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +20,7 @@ import ipywidgets as widgets
 
 from .client import Client, EventStream
 from .errors import MlxError
-from .render import footer, gigabytes, html_table
+from .render import footer, gigabytes, html_table, prompt_preview, when
 
 REFRESH_SECONDS = 2.0
 _ACTIONS = ("load", "unload", "pin", "unpin")
@@ -35,6 +36,7 @@ class Panel(widgets.VBox):
 
     def __init__(self, client: Client | None = None, *,
                  refresh_seconds: float = REFRESH_SECONDS):
+        self._owns_client = client is None  # closed with the panel
         self.client = client if client is not None else Client()
         self.message = widgets.HTML()
         self._lock = threading.Lock()  # one refresh at a time, from any thread
@@ -76,6 +78,8 @@ class Panel(widgets.VBox):
         self.playground.stop()
         if self._poller is not None and self._poller is not threading.current_thread():
             self._poller.join(10)
+        if self._owns_client:
+            self.client.close()
         super().close()
 
     def attempt(self, action: Callable[[], Any], *, clear: bool = True) -> Any:
@@ -235,6 +239,9 @@ class _Playground:
         messages = ([{"role": "system", "content": self.system.value}]
                     if self.system.value.strip() else [])
         messages.append({"role": "user", "content": self.prompt.value})
+        if not seed and self.temperature.value > 0:
+            # As in %%mlx: a seed chosen here and shown in the footer reproduces the answer.
+            seed = str(random.randrange(2**31))
         options = {"model": self.model.value.strip() or None, "messages": messages,
                    "max_tokens": self.max_tokens.value, "temperature": self.temperature.value,
                    "seed": int(seed) if seed else None}
@@ -268,7 +275,8 @@ class _Playground:
                 for event in self._events:
                     if "text" in event:
                         self.answer.value = self._events.text
-                self.footer.value = footer(options["model"] or "", self._events.result)
+                seed = f" · seed {options['seed']}" if options["seed"] is not None else ""
+                self.footer.value = footer(options["model"] or "", self._events.result) + seed
                 self.panel.say("")
 
             self.panel.attempt(stream)
@@ -289,8 +297,9 @@ class _HistoryTab:
     def show(self, rows: list[dict[str, Any]]) -> None:
         self.table.value = html_table(
             ["created", "model", "notebook", "status", "tokens", "prompt"],
-            [[r.get("created_at"), r.get("model"), r.get("notebook"), r.get("status"),
-              r.get("completion_tokens"), (r.get("prompt_preview") or "")[:80]] for r in rows],
+            [[when(r.get("created_at")), r.get("model"), r.get("notebook"), r.get("status"),
+              r.get("completion_tokens"), prompt_preview(r.get("prompt_preview"), 80)]
+             for r in rows],
             "No requests yet.")
 
 

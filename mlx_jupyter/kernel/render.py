@@ -11,6 +11,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from IPython.display import display, update_display
@@ -152,6 +153,40 @@ def html_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], empty: str
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(value))}</td>" for value in row)
                    + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def when(value: object) -> str:
+    """A time from the server (ISO 8601, UTC) in this machine's time zone, to the second."""
+    if not isinstance(value, str) or not value:
+        return "" if value is None else str(value)
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return value
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)  # the server keeps UTC
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+_MESSAGE = re.compile(r'"role":\s*"(\w+)",\s*"content":\s*"((?:[^"\\]|\\.)*)"')
+
+
+def prompt_preview(preview: str | None, chars: int) -> str:
+    """What a history row asked, in at most `chars` characters. A chat request's preview is
+    the start of its messages as JSON, cut short by the server: the last user message that
+    is whole in it stands for the request, not the brackets and keys."""
+    text = preview or ""
+    if text.startswith("[{"):
+        messages = _MESSAGE.findall(text)
+        users = [content for role, content in messages if role == "user"]
+        if messages:
+            content = (users or [messages[-1][1]])[-1]
+            try:
+                text = json.loads(f'"{content}"')  # its escapes, \n and \uXXXX
+            except ValueError:
+                text = content
+    text = " ".join(text.split())
+    return text if len(text) <= chars else text[:chars - 1] + "…"
 
 
 def gigabytes(value: object) -> str:
