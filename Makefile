@@ -13,7 +13,7 @@ NODE_MODULES := $(LABEXT_DIR)/node_modules/.package-lock.json
 LABEXT_SRC   := $(wildcard $(LABEXT_DIR)/src/*.ts $(LABEXT_DIR)/style/*) \
                 $(LABEXT_DIR)/package.json $(LABEXT_DIR)/tsconfig.json
 
-.PHONY: setup system-deps lab test bench clean
+.PHONY: setup system-deps browser-deps lab test bench clean
 
 setup: system-deps $(LABEXT) $(STAMP)
 
@@ -22,11 +22,6 @@ system-deps:
 	@if [ "$$(uname -s)" = Linux ] && [ ! -e $(OPENBLAS) ] && command -v apt-get >/dev/null; then \
 		echo "installing Debian's OpenBLAS for fast CPU generation"; \
 		apt-get update -qq && apt-get install -y -qq libopenblas0-pthread; \
-	fi
-# Chromium for the sidebar's browser tests (Playwright drives it; it never downloads a browser).
-	@if [ "$$(uname -s)" = Linux ] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then \
-		echo "installing Debian's Chromium for the browser tests"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	fi
 	@command -v npm >/dev/null || { echo "node and npm are needed to build the JupyterLab sidebar"; exit 1; }
 # PostgreSQL binaries for the store's PostgreSQL tests (they start a private cluster of their own).
@@ -57,7 +52,14 @@ $(STAMP): pyproject.toml | $(LABEXT)
 lab: setup
 	$(VENV)/bin/jupyter lab --ip=127.0.0.1 $(ROOT_FLAG) $(LAB_ARGS)
 
-test: setup
+# Chromium for the sidebar's browser tests (Playwright drives it; it never downloads a browser).
+browser-deps:
+	@if [ "$$(uname -s)" = Linux ] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then \
+		echo "installing Debian's Chromium for the browser tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	fi
+
+test: setup browser-deps
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 bench: setup

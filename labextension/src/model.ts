@@ -14,6 +14,8 @@ export class MlxModel {
   queue: Queue | null = null;
   recent: HistoryRow[] = [];
   error: string | null = null; // why the last refresh failed
+  // While the sidebar is closed only the status bar shows: one cheap request per poll.
+  detailed = false;
   actionError: string | null = null; // why the last button press failed
   busy = new Set<string>(); // models with an action under way
 
@@ -69,6 +71,10 @@ export class MlxModel {
 
   private async _refresh(): Promise<void> {
     try {
+      if (!this.detailed) {
+        Object.assign(this, { status: await api.status(), error: null });
+        return;
+      }
       const [status, models, queue, recent] = await Promise.all([
         api.status(),
         api.models(),

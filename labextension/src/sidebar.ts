@@ -57,8 +57,17 @@ export class MlxSidebar extends Widget {
     this.render();
   }
 
+  protected onAfterAttach(): void {
+    this.model.detailed = this.isVisible; // a layout restored with the panel open
+  }
+
   protected onAfterShow(): void {
+    this.model.detailed = true;
     void this.model.refresh(); // fresh figures the moment it is opened
+  }
+
+  protected onAfterHide(): void {
+    this.model.detailed = false;
   }
 
   dispose(): void {
