@@ -62,15 +62,9 @@ class StreamReader:
         if not event.get("done"):
             self.pieces.append(str(event.get("text", "")))
             return event
-        request_id = str(event.get("request_id") or self.request_id or "")
-        if event.get("finish_reason") == "error":
-            message = one_line(str(event.get("error") or "unknown error")).rstrip(".")
-            raise ServerError(f"generation failed: {message}; see the Jupyter server log "
-                              f"(request {request_id})", request_id=request_id)
-        self.result = GenerationResult(
-            text=self.text, request_id=request_id, model=str(event.get("model") or self.model),
-            finish_reason=str(event.get("finish_reason", "stop")),
-            usage=event.get("usage") or {}, timings=event.get("timings") or {})
+        self.result = result_from_json(
+            {**event, "text": self.text,
+             "request_id": event.get("request_id") or self.request_id or ""}, self.model)
         return event
 
     @staticmethod
@@ -194,10 +188,14 @@ def parse_event(line: str) -> dict[str, Any]:
 
 
 def result_from_json(body: dict[str, Any], model: str) -> GenerationResult:
+    """The result of a whole answer, or of a stream's last event with its text; raises
+    ServerError for a generation that failed."""
     if body.get("finish_reason") == "error":
         message = one_line(str(body.get("error") or "unknown error")).rstrip(".")
-        raise ServerError(f"generation failed: {message}; see the Jupyter server log",
-                          request_id=body.get("request_id"))
+        request_id = body.get("request_id")
+        where = f" (request {request_id})" if request_id else ""
+        raise ServerError(f"generation failed: {message}; see the Jupyter server log{where}",
+                          request_id=request_id)
     return GenerationResult(
         text=str(body.get("text", "")), request_id=str(body.get("request_id", "")),
         model=str(body.get("model") or model),

@@ -207,9 +207,7 @@ class MlxMagics(Magics):
 
     def _model_action(self, action: str, args: list[str]) -> None:
         name = _one_argument(action, args, "MODEL")
-        client = self.client()
-        model = client.pin(name, action == "pin") if action in ("pin", "unpin") else \
-            getattr(client, action)(name)
+        model = getattr(self.client(), action)(name)
         pid = f", pid {model['pid']}" if model.get("pid") else ""
         print(f"{model['name']}: {model['status']}{pid}"
               f"{', pinned' if model.get('pinned') else ''}")
@@ -239,14 +237,8 @@ class MlxMagics(Magics):
                   f"{render.gigabytes(model.get('rss_bytes'))} resident)")
 
     def _show_queue(self) -> None:
-        rows = []
-        for name, model in sorted(self.client().queue().get("models", {}).items()):
-            rows += [[name, "running", r["request_id"], r["priority"], "", "",
-                      r["waited_seconds"]] for r in model.get("active", [])]
-            rows += [[name, "queued", r["request_id"], r["priority"], r["position"],
-                      r.get("eta_seconds"), r["waited_seconds"]] for r in model.get("queued", [])]
-        render.table(["model", "state", "request", "priority", "position", "ETA s", "waited s"],
-                     rows, empty="the queue is empty")
+        render.table(render.QUEUE_HEADERS, render.queue_rows(self.client().queue()),
+                     empty="the queue is empty")
 
     def _show_history(self, count: int) -> None:
         render.table(
@@ -257,9 +249,7 @@ class MlxMagics(Magics):
              for row in self.client().history(count)], empty="no requests yet")
 
     def _show_settings(self) -> None:
-        render.table(["setting", "value", "default", "what it does"],
-                     [[key, s["value"], s["default"], s["description"]]
-                      for key, s in sorted(self.client().settings().items())],
+        render.table(render.SETTINGS_HEADERS, render.settings_rows(self.client().settings()),
                      empty="no settings")
 
     def _show_panel(self) -> None:

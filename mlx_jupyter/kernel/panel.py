@@ -20,7 +20,17 @@ import ipywidgets as widgets
 
 from .client import Client, EventStream
 from .errors import MlxError
-from .render import footer, gigabytes, html_table, prompt_preview, when
+from .render import (
+    QUEUE_HEADERS,
+    SETTINGS_HEADERS,
+    footer,
+    gigabytes,
+    html_table,
+    prompt_preview,
+    queue_rows,
+    settings_rows,
+    when,
+)
 
 REFRESH_SECONDS = 2.0
 _ACTIONS = ("load", "unload", "pin", "unpin")
@@ -164,9 +174,7 @@ class _ModelsTab:
 
     def _act(self, name: str, action: str) -> None:
         self.panel.say(f"{action} {name}…")
-        client = self.panel.client
-        done = self.panel.attempt(lambda: client.pin(name, action == "pin")
-                                  if action in ("pin", "unpin") else getattr(client, action)(name))
+        done = self.panel.attempt(lambda: getattr(self.panel.client, action)(name))
         if done is not None:
             self.panel.say(f"{name}: {done['status']}{' (pinned)' if done.get('pinned') else ''}")
             self.panel.refresh()
@@ -182,14 +190,7 @@ class _QueueTab:
         self.box = widgets.VBox([self.table, widgets.HBox([self.request_id, self.cancel])])
 
     def show(self, queue: dict[str, Any]) -> None:
-        rows = []
-        for name, model in sorted(queue.get("models", {}).items()):
-            rows += [[name, "running", r["request_id"], r["priority"], "", r["waited_seconds"]]
-                     for r in model.get("active", [])]
-            rows += [[name, f"queued #{r['position']}", r["request_id"], r["priority"],
-                      r.get("eta_seconds"), r["waited_seconds"]] for r in model.get("queued", [])]
-        self.table.value = html_table(["model", "state", "request", "priority", "ETA s",
-                                        "waited s"], rows, "The queue is empty.")
+        self.table.value = html_table(QUEUE_HEADERS, queue_rows(queue), "The queue is empty.")
 
     def _cancel(self) -> None:
         request_id = self.request_id.value.strip()
@@ -324,9 +325,7 @@ class _SettingsTab:
             return
         self._kinds = {key: s["type"] for key, s in settings.items()}
         self.key.options = sorted(settings)
-        self.table.value = html_table(["setting", "value", "default", "what it does"],
-                                       [[k, s["value"], s["default"], s["description"]]
-                                        for k, s in sorted(settings.items())], "No settings.")
+        self.table.value = html_table(SETTINGS_HEADERS, settings_rows(settings), "No settings.")
 
     def _save(self) -> None:
         key, text = self.key.value, self.value.value.strip()

@@ -199,3 +199,24 @@ def _cell(value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else ""
     return " ".join(str(value).split())
+
+
+QUEUE_HEADERS = ["model", "state", "request", "priority", "position", "ETA s", "waited s"]
+SETTINGS_HEADERS = ["setting", "value", "default", "what it does"]
+
+
+def queue_rows(queue: dict[str, Any]) -> list[list[Any]]:
+    """The rows of `GET mlx/api/queue` under QUEUE_HEADERS: running, then waiting, per model."""
+    rows: list[list[Any]] = []
+    for name, model in sorted(queue.get("models", {}).items()):
+        rows += [[name, "running", r["request_id"], r["priority"], "", "", r["waited_seconds"]]
+                 for r in model.get("active", [])]
+        rows += [[name, "queued", r["request_id"], r["priority"], r["position"],
+                  r.get("eta_seconds"), r["waited_seconds"]] for r in model.get("queued", [])]
+    return rows
+
+
+def settings_rows(settings: dict[str, dict[str, Any]]) -> list[list[Any]]:
+    """The rows of `GET mlx/api/settings` under SETTINGS_HEADERS."""
+    return [[key, s["value"], s["default"], s["description"]]
+            for key, s in sorted(settings.items())]
