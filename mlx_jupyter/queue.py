@@ -214,11 +214,10 @@ class Generation:
         if self._deadline is not None:
             self._deadline.cancel()
         self._queue.finished(self, model_acquired=model_acquired)
-        if self._queue.metrics is not None:
-            ttft = None if self._first_text is None else self._first_text - self._submitted
-            self._queue.metrics.request_ended(
-                self.model, str(outcome["status"]), ttft_seconds=ttft, usage=self._usage,
-                duration_seconds=time.perf_counter() - self._submitted)
+        ttft = None if self._first_text is None else self._first_text - self._submitted
+        self._queue.metrics.request_ended(
+            self.model, str(outcome["status"]), ttft_seconds=ttft, usage=self._usage,
+            duration_seconds=time.perf_counter() - self._submitted)
         # Written behind: the answer is out; its history must not delay it (a failed write is
         # logged by the store service).
         self._queue.store.update_request(
@@ -231,7 +230,7 @@ class InferenceQueue:
                  aging_seconds: float = 30.0, metrics: Metrics | None = None):
         self.manager = manager
         self.store = store
-        self.metrics = metrics
+        self.metrics = metrics if metrics is not None else Metrics()
         self.max_active_per_model = max_active_per_model
         self.max_queued = max_queued
         self.aging_seconds = aging_seconds
@@ -389,8 +388,7 @@ class InferenceQueue:
             active[chosen.id] = chosen
             chosen._admitted_at = time.perf_counter()
             chosen._admitted.set_result(True)
-            if self.metrics is not None:
-                self.metrics.request_admitted(model, chosen._admitted_at - chosen._submitted)
+            self.metrics.request_admitted(model, chosen._admitted_at - chosen._submitted)
 
     def _admission_order(self, model: str) -> list[Generation]:
         now = time.perf_counter()

@@ -98,7 +98,7 @@ class ModelManager:
         """File work (resolving and estimating a model) runs on the thread pool through
         `run_blocking`; `on_status(name, status, error)` persists status changes."""
         self.registry = registry
-        self.metrics = metrics
+        self.metrics = metrics if metrics is not None else Metrics()
         self.limits = limits
         self._settings = worker_settings
         self._run_blocking = run_blocking
@@ -225,7 +225,7 @@ class ModelManager:
                 slot.budget_bytes = self.limits.worker_base_bytes + estimate
             except MlxJupyterError as exc:
                 self._set_status(slot, ModelStatus.FAILED, error=str(exc))
-                self._count_load_failure(slot)
+                self.metrics.model_load_failed(slot.name)
                 raise
             for victim in self._eviction_plan(slot):
                 await self._stop(victim, "evicted", f"to make room for {slot.name!r}")
@@ -241,13 +241,12 @@ class ModelManager:
                 await worker.start()
             except BaseException as exc:
                 self._set_status(slot, ModelStatus.FAILED, error=str(exc))
-                self._count_load_failure(slot)
+                self.metrics.model_load_failed(slot.name)
                 raise
             slot.worker = worker
             self._touch(slot)
             self._set_status(slot, ModelStatus.LOADED)
-            if self.metrics is not None:
-                self.metrics.model_loaded(slot.name)
+            self.metrics.model_loaded(slot.name)
             if slot.active_requests == 0:
                 self._start_idle_timer(slot)
 
@@ -295,8 +294,7 @@ class ModelManager:
             await worker.stop()
         log.info("model %s unloaded (%s)", slot.name, f"{reason} {detail}".strip())
         self._set_status(slot, ModelStatus.UNLOADED)
-        if self.metrics is not None:
-            self.metrics.model_unloaded(slot.name, reason)
+        self.metrics.model_unloaded(slot.name, reason)
 
     def _worker_exited(self, worker: WorkerProxy) -> None:
         slot = self._slots.get(worker.model_name)
@@ -304,8 +302,7 @@ class ModelManager:
             slot.worker = None
             self._stop_idle_timer(slot)
             self._set_status(slot, ModelStatus.FAILED, error=worker.exit_error)
-            if self.metrics is not None:
-                self.metrics.model_unloaded(slot.name, "worker_exited")
+            self.metrics.model_unloaded(slot.name, "worker_exited")
 
     # -- idle unload ----------------------------------------------------------------------
 
@@ -330,10 +327,6 @@ class ModelManager:
             task.add_done_callback(self._background.discard)
 
     # -- bookkeeping ----------------------------------------------------------------------
-
-    def _count_load_failure(self, slot: ModelSlot) -> None:
-        if self.metrics is not None:
-            self.metrics.model_load_failed(slot.name)
 
     def _touch(self, slot: ModelSlot) -> None:
         slot.last_used = time.monotonic()
