@@ -19,7 +19,7 @@ from tornado.iostream import StreamClosedError
 from .._version import __version__
 from ..errors import MlxJupyterError
 from ..queue import Generation
-from .openapi import document, operation
+from .openapi import operation
 from .schemas import (
     ForgetQuery,
     GenerateRequest,
@@ -95,9 +95,9 @@ class OpenAPIHandler(MlxHandler):
     @operation("This document: every mlx route, OpenAPI 3.1", tag="status")
     @endpoint
     async def get(self) -> None:
-        from .routes import ROUTES  # the route table imports this module
+        from .routes import openapi_document  # the route table imports this module
 
-        self.write_json(document(ROUTES, base_url=self.base_url))
+        self.write_json(openapi_document(self.base_url))
 
 
 class StatusHandler(MlxHandler):

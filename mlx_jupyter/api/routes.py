@@ -1,5 +1,7 @@
 """The route table, relative to the server's base_url."""
 
+import functools
+
 from .handlers import (
     DatabaseHandler,
     GenerateHandler,
@@ -21,6 +23,7 @@ from .openai_handlers import (
     ModelsV1Handler,
     ModelV1Handler,
 )
+from .openapi import document
 
 API = r"mlx/api"
 V1 = r"mlx/v1"
@@ -46,3 +49,10 @@ ROUTES = [
     (rf"{V1}/completions", CompletionsHandler),
     (r"mlx/metrics", MetricsHandler),
 ]
+
+
+@functools.cache
+def openapi_document(base_url: str) -> dict:
+    """The OpenAPI document of ROUTES: fixed for the life of the process, built once (it takes
+    a few milliseconds of the event loop)."""
+    return document(ROUTES, base_url=base_url)
