@@ -96,18 +96,11 @@ class MlxApp(ExtensionApp):
                                      "to its files invalidates it at once).")
 
     blas_threads = Int(
-        0, config=True,
+        0, min=0, config=True,
         help="Threads of the BLAS library in each model worker. 0: one thread for models "
              "estimated under 64 MiB (their matrices are too small to gain from more; the "
              "demo decodes as fast with one), the library's default (all cores) for larger "
              "ones, unless OPENBLAS_NUM_THREADS is set in the server's environment.")
-
-    @validate("blas_threads")
-    def _valid_blas_threads(self, proposal: dict) -> int:
-        if proposal["value"] < 0:
-            raise TraitError("c.MlxApp.blas_threads must be 0 (automatic) or a positive "
-                             f"number of threads, not {proposal['value']}")
-        return proposal["value"]
 
     max_batch_size = Int(
         8, config=True,

@@ -23,5 +23,5 @@ def test_blas_threads_must_not_be_negative():
     app = MlxApp()
     app.blas_threads = 3
     assert app.blas_threads == 3
-    with pytest.raises(TraitError, match="c.MlxApp.blas_threads"):
+    with pytest.raises(TraitError, match="'blas_threads'.*should not be less than 0"):
         app.blas_threads = -1
