@@ -8,10 +8,11 @@ stdout. fd 1 is then pointed at stderr, so a library that prints cannot corrupt 
 Threads: a reader thread only parses commands and queues them; every MLX computation runs on
 the main thread (MLX streams are thread-local).
 
-Continuous batching: the main thread runs one `mlx_lm.generate.BatchGenerator`. Requests that
-arrive while others are generating join the running batch between two decode steps, up to
-``--max-batch-size`` (default 8) at once; the rest wait in arrival order and are admitted as
-slots free up. Each request keeps its own max_tokens, sampler, streaming detokenizer and
+Continuous batching: the main thread runs one `mlx_lm.generate.BatchGenerator` (the
+`batching.JoiningBatchGenerator` variant, whose joiners share the batch's next decode step
+instead of paying a forward pass of their own). Requests that arrive while others are generating
+join the running batch between two decode steps, up to ``--max-batch-size`` (default 8) at once;
+the rest wait in arrival order and are admitted as slots free up. Each request keeps its own max_tokens, sampler, streaming detokenizer and
 `StopMatcher`. A cancel is handled between two decode steps and removes only its request;
 shutdown ends every request (as "cancelled") at the next step. When no request is active the
 main thread blocks on the command queue; while generating it drains the queue without blocking.
@@ -255,6 +256,13 @@ class Worker:
         if self._generator is None:
             from mlx_lm.generate import BatchGenerator, make_stop_sequences
 
+            from . import batching
+
+            if batching.supported():
+                BatchGenerator = batching.JoiningBatchGenerator  # noqa: N806
+            else:
+                print("mlx-jupyter worker: this mlx-lm lacks what joining requests rely on; "
+                      "each join costs a forward pass of its own", file=sys.stderr)
             self._eos_stops = make_stop_sequences(self.tokenizer)
             self._generator = BatchGenerator(
                 self.model, sampler=_argmax_sampler, completion_batch_size=self.max_batch_size,
