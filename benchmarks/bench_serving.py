@@ -165,8 +165,10 @@ async def mlx_lm_one(client: httpx.AsyncClient, url: str, model: str, text: str,
 
 
 async def run_level(one, client: httpx.AsyncClient, url: str, model: BenchModel,
-                    concurrency: int) -> dict:
-    """`model.requests` requests, at most `concurrency` in flight (each client takes the next)."""
+                    concurrency: int, cpu_seconds=None) -> dict:
+    """`model.requests` requests, at most `concurrency` in flight (each client takes the next).
+    With cpu_seconds (a function giving CPU seconds used so far), also the CPU those used per
+    second of the level, in cores."""
     todo = iter(range(model.requests))
     results: list[dict] = []
 
@@ -175,9 +177,11 @@ async def run_level(one, client: httpx.AsyncClient, url: str, model: BenchModel,
             results.append(await one(client, url, model.name, PROMPTS[i % len(PROMPTS)],
                                      model.max_tokens))
 
+    cpu_before = cpu_seconds() if cpu_seconds else 0.0
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - start
+    cpu_share = (cpu_seconds() - cpu_before) / wall if cpu_seconds else None
     ttft = [r["ttft_ms"] for r in results]
     e2e = [r["e2e_ms"] for r in results]
     queue = [r["queue_ms"] for r in results if r["queue_ms"] is not None]
@@ -186,18 +190,18 @@ async def run_level(one, client: httpx.AsyncClient, url: str, model: BenchModel,
             "e2e95": pct(e2e, 95), "tps": sum(r["tokens"] for r in results) / wall,
             "queue50": p50(queue) if queue else None, "queue95": pct(queue, 95) if queue else None,
             "server_ttft50": p50(server_ttft) if server_ttft else None,
-            "tokens": sum(r["tokens"] for r in results)}
+            "tokens": sum(r["tokens"] for r in results), "cpu_share": cpu_share}
 
 
 async def bench_server(one, url: str, headers: dict, levels: list[int],
-                       model: BenchModel) -> dict[int, dict]:
+                       model: BenchModel, cpu_seconds=None) -> dict[int, dict]:
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     async with httpx.AsyncClient(headers=headers, timeout=600, limits=limits) as client:
         for text in PROMPTS[:2]:  # warm-up: loads the model, compiles; not counted
             await one(client, url, model.name, text, model.max_tokens)
         out = {}
         for n in levels:
-            out[n] = await run_level(one, client, url, model, n)
+            out[n] = await run_level(one, client, url, model, n, cpu_seconds)
             print(json.dumps({"url": url, "model": model.name, "concurrency": n, **out[n]}),
                   flush=True)
         return out
@@ -253,13 +257,48 @@ def status_latency(url: str, headers: dict, polls: int) -> dict:
     return {"idle": idle, "busy": busy}
 
 
-def in_process(model: BenchModel) -> list[dict]:
+def in_process(model: BenchModel, neighbour_share: float = 0.0) -> list[dict]:
+    """The in-process limit; with neighbour_share, while another process keeps that share of a
+    core busy (see `cpu_neighbour`)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LD_PRELOAD": OPENBLAS}
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(model.requests)]
-    result = subprocess.run([sys.executable, "-c", IN_PROCESS, str(model.path),
-                             json.dumps(prompts), str(model.max_tokens)],
-                            env=env, check=True, capture_output=True, text=True, timeout=1200)
+    neighbour = (subprocess.Popen([sys.executable, "-c", CPU_NEIGHBOUR, str(neighbour_share)])
+                 if neighbour_share > 0 else None)
+    try:
+        result = subprocess.run([sys.executable, "-c", IN_PROCESS, str(model.path),
+                                 json.dumps(prompts), str(model.max_tokens)],
+                                env=env, check=True, capture_output=True, text=True,
+                                timeout=1200)
+    finally:
+        if neighbour is not None:
+            neighbour.kill()
+            neighbour.wait()
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# Busy for `share` of every millisecond, asleep for the rest: the CPU our HTTP server and the
+# benchmark's client take from the model on these 2 cores, without their work.
+CPU_NEIGHBOUR = r"""
+import sys, time
+share = min(float(sys.argv[1]), 0.95)
+while True:
+    start = time.perf_counter()
+    while time.perf_counter() - start < share / 1000:
+        pass
+    time.sleep((1 - share) / 1000)
+"""
+
+
+def server_and_client_cpu(server_pid: int):
+    """CPU seconds used so far by the Jupyter server's own process (not its model workers) and
+    by this one (the benchmark's client)."""
+    import psutil
+
+    processes = [psutil.Process(server_pid), psutil.Process()]
+
+    def seconds() -> float:
+        return sum(sum(p.cpu_times()[:2]) for p in processes)
+    return seconds
 
 
 def start_mlx_lm_server(model_path: Path, log_path: Path,
@@ -327,7 +366,7 @@ def level_rows(ours: dict[int, dict], theirs: dict[int, dict], levels: list[int]
                      a["e2e50"], b["e2e50"], ratio(a["e2e50"], b["e2e50"]),
                      a["e2e95"], b["e2e95"], ratio(a["e2e95"], b["e2e95"]),
                      a["tps"], b["tps"], ratio(a["tps"], b["tps"]),
-                     a["queue50"], a["queue95"], a["server_ttft50"]])
+                     a["queue50"], a["queue95"], a["server_ttft50"], a["cpu_share"]])
     return rows
 
 
@@ -336,7 +375,8 @@ LEVEL_HEADERS = ["clients", "TTFT p50 ours", "TTFT p50 mlx_lm", "ratio",
                  "e2e p50 ours", "e2e p50 mlx_lm", "ratio",
                  "e2e p95 ours", "e2e p95 mlx_lm", "ratio",
                  "tok/s ours", "tok/s mlx_lm", "ratio",
-                 "submit-to-admitted p50 ours", "p95", "server-side TTFT p50 ours"]
+                 "submit-to-admitted p50 ours", "p95", "server-side TTFT p50 ours",
+                 "server + client CPU ours (cores)"]
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -387,6 +427,7 @@ def main() -> None:
                                  "parameters, fp32", path, args.llama_requests,
                                  args.llama_max_tokens))
     local_runs: dict[str, list[dict]] = {m.name: [] for m in models}
+    beside_runs: dict[str, list[dict]] = {m.name: [] for m in models}  # with a CPU neighbour
     ours_runs: dict[str, list[dict[int, dict]]] = {m.name: [] for m in models}
     theirs_runs: dict[str, list[dict[int, dict]]] = {m.name: [] for m in models}
     status = None
@@ -410,9 +451,16 @@ def main() -> None:
                 print(json.dumps({"round": round_number, "in_process": model.name,
                                   **local_runs[model.name][-1]}), flush=True)
                 ours_runs[model.name].append(asyncio.run(bench_server(
-                    ours_one, server.url, headers, levels, model)))
+                    ours_one, server.url, headers, levels, model,
+                    server_and_client_cpu(server.process.pid))))
                 theirs_runs[model.name].append(asyncio.run(bench_server(
                     mlx_lm_one, mlx_servers[model.name][1], {}, levels, model)))
+                if 1 in levels:
+                    share = ours_runs[model.name][-1][1]["cpu_share"]
+                    beside_runs[model.name].append(
+                        {**in_process_summary(in_process(model, share)), "share": share})
+                    print(json.dumps({"round": round_number, "in_process_beside": model.name,
+                                      **beside_runs[model.name][-1]}), flush=True)
         if "demo" in wanted:
             status = status_latency(server.url, headers, args.status_polls)
     finally:
@@ -422,6 +470,7 @@ def main() -> None:
             stopped_with_children(process.pid, lambda: stop_process(process))
         shutil.rmtree(scratch, ignore_errors=True)
     local = {name: median_run(runs) for name, runs in local_runs.items()}
+    beside = {name: median_run(runs) for name, runs in beside_runs.items() if runs}
     ours = {name: {n: median_run([run[n] for run in runs]) for n in levels}
             for name, runs in ours_runs.items()}
     theirs = {name: {n: median_run([run[n] for run in runs]) for n in levels}
@@ -447,6 +496,13 @@ def main() -> None:
             targets.append([f"one stream vs in-process ({model.name})", ">= 95%",
                             f"{share:.0%} ({mine[1]['tps']:.0f} / {limit['tps']:.0f} tok/s)",
                             "met" if share >= 0.95 else "missed"])
+        if model.name in beside:
+            near = beside[model.name]
+            body += (f"The same in-process run beside a process that keeps "
+                     f"{near['share']:.0%} of a core busy, the CPU our server and the client "
+                     f"used at 1 client (their work left out): {near['tps']:.0f} tok/s, "
+                     f"{near['tps'] / limit['tps']:.0%} of the limit alone; ours at 1 client is "
+                     f"{mine[1]['tps'] / near['tps']:.0%} of it.\n\n")
         if 8 in mine:
             times = mine[8]["tps"] / other[8]["tps"]
             targets.append([f"8 streams vs mlx_lm.server ({model.name})", ">= 1.3x",
@@ -486,6 +542,7 @@ def main() -> None:
   counted). "One stream vs in-process" divides ours at 1 client by that.
 - submit-to-admitted (ours): the server's `timings.queue_ms`, from `InferenceQueue.submit` to
   admission into the model's batch. Every level here has free capacity (max_batch_size 8).
+- server + client CPU (ours): see "CPU neighbour" below; the model worker is not counted.
 - server-side TTFT (ours): `timings.ttft_ms`, submission to the first text; the client's TTFT
   minus it is HTTP, Jupyter's authentication and request parsing.
 - Output lengths may differ between the servers (greedy decoding, but different batching
@@ -494,6 +551,10 @@ def main() -> None:
 - Status latency: sequential GETs from a client in this process, {args.status_polls} while idle,
   then {args.status_polls} (10 ms apart) while another process keeps 4 demo streams of up to 512
   tokens (temperature 1, seeded) running on the same server.
+- CPU neighbour: the CPU seconds of the Jupyter server's own process (not its model workers)
+  and of this client process during our 1-client level, per second of it, then burnt by a
+  busy-loop process (busy that share of every millisecond) beside a second in-process run. It
+  shows how much of the one-stream gap is the two processes' CPU rather than their latency.
 - Both servers run workers with OpenBLAS preloaded (ours by its `preload_openblas` setting); the
   clients run on the same 2-core machine and compete with the servers for CPU.
 - Small samples on 2 shared cores: repeated runs differ by tens of percent (tok/s, p50s) and

@@ -258,13 +258,14 @@ class Worker:
 
             from . import batching
 
+            generator_class = BatchGenerator
             if batching.supported():
-                BatchGenerator = batching.JoiningBatchGenerator  # noqa: N806
+                generator_class = batching.JoiningBatchGenerator
             else:
                 print("mlx-jupyter worker: this mlx-lm lacks what joining requests rely on; "
                       "each join costs a forward pass of its own", file=sys.stderr)
             self._eos_stops = make_stop_sequences(self.tokenizer)
-            self._generator = BatchGenerator(
+            self._generator = generator_class(
                 self.model, sampler=_argmax_sampler, completion_batch_size=self.max_batch_size,
                 prefill_batch_size=self.max_batch_size)
         return self._generator
