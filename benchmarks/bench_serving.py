@@ -259,7 +259,7 @@ def status_latency(url: str, headers: dict, polls: int) -> dict:
 
 def in_process(model: BenchModel, neighbour_share: float = 0.0) -> list[dict]:
     """The in-process limit; with neighbour_share, while another process keeps that share of a
-    core busy (see `cpu_neighbour`)."""
+    core busy (see `CPU_NEIGHBOUR`)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LD_PRELOAD": OPENBLAS}
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(model.requests)]
     neighbour = (subprocess.Popen([sys.executable, "-c", CPU_NEIGHBOUR, str(neighbour_share)])

@@ -10,12 +10,13 @@ the main thread (MLX streams are thread-local).
 
 Continuous batching: the main thread runs one `mlx_lm.generate.BatchGenerator` (the
 `batching.JoiningBatchGenerator` variant, whose joiners share the batch's next decode step
-instead of paying a forward pass of their own). Requests that arrive while others are generating
-join the running batch between two decode steps, up to ``--max-batch-size`` (default 8) at once;
-the rest wait in arrival order and are admitted as slots free up. Each request keeps its own max_tokens, sampler, streaming detokenizer and
-`StopMatcher`. A cancel is handled between two decode steps and removes only its request;
-shutdown ends every request (as "cancelled") at the next step. When no request is active the
-main thread blocks on the command queue; while generating it drains the queue without blocking.
+instead of paying a forward pass of their own). Requests that arrive while others are
+generating join the running batch between two decode steps, up to ``--max-batch-size``
+(default 8) at once; the rest wait in arrival order and are admitted as slots free up. Each
+request keeps its own max_tokens, sampler, streaming detokenizer and `StopMatcher`. A cancel
+is handled between two decode steps and removes only its request; shutdown ends every request
+(as "cancelled") at the next step. When no request is active the main thread blocks on the
+command queue; while generating it drains the queue without blocking.
 
 Sampling: temperature 0 is argmax. Otherwise each request samples with its own PRNG key chain,
 started from its seed (or from a fresh random seed when it has none), so a request's random
