@@ -17,6 +17,12 @@ from traitlets import Bool, Dict, Float, Int, List, TraitError, Unicode, Union, 
 
 from ._version import __version__
 from .api.routes import ROUTES
+from .limits import (
+    DEFAULT_KV_RESERVE_TOKENS,
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_PROMPT_CACHE_BYTES,
+    DEFAULT_WORKER_BASE_BYTES,
+)
 from .engine.proxy import worker_environment
 from .metrics import Metrics
 from .models.manager import Limits, ModelManager, WorkerSettings
@@ -88,7 +94,7 @@ class MlxApp(ExtensionApp):
         help="Estimated memory of a loaded model = weight bytes x this factor, by model kind "
              "(kinds not given keep their defaults).")
     worker_base_memory = Int(
-        96 * 1024**2, config=True,
+        DEFAULT_WORKER_BASE_BYTES, min=0, config=True,
         help="Bytes a model worker holds beyond its model (Python, mlx, mlx-lm; ~86 MiB "
              "measured on Linux), counted against the memory budget for each loaded model.")
     memory_estimate_ttl = Float(300.0, config=True,
@@ -103,14 +109,22 @@ class MlxApp(ExtensionApp):
              "ones, unless OPENBLAS_NUM_THREADS is set in the server's environment.")
 
     max_batch_size = Int(
-        8, config=True,
+        DEFAULT_MAX_BATCH_SIZE, min=1, config=True,
         help="Requests a model generates at once, batched in its worker (a new one joins "
              "between decode steps); more wait in the queue by priority.")
     prompt_cache_bytes = Int(
-        256 * 1024**2, config=True,
+        DEFAULT_PROMPT_CACHE_BYTES, min=0, config=True,
         help="Bytes of KV cache each model worker keeps for prompt prefixes it has seen, so a "
              "request sharing a prefix (a system message, a conversation) skips recomputing "
-             "it; least recently used entries go first. 0: no prompt cache.")
+             "it; least recently used entries go first. Counted against the memory budget "
+             "for each loaded model. 0: no prompt cache.")
+    kv_reserve_tokens = Int(
+        DEFAULT_KV_RESERVE_TOKENS, min=1, config=True,
+        help="KV cache positions reserved per batch slot. A loaded model is counted against "
+             "the memory budget for max_batch_size x this x its KV bytes per token (from its "
+             "config), and its batch holds no more: a request whose prompt plus max_tokens "
+             "fits only with fewer companions waits for them, one that needs more than the "
+             "whole reservation is refused with a 400.")
     max_queued_requests = Int(
         256, config=True,
         help="Requests that may wait in the queue; beyond it a request gets 429 Retry-After.")
@@ -159,6 +173,7 @@ class MlxApp(ExtensionApp):
                                      stop_timeout=self.worker_stop_timeout,
                                      max_batch_size=self.max_batch_size,
                                      prompt_cache_bytes=self.prompt_cache_bytes,
+                                     kv_reserve_tokens=self.kv_reserve_tokens,
                                      blas_threads=self.blas_threads),
             limits, run_blocking=self.pool.run, on_status=store_service.record_model_status,
             metrics=metrics)

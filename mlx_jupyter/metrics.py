@@ -73,6 +73,9 @@ class Metrics:
             "idle, evicted, worker_exited).", "reason")
         self.evictions = counter("model_evictions_total",
                                  "Idle models unloaded to make room for another.")
+        self.prompt_cache_trims = counter(
+            "prompt_cache_trims_total", "Times a worker's live memory passed its estimate and "
+            "it trimmed its prompt cache.")
 
     # -- events ---------------------------------------------------------------------------
 
@@ -100,6 +103,9 @@ class Metrics:
 
     def model_load_failed(self, model: str) -> None:
         self.load_failures.labels(model).inc()
+
+    def prompt_cache_trimmed(self, model: str) -> None:
+        self.prompt_cache_trims.labels(model).inc()
 
     def model_unloaded(self, model: str, reason: str) -> None:
         if reason not in UNLOAD_REASONS:
@@ -164,12 +170,18 @@ class LiveCollector(Collector):
         rss = GaugeMetricFamily(f"{PREFIX}model_rss_bytes",
                                 "Resident memory of a loaded model's worker process.",
                                 labels=["model"])
+        prompt_cache = GaugeMetricFamily(
+            f"{PREFIX}prompt_cache_bytes", "Bytes a loaded model's prompt cache holds, by its "
+            "worker's latest report.", labels=["model"])
         for model in models["loaded"]:
             estimate.add_metric([model["name"]], model["budget_bytes"])
             if model["rss_bytes"] is not None:
                 rss.add_metric([model["name"]], model["rss_bytes"])
+            if model["live"] is not None:
+                prompt_cache.add_metric([model["name"]], model["live"]["prompt_cache_bytes"])
         yield estimate
         yield rss
+        yield prompt_cache
 
     def _pool(self) -> Iterator[Metric]:
         """Figures of pools that keep connections (QueuePool); other pools have none."""

@@ -66,7 +66,14 @@ async def test_a_folder_under_an_allowed_root_registers_and_serves(jp_fetch, mod
     status = json.loads((await jp_fetch("mlx", "api", "status")).body)
     assert [m["name"] for m in status["models"]["loaded"]] == ["mine"]
     assert status["memory"]["used_by_models"] == model["budget_bytes"]
-    assert model["budget_bytes"] == model["estimate_bytes"] + 96 * 1024**2
+    # Counted for its weights (× the overhead), its prompt cache, its KV reservation (8 slots
+    # of 4,096 tokens by default) and its worker process.
+    assert model["footprint"] == {
+        "model_bytes": model["estimate_bytes"], "prompt_cache_bytes": 256 * 1024**2,
+        "kv_reserve_bytes": 8 * 4096 * model["kv_bytes_per_token"],
+        "worker_bytes": 96 * 1024**2, "total_bytes": model["budget_bytes"]}
+    assert model["budget_bytes"] == sum(v for k, v in model["footprint"].items()
+                                        if k != "total_bytes")
 
     _, unloaded = await call(jp_fetch, "mine", "unload", method="POST", body={})
     assert unloaded["status"] == "unloaded" and not psutil.pid_exists(model["pid"])

@@ -1,6 +1,7 @@
 """The model manager with real worker processes on small random-weight models."""
 
 import asyncio
+import dataclasses
 import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,10 +25,6 @@ async def run_blocking(function, *args):
         POOL, functools.partial(function, *args))
 
 
-def estimate(path) -> int:
-    return MemoryEstimator().estimate(path).estimate_bytes
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
@@ -38,13 +35,15 @@ def manager_for(models, *, models_fitting=3, max_loaded=3, idle=0.0, statuses=No
     registry = ModelRegistry(allowed_roots={m.path.parent for m in models.values()}, hf_cache=False)
     for name, model in models.items():
         registry.add(ModelEntry(name, model.path, "registered"))
-    one = estimate(next(iter(models.values())).path)
-    limits = Limits(budget_bytes=int(one * (models_fitting + 0.5)), max_loaded_models=max_loaded,
-                    idle_unload_seconds=idle)
+    limits = Limits(budget_bytes=1, max_loaded_models=max_loaded, idle_unload_seconds=idle)
     on_status = (lambda name, status, error: statuses.append((name, status))
                  ) if statuses is not None else None
-    return ModelManager(registry, WorkerSettings(env=worker_environment(OPENBLAS)), limits,
-                        run_blocking=run_blocking, on_status=on_status)
+    manager = ModelManager(registry, WorkerSettings(env=worker_environment(OPENBLAS)), limits,
+                           run_blocking=run_blocking, on_status=on_status)
+    # What one model is counted for, with its prompt cache, KV reservation and process.
+    one = manager.footprint(MemoryEstimator().estimate(next(iter(models.values())).path)).total_bytes
+    manager.limits = dataclasses.replace(limits, budget_bytes=int(one * (models_fitting + 0.5)))
+    return manager
 
 
 def loaded_names(manager):

@@ -3,7 +3,8 @@
 Never blocks the event loop: the worker is an asyncio subprocess, commands are written to its
 stdin and a reader task routes its events to per-request queues. When the process ends, the
 reader sees EOF at once and fails every open request with a `WorkerError` carrying the exit
-status and the last lines the worker wrote to stderr.
+status and the last lines the worker wrote to stderr. The worker's memory reports are kept as
+`memory` (the latest) and its trims are passed to `on_trim`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import WorkerError
-from .protocol import MAX_LINE_BYTES, decode, encode
+from ..errors import InvalidRequest, WorkerError
+from ..limits import DEFAULT_KV_RESERVE_TOKENS, DEFAULT_MAX_BATCH_SIZE, DEFAULT_PROMPT_CACHE_BYTES
+from .protocol import INVALID_REQUEST, MAX_LINE_BYTES, decode, encode
 
 log = logging.getLogger(__name__)
 worker_log = logging.getLogger("mlx_jupyter.engine.worker")
@@ -38,12 +40,22 @@ def worker_environment(preload_blas: str | None) -> dict[str, str]:
 class WorkerProxy:
     def __init__(self, model_name: str, model_path: Path, *, env: dict[str, str] | None = None,
                  start_timeout: float = 300.0, stop_timeout: float = 10.0,
-                 max_batch_size: int = 8, prompt_cache_bytes: int = 256 * 1024**2,
-                 on_exit: Callable[[WorkerProxy], None] | None = None):
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+                 prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
+                 kv_reserve_tokens: int = DEFAULT_KV_RESERVE_TOKENS,
+                 memory_limit_bytes: int = 0, mlx_cache_limit_bytes: int | None = None,
+                 on_exit: Callable[[WorkerProxy], None] | None = None,
+                 on_trim: Callable[[WorkerProxy, dict[str, Any]], None] | None = None):
+        """The sizes are the worker's options (see `worker.main`)."""
         self.model_name = model_name
-        self.max_batch_size = max_batch_size
-        self.prompt_cache_bytes = prompt_cache_bytes
+        self._options = {"--max-batch-size": max_batch_size,
+                         "--prompt-cache-bytes": prompt_cache_bytes,
+                         "--kv-reserve-tokens": kv_reserve_tokens,
+                         "--memory-limit-bytes": memory_limit_bytes,
+                         "--mlx-cache-limit-bytes": mlx_cache_limit_bytes}
         self._on_exit = on_exit  # told when the process ends unasked (a crash, a kill)
+        self._on_trim = on_trim
+        self.memory: dict[str, Any] | None = None  # the worker's latest memory report
         self.model_path = model_path
         self._env = env
         self._start_timeout = start_timeout
@@ -81,8 +93,8 @@ class WorkerProxy:
         started = time.monotonic()
         self._process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "mlx_jupyter.engine.worker", str(self.model_path),
-            "--max-batch-size", str(self.max_batch_size),
-            "--prompt-cache-bytes", str(self.prompt_cache_bytes),
+            *(str(part) for option, value in self._options.items() if value is not None
+              for part in (option, value)),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, env=self._env, limit=MAX_LINE_BYTES)
         log.info("started worker pid %s for model %s", self._process.pid, self.model_name)
@@ -130,7 +142,9 @@ class WorkerProxy:
 
     async def generate(self, request_id: str, params: dict[str, Any]
                        ) -> AsyncIterator[dict[str, Any]]:
-        """Yields the worker's events for one request, ending with its "done" event.
+        """Yields the worker's events for one request: "accepted" first, then its text, ending
+        with its "done" event. A request the worker refuses raises InvalidRequest before any
+        event; one that fails raises WorkerError.
 
         Leaving the iteration early (a client that went away) cancels the request in the worker.
         """
@@ -144,6 +158,9 @@ class WorkerProxy:
                 if isinstance(event, WorkerError):
                     raise event
                 if event["event"] == "error":
+                    finished = True  # the worker has forgotten it: nothing to cancel
+                    if event.get("kind") == INVALID_REQUEST:
+                        raise InvalidRequest(str(event.get("message")))
                     raise WorkerError(f"generation failed in model {self.model_name!r}: "
                                       f"{event.get('message')}")
                 finished = event["event"] == "done"
@@ -200,6 +217,16 @@ class WorkerProxy:
             if not self._ready.done():
                 self._ready.set_exception(WorkerError(
                     f"model {self.model_name!r} failed to load: {event.get('message')}"))
+        elif kind == "memory":
+            self.memory = event
+        elif kind == "trim":
+            log.warning("model %s: worker pid %s held %d bytes, past its estimate of %d; "
+                        "trimmed %d prompt cache entries (%d bytes), now %d bytes",
+                        self.model_name, self.pid, event["live_bytes_before"],
+                        event["limit_bytes"], event["prompt_cache_entries_freed"],
+                        event["prompt_cache_bytes_freed"], event["live_bytes_after"])
+            if self._on_trim is not None:
+                self._on_trim(self, event)
         elif (events := self._requests.get(str(event.get("id")))) is not None:
             events.put_nowait(event)
 

@@ -1,7 +1,8 @@
 """The model worker: one process per loaded model, doing all of that model's MLX work.
 
 Started by the server as
-``python -m mlx_jupyter.engine.worker MODEL_PATH [--max-batch-size N] [--prompt-cache-bytes N]``.
+``python -m mlx_jupyter.engine.worker MODEL_PATH [--max-batch-size N] [--prompt-cache-bytes N] ...``
+(``--help`` lists the options).
 Commands arrive as JSON lines on stdin (see `protocol`); events leave on the process's original
 stdout. fd 1 is then pointed at stderr, so a library that prints cannot corrupt the protocol.
 
@@ -33,7 +34,19 @@ the cache type allows) and only the rest of its prompt is prefilled; its ``done`
 that prefix as ``cached_tokens``. At least the last prompt token is always computed afresh, as
 its logits give the first completion token. The stored caches together hold at most
 ``--prompt-cache-bytes`` (default 256 MiB; 0 turns the cache off): least recently stored
-entries are evicted first. The KV state of the requests that are running is not counted.
+entries are evicted first. An entry is evaluated when it is stored, so it owns exactly the bytes
+it counts: a lazy slice of the batch's KV buffer would keep the whole buffer alive.
+
+KV reservation: the batch holds KV state for at most ``--max-batch-size`` ×
+``--kv-reserve-tokens`` positions, and the server counts the model for that much. A request
+needs its prompt plus its max_tokens; as the batch pads every row to its longest, a batch of n
+rows whose longest needs L positions holds n × L. A request that needs more than the whole
+reservation is refused as it arrives; one that fits only with fewer companions waits (in
+arrival order) until enough of them have finished.
+
+Memory: `memory_guard.MemoryGuard` reports the worker's live memory after requests end, and
+when it passes ``--memory-limit-bytes`` (the server's estimate for this worker) trims the
+prompt cache first and says so.
 """
 
 from __future__ import annotations
@@ -50,11 +63,14 @@ import traceback
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from .protocol import decode, encode
+from ..limits import (
+    DEFAULT_KV_RESERVE_TOKENS,
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_PROMPT_CACHE_BYTES,
+)
+from .protocol import INVALID_REQUEST, decode, encode
 from .stops import StopMatcher
 
-DEFAULT_MAX_BATCH_SIZE = 8
-DEFAULT_PROMPT_CACHE_BYTES = 256 * 1024 * 1024
 _PROMPT_CACHE_ENTRIES = 1 << 30  # entries are bounded by bytes, not by count
 
 _SHUTDOWN = object()
@@ -102,6 +118,7 @@ class _Request:
     id: str
     command: dict[str, Any]
     tokens: list[int] = field(default_factory=list)
+    kv_tokens: int = 0  # KV positions it needs: prompt plus max_tokens
     uid: int | None = None
     detokenizer: Any = None
     stops: StopMatcher | None = None
@@ -114,15 +131,24 @@ class _Request:
 class Worker:
     def __init__(self, model_path: str, events: IO[bytes], *,
                  max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                 prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES):
+                 prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
+                 kv_reserve_tokens: int = DEFAULT_KV_RESERVE_TOKENS,
+                 memory_limit_bytes: int = 0, mlx_cache_limit_bytes: int | None = None):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
-        if prompt_cache_bytes < 0:
-            raise ValueError("prompt_cache_bytes must not be negative")
+        if kv_reserve_tokens < 1:
+            raise ValueError("kv_reserve_tokens must be at least 1")
+        if min(prompt_cache_bytes, memory_limit_bytes, mlx_cache_limit_bytes or 0) < 0:
+            raise ValueError("byte sizes must not be negative")
         self.model_path = model_path
         self.max_batch_size = max_batch_size
         self.prompt_cache_bytes = prompt_cache_bytes
+        self.kv_reserve_tokens = kv_reserve_tokens
+        self.kv_capacity = max_batch_size * kv_reserve_tokens  # KV positions the batch may hold
+        self.memory_limit_bytes = memory_limit_bytes  # 0: no limit
+        self.mlx_cache_limit_bytes = mlx_cache_limit_bytes  # None: MLX's own default
         self._prompt_cache = None  # an mlx_lm LRUPromptCache once the model is loaded, if enabled
+        self._memory = None  # a MemoryGuard once the model is loaded
         self._events = events
         self._commands: queue.Queue[Any] = queue.Queue()
         self._shutting_down = threading.Event()
@@ -132,6 +158,7 @@ class Worker:
         self._waiting: collections.deque[_Request] = collections.deque()
         self._active: dict[int, _Request] = {}  # BatchGenerator uid -> request
         self._in_step = False
+        self._memory_changed = False  # a request ended since the last memory check
 
     # -- commands -------------------------------------------------------------------------
 
@@ -169,8 +196,13 @@ class Worker:
 
             self._prompt_cache = LRUPromptCache(max_size=_PROMPT_CACHE_ENTRIES,
                                                 max_bytes=self.prompt_cache_bytes)
+        from .memory_guard import MemoryGuard
+
+        self._memory = MemoryGuard(self.memory_limit_bytes, self.mlx_cache_limit_bytes,
+                                   self._prompt_cache)
         self.send({"event": "ready", "pid": os.getpid(),
                    "load_ms": round((time.perf_counter() - started) * 1000, 1)})
+        self._check_memory(force_report=True)
 
     # -- the main loop --------------------------------------------------------------------
 
@@ -185,6 +217,8 @@ class Worker:
                 self._admit()
                 if self._active:
                     self._step()
+                if self._memory_changed:
+                    self._check_memory(force_report=not self._active and not self._waiting)
         finally:
             self._end_all()
 
@@ -205,8 +239,38 @@ class Worker:
         if command.get("op") == "cancel":
             self._cancel(request_id)
         else:
-            self._waiting.append(_Request(request_id, command))
+            self._accept(_Request(request_id, command))
         return True
+
+    def _accept(self, request: _Request) -> None:
+        """Tokenizes a new request and tells the server at once whether it can ever run here
+        ("accepted", or an invalid_request error); accepted ones wait for a batch slot."""
+        try:
+            request.tokens = self._prompt_tokens(request.command)
+        except Exception as exc:
+            traceback.print_exc()
+            self._error(request, exc)
+            return
+        max_tokens = int(request.command["max_tokens"])
+        request.kv_tokens = len(request.tokens) + max_tokens
+        if request.kv_tokens > self.kv_capacity:
+            self._error(request, message=(
+                f"this request needs KV cache for {request.kv_tokens} tokens "
+                f"({len(request.tokens)} of prompt + {max_tokens} max_tokens), more than the "
+                f"{self.kv_capacity} this model reserves (max_batch_size "
+                f"{self.max_batch_size} x kv_reserve_tokens {self.kv_reserve_tokens}); lower "
+                f"max_tokens, shorten the prompt, or raise c.MlxApp.kv_reserve_tokens"),
+                kind=INVALID_REQUEST)
+            return
+        self.send({"event": "accepted", "id": request.id, "prompt_tokens": len(request.tokens),
+                   "kv_tokens": request.kv_tokens})
+        self._waiting.append(request)
+
+    def _kv_fits(self, request: _Request) -> bool:
+        """Whether the batch, padded to its longest row, stays within the KV reservation with
+        this request in it."""
+        rows = [active.kv_tokens for active in self._active.values()] + [request.kv_tokens]
+        return len(rows) * max(rows) <= self.kv_capacity
 
     def _cancel(self, request_id: str) -> None:
         for request in self._waiting:
@@ -223,7 +287,8 @@ class Worker:
 
     def _admit(self) -> None:
         """Moves waiting requests into the batch while there is room."""
-        while self._waiting and len(self._active) < self.max_batch_size:
+        while (self._waiting and len(self._active) < self.max_batch_size
+               and self._kv_fits(self._waiting[0])):
             request = self._waiting.popleft()
             try:
                 self._insert(request)
@@ -233,7 +298,6 @@ class Worker:
 
     def _insert(self, request: _Request) -> None:
         command = request.command
-        request.tokens = self._prompt_tokens(command)
         max_tokens = int(command["max_tokens"])
         seed = command.get("seed")
         sampler = make_sampler(float(command.get("temperature") or 0.0),
@@ -297,6 +361,11 @@ class Worker:
         if self._prompt_cache is None or not cache or not tokens:
             return
         try:
+            import mlx.core as mx
+
+            # Evaluated now, each entry holds its own compact copy: left lazy, the slice of
+            # the batch's KV buffer it came from would keep that whole buffer alive.
+            mx.eval([layer.state for layer in cache])
             self._prompt_cache.insert_cache(self.model_path, list(tokens), cache)
         except Exception:  # the cache is an optimisation: never fail a request over it
             traceback.print_exc()
@@ -400,6 +469,7 @@ class Worker:
             self.send({"event": "text", "id": request.id, "text": text})
 
     def _finish(self, request: _Request, finish_reason: str) -> None:
+        self._memory_changed = True
         if request.stops is not None:
             self._send_text(request, request.stops.flush())  # nothing after a stop string
         timings: dict[str, float] = {}
@@ -420,9 +490,33 @@ class Worker:
                              "cached_tokens": request.cached_tokens},
                    "worker_timings": timings})
 
-    def _error(self, request: _Request, exc: BaseException) -> None:
-        self.send({"event": "error", "id": request.id,
-                   "message": f"{type(exc).__name__}: {exc}"})
+    def _error(self, request: _Request, exc: BaseException | None = None, *,
+               message: str | None = None, kind: str | None = None) -> None:
+        """One request failed (exc), or was refused (message, with kind INVALID_REQUEST)."""
+        event = {"event": "error", "id": request.id,
+                 "message": message or f"{type(exc).__name__}: {exc}"}
+        if kind:
+            event["kind"] = kind
+        self.send(event)
+
+    def _check_memory(self, *, force_report: bool = False) -> None:
+        """Reports live memory and trims the prompt cache when over the limit (see
+        memory_guard); after requests end, when the prompt cache and the batch change."""
+        self._memory_changed = False
+        if self._memory is None:
+            return
+        try:
+            events = self._memory.check(force_report=force_report)
+        except Exception:  # accounting must never take the model down
+            traceback.print_exc()
+            return
+        for event in events:
+            if event["event"] == "trim":
+                print(f"mlx-jupyter worker: live memory {event['live_bytes_before']} bytes "
+                      f"passed the estimate of {event['limit_bytes']}; trimmed "
+                      f"{event['prompt_cache_entries_freed']} prompt cache entries "
+                      f"({event['prompt_cache_bytes_freed']} bytes)", file=sys.stderr)
+            self.send(event)
 
 
 def _protocol_stream() -> IO[bytes]:
@@ -433,7 +527,7 @@ def _protocol_stream() -> IO[bytes]:
     return events
 
 
-def _batch_size(value: str) -> int:
+def _at_least_one(value: str) -> int:
     size = int(value)
     if size < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
@@ -450,15 +544,28 @@ def _cache_bytes(value: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mlx_jupyter.engine.worker")
     parser.add_argument("model_path")
-    parser.add_argument("--max-batch-size", type=_batch_size, default=DEFAULT_MAX_BATCH_SIZE,
+    parser.add_argument("--max-batch-size", type=_at_least_one, default=DEFAULT_MAX_BATCH_SIZE,
                         help="most requests generated at once (default %(default)s)")
     parser.add_argument("--prompt-cache-bytes", type=_cache_bytes,
                         default=DEFAULT_PROMPT_CACHE_BYTES,
                         help="most bytes of KV state kept for reuse by later prompts; 0 turns "
                              "the prompt cache off (default %(default)s)")
+    parser.add_argument("--kv-reserve-tokens", type=_at_least_one,
+                        default=DEFAULT_KV_RESERVE_TOKENS,
+                        help="KV positions reserved per batch slot; the batch holds at most "
+                             "max-batch-size times this (default %(default)s)")
+    parser.add_argument("--memory-limit-bytes", type=_cache_bytes, default=0,
+                        help="live memory past which the prompt cache is trimmed; 0: no "
+                             "limit (default %(default)s)")
+    parser.add_argument("--mlx-cache-limit-bytes", type=_cache_bytes, default=None,
+                        help="most bytes of freed buffers MLX keeps for reuse (default: "
+                             "MLX's own limit)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     worker = Worker(args.model_path, _protocol_stream(), max_batch_size=args.max_batch_size,
-                    prompt_cache_bytes=args.prompt_cache_bytes)
+                    prompt_cache_bytes=args.prompt_cache_bytes,
+                    kv_reserve_tokens=args.kv_reserve_tokens,
+                    memory_limit_bytes=args.memory_limit_bytes,
+                    mlx_cache_limit_bytes=args.mlx_cache_limit_bytes)
     try:
         worker.load()
     except Exception as exc:

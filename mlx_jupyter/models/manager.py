@@ -1,6 +1,9 @@
 """Keeps models loaded, each in its own worker process, within a memory budget.
 
-A model is loaded on demand (a generation, or an explicit load). A load that does not fit the
+A model is loaded on demand (a generation, or an explicit load). It is counted against the
+budget for its `Footprint`: weights × its kind's overhead, plus its worker's prompt cache, KV
+reservation and process; its worker is told that total and trims its prompt cache when its
+live memory passes it. A load that does not fit the
 budget or the loaded-model limit first evicts the least recently used models that are idle and
 not pinned; if it still would not fit, it is refused and nothing is disturbed. A model with
 requests in flight is never evicted. An idle model unloads itself after `idle_unload_seconds`:
@@ -25,9 +28,15 @@ from typing import Any
 
 from ..engine.proxy import WorkerProxy
 from ..errors import MlxJupyterError, ModelBusy, ModelDoesNotFit
+from ..limits import (
+    DEFAULT_KV_RESERVE_TOKENS,
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_PROMPT_CACHE_BYTES,
+    DEFAULT_WORKER_BASE_BYTES,
+)
 from ..metrics import Metrics
 from ..store.schema import ModelStatus, utcnow
-from .memory import RssSampler, system_memory
+from .memory import Footprint, MemoryEstimate, RssSampler, system_memory
 from .registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -43,8 +52,9 @@ class WorkerSettings:
     env: dict[str, str] | None = None  # None: inherit the server's environment
     start_timeout: float = 300.0
     stop_timeout: float = 10.0
-    max_batch_size: int = 8  # requests a worker generates at once (continuous batching)
-    prompt_cache_bytes: int = 256 * 1024**2  # shared prompt prefixes kept per worker; 0: off
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE  # requests a worker generates at once
+    prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES  # prompt prefixes kept; 0: off
+    kv_reserve_tokens: int = DEFAULT_KV_RESERVE_TOKENS  # KV positions per batch slot
     blas_threads: int = 0  # 0: one for small models, the BLAS library's default for others
 
     def environment(self, estimate_bytes: int) -> dict[str, str] | None:
@@ -61,7 +71,7 @@ class Limits:
     budget_bytes: int
     max_loaded_models: int = 3
     idle_unload_seconds: float = 300.0  # 0: never unload idle models
-    worker_base_bytes: int = 0  # what a worker process costs beyond its model
+    worker_base_bytes: int = DEFAULT_WORKER_BASE_BYTES  # a worker process beyond its model
 
 
 @dataclass
@@ -72,7 +82,7 @@ class ModelSlot:
     path: Path
     status: ModelStatus = ModelStatus.UNLOADED
     worker: WorkerProxy | None = None
-    budget_bytes: int = 0  # counted against the budget: estimate plus the worker's own cost
+    footprint: Footprint | None = None  # what it is counted for, once located
     pinned: bool = False
     active_requests: int = 0
     last_used: float = 0.0  # monotonic, for LRU order
@@ -80,6 +90,10 @@ class ModelSlot:
     error: str | None = None
     loading: asyncio.Task[None] | None = None
     idle_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.footprint.total_bytes if self.footprint is not None else 0
 
     @property
     def loaded(self) -> bool:
@@ -133,12 +147,31 @@ class ModelManager:
         return sum(slot.budget_bytes for slot in self._slots.values()
                    if slot.loaded or slot.status == ModelStatus.LOADING)
 
+    def footprint(self, estimate: MemoryEstimate) -> Footprint:
+        """What a model of this estimate is counted for while loaded (the one place it is
+        computed: loads, listings and status all use it)."""
+        settings = self._settings
+        return Footprint(
+            model_bytes=estimate.estimate_bytes,
+            prompt_cache_bytes=settings.prompt_cache_bytes,
+            kv_reserve_bytes=(settings.max_batch_size * settings.kv_reserve_tokens
+                              * estimate.kv_bytes_per_token),
+            worker_bytes=self.limits.worker_base_bytes)
+
     def describe(self, slot: ModelSlot) -> dict[str, Any]:
+        """A slot's state, with its memory: the estimate it is counted for beside what its
+        worker really holds (`live`: the worker's latest report; None while not loaded)."""
         worker = slot.worker
+        alive = worker is not None and worker.alive
+        live = dict(worker.memory) if alive and worker.memory else None
+        if live is not None:
+            live.pop("event", None)
         return {"name": slot.name, "status": slot.status.value,
                 "pid": worker.pid if worker else None,
                 "budget_bytes": slot.budget_bytes,
-                "rss_bytes": self._rss(worker.pid) if worker and worker.alive else None,
+                "footprint": slot.footprint.to_dict() if slot.footprint else None,
+                "rss_bytes": self._rss(worker.pid) if alive else None,
+                "live": live,
                 "pinned": slot.pinned, "active_requests": slot.active_requests,
                 "last_used_at": slot.last_used_at, "error": slot.error}
 
@@ -222,7 +255,7 @@ class ModelManager:
                 return
             try:  # the folder is checked again (cached unless it changed): it may have moved
                 slot.path, estimate = await self._run_blocking(self._locate, slot.name)
-                slot.budget_bytes = self.limits.worker_base_bytes + estimate
+                slot.footprint = self.footprint(estimate)
             except MlxJupyterError as exc:
                 self._set_status(slot, ModelStatus.FAILED, error=str(exc))
                 self.metrics.model_load_failed(slot.name)
@@ -230,13 +263,18 @@ class ModelManager:
             for victim in self._eviction_plan(slot):
                 await self._stop(victim, "evicted", f"to make room for {slot.name!r}")
             self._set_status(slot, ModelStatus.LOADING)
-            worker = WorkerProxy(slot.name, slot.path,
-                                 env=self._settings.environment(estimate),
-                                 start_timeout=self._settings.start_timeout,
-                                 stop_timeout=self._settings.stop_timeout,
-                                 max_batch_size=self._settings.max_batch_size,
-                                 prompt_cache_bytes=self._settings.prompt_cache_bytes,
-                                 on_exit=self._worker_exited)
+            footprint = slot.footprint
+            worker = WorkerProxy(
+                slot.name, slot.path, env=self._settings.environment(estimate.estimate_bytes),
+                start_timeout=self._settings.start_timeout,
+                stop_timeout=self._settings.stop_timeout,
+                max_batch_size=self._settings.max_batch_size,
+                prompt_cache_bytes=self._settings.prompt_cache_bytes,
+                kv_reserve_tokens=self._settings.kv_reserve_tokens,
+                memory_limit_bytes=footprint.total_bytes,
+                # Freed buffers worth keeping for reuse are those of the batch's KV caches.
+                mlx_cache_limit_bytes=footprint.kv_reserve_bytes or None,
+                on_exit=self._worker_exited, on_trim=self._worker_trimmed)
             try:
                 await worker.start()
             except BaseException as exc:
@@ -250,10 +288,10 @@ class ModelManager:
             if slot.active_requests == 0:
                 self._start_idle_timer(slot)
 
-    def _locate(self, name: str) -> tuple[Path, int]:
+    def _locate(self, name: str) -> tuple[Path, MemoryEstimate]:
         """A model's checked folder and its memory estimate (both cached by the registry)."""
         path = self.registry.resolve(name)
-        return path, self.registry.estimator.estimate(path).estimate_bytes
+        return path, self.registry.estimator.estimate(path)
 
     def _eviction_plan(self, slot: ModelSlot) -> list[ModelSlot]:
         """The least recently used idle models to unload so that `slot` fits; raises
@@ -295,6 +333,9 @@ class ModelManager:
         log.info("model %s unloaded (%s)", slot.name, f"{reason} {detail}".strip())
         self._set_status(slot, ModelStatus.UNLOADED)
         self.metrics.model_unloaded(slot.name, reason)
+
+    def _worker_trimmed(self, worker: WorkerProxy, trim: dict[str, Any]) -> None:
+        self.metrics.prompt_cache_trimmed(worker.model_name)
 
     def _worker_exited(self, worker: WorkerProxy) -> None:
         slot = self._slots.get(worker.model_name)

@@ -7,6 +7,7 @@ each tensor's dtype, shape and data offsets), the model's kind from its config.j
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -16,7 +17,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
@@ -25,7 +26,8 @@ from ..errors import InvalidRequest
 
 log = logging.getLogger(__name__)
 
-# Memory a loaded model takes beyond its weights (activations, KV cache, runtime), by kind.
+# Memory a loaded model takes beyond its weights (activations, runtime buffers), by kind; its
+# KV cache and prompt cache are counted apart (`Footprint`).
 KIND_OVERHEADS: dict[str, float] = {"text": 1.25, "vision": 1.25, "audio": 1.15}
 DEFAULT_KIND = "text"
 DEFAULT_BUDGET_FRACTION = 0.8
@@ -45,6 +47,8 @@ DTYPE_BITS: dict[str, int] = {
     "I64": 64, "U64": 64, "F64": 64,
     "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
 }
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+CONFIG_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors format itself sets
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
@@ -155,19 +159,63 @@ def _indexed_shards(folder: Path) -> Iterable[str]:
 
 def weight_bytes(folder: str | os.PathLike[str]) -> int:
     """Total bytes of a model's weights, read from its safetensors headers (not file sizes)."""
-    return _weights(Path(folder))[0]
+    return _weights(Path(folder)).bytes
 
 
-def _weights(folder: Path) -> tuple[int, int]:
-    """(weight bytes, weight files) of a model folder."""
+@dataclass(frozen=True)
+class _Weights:
+    bytes: int
+    files: int
+    float_bytes: dict[str, int]  # bytes held by each floating-point dtype
+
+
+def _weights(folder: Path) -> _Weights:
     files = weight_files(folder)
     if not files:
         raise InvalidModelFiles(f"no .safetensors weight files in {folder}")
-    return sum(_file_weight_bytes(path) for path in files), len(files)
+    total, by_dtype = 0, collections.Counter()
+    for path in files:
+        for info in safetensors_header(path).values():
+            size = tensor_bytes(info)
+            total += size
+            if info["dtype"] in FLOAT_DTYPES:
+                by_dtype[info["dtype"]] += size
+    return _Weights(total, len(files), dict(by_dtype))
 
 
-def _file_weight_bytes(path: Path) -> int:
-    return sum(tensor_bytes(info) for info in safetensors_header(path).values())
+def activation_element_bytes(float_bytes: Mapping[str, int], config: Mapping) -> int:
+    """Bytes of one element of the model's activations, and so of its KV cache: the float
+    dtype holding most of its weights (a quantized model's scales are in the dtype it computes
+    in), else the config's torch_dtype, else 2 (half precision)."""
+    if float_bytes:
+        return DTYPE_BITS[max(float_bytes, key=float_bytes.__getitem__)] // 8
+    return CONFIG_DTYPE_BYTES.get(str(config.get("torch_dtype") or config.get("dtype")), 2)
+
+
+def kv_bytes_per_token(config: Mapping, element_bytes: int) -> int:
+    """Bytes of KV cache one token takes in a model of this config: keys and values of every
+    layer, num_key_value_heads × head_dim each. A vision model's text part is read from its
+    text_config; fields a config lacks fall back to multi-head attention over hidden_size.
+    0 when the config says nothing of its attention (the reservation then counts nothing)."""
+    text = config.get("text_config")
+    if isinstance(text, Mapping) and "num_hidden_layers" not in config:
+        config = {**config, **text}
+    layers = _config_int(config, "num_hidden_layers", "n_layer", "num_layers", "n_layers")
+    heads = _config_int(config, "num_attention_heads", "n_head", "num_heads")
+    hidden = _config_int(config, "hidden_size", "n_embd", "d_model")
+    kv_heads = _config_int(config, "num_key_value_heads", "n_kv_heads") or heads
+    head_dim = _config_int(config, "head_dim") or (hidden // heads if heads else 0)
+    if not (layers and kv_heads and head_dim):
+        return 0
+    return 2 * layers * kv_heads * head_dim * element_bytes
+
+
+def _config_int(config: Mapping, *keys: str) -> int:
+    for key in keys:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return 0
 
 
 # -- kind and config ------------------------------------------------------------------------
@@ -218,6 +266,25 @@ class MemoryEstimate:
     estimate_bytes: int  # weight_bytes × overhead
     files: int  # weight files
     size_on_disk: int  # every file in the folder, links followed
+    kv_bytes_per_token: int = 0  # KV cache of one token (keys and values, every layer)
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What a loaded model is counted for against the memory budget, part by part."""
+
+    model_bytes: int  # weights × the kind's overhead
+    prompt_cache_bytes: int  # the most its worker's prompt cache holds
+    kv_reserve_bytes: int  # max_batch_size × kv_reserve_tokens × KV bytes per token
+    worker_bytes: int  # the worker process beyond its model
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.model_bytes + self.prompt_cache_bytes + self.kv_reserve_bytes
+                + self.worker_bytes)
+
+    def to_dict(self) -> dict[str, int]:
+        return {**asdict(self), "total_bytes": self.total_bytes}
 
 
 @dataclass(frozen=True)
@@ -312,12 +379,16 @@ class MemoryEstimator:
         return None
 
     def _compute(self, folder: Path) -> MemoryEstimate:
-        kind = kind_of_config(read_config(folder))
-        weights, files = _weights(folder)
+        config = read_config(folder)
+        kind = kind_of_config(config)
+        weights = _weights(folder)
         overhead = self.overhead_for(kind)
-        return MemoryEstimate(weight_bytes=weights, kind=kind, overhead=overhead,
-                              estimate_bytes=int(weights * overhead), files=files,
-                              size_on_disk=folder_size(folder))
+        return MemoryEstimate(
+            weight_bytes=weights.bytes, kind=kind, overhead=overhead,
+            estimate_bytes=int(weights.bytes * overhead), files=weights.files,
+            size_on_disk=folder_size(folder),
+            kv_bytes_per_token=kv_bytes_per_token(
+                config, activation_element_bytes(weights.float_bytes, config)))
 
 
 # -- fingerprints ---------------------------------------------------------------------------

@@ -103,7 +103,8 @@ class ModelInfo:
                 "size_bytes": estimate.size_on_disk if estimate else None,
                 "weight_bytes": estimate.weight_bytes if estimate else None,
                 "estimate_bytes": estimate.estimate_bytes if estimate else None,
-                "overhead": estimate.overhead if estimate else None}
+                "overhead": estimate.overhead if estimate else None,
+                "kv_bytes_per_token": estimate.kv_bytes_per_token if estimate else None}
 
 
 @dataclass(frozen=True)

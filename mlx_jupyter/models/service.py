@@ -11,7 +11,7 @@ from typing import Any
 
 from ..services import BlockingPool, StoreService
 from .manager import ModelManager
-from .registry import REGISTERED, ModelEntry, ModelRegistry
+from .registry import REGISTERED, ModelEntry, ModelInfo, ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +30,11 @@ class ModelService:
         await self._run(self.registry.refresh)
         infos = await self._run(self.registry.infos)
         remembered = {row["name"]: row for row in await self.store.list_models()}
-        return [self._describe(info.to_dict(), remembered.get(info.entry.name)) for info in infos]
+        return [self._describe(info, remembered.get(info.entry.name)) for info in infos]
 
     async def get(self, name: str) -> dict[str, Any]:
         info = await self._run(self.registry.info, name)
-        return self._describe(info.to_dict(), await self.store.get_model(name))
+        return self._describe(info, await self.store.get_model(name))
 
     async def register(self, name: str, path: str) -> dict[str, Any]:
         entry = await self._run(self.registry.register, name, path)
@@ -85,18 +85,18 @@ class ModelService:
     async def _remember(self, entry: ModelEntry) -> None:
         await self.store.ensure_model(entry.name, str(entry.path), entry.source, entry.kind)
 
-    def _describe(self, info: dict[str, Any], row: dict[str, Any] | None) -> dict[str, Any]:
-        name = info["name"]
+    def _describe(self, info: ModelInfo, row: dict[str, Any] | None) -> dict[str, Any]:
+        name = info.entry.name
         slot = self.manager.slots().get(name)
         state = self.manager.describe(slot) if slot is not None else {
-            "status": "unloaded", "pid": None, "rss_bytes": None, "pinned": False,
-            "active_requests": 0, "last_used_at": None, "error": None}
+            "status": "unloaded", "pid": None, "rss_bytes": None, "live": None,
+            "pinned": False, "active_requests": 0, "last_used_at": None, "error": None}
         row = row or {}
-        estimate = info["estimate_bytes"]
-        return {**info, **state, "estimate_bytes": estimate,
-                # what a load counts against the budget: the model and its worker process
-                "budget_bytes": (estimate + self.manager.limits.worker_base_bytes
-                                 if estimate is not None else None),
+        # What a load counts against the budget, from the folder as it is now.
+        footprint = self.manager.footprint(info.estimate) if info.estimate else None
+        return {**info.to_dict(), **state,
+                "footprint": footprint.to_dict() if footprint else None,
+                "budget_bytes": footprint.total_bytes if footprint else None,
                 "use_count": row.get("use_count", 0),
                 "registered_at": row.get("created_at"),
                 "last_used_at": state["last_used_at"] or row.get("last_used_at"),

@@ -1,0 +1,126 @@
+"""A worker's own account of its memory, and what it gives back when it holds more than the
+server counts it for.
+
+Runs inside the model worker (it imports mlx). The server counts a loaded model for its
+estimate (`models.memory.Footprint`); the worker measures what it really holds:
+
+- its resident memory (RSS), which on a CPU backend includes every MLX buffer;
+- MLX's own figures: active memory (live arrays), cache memory (freed buffers MLX keeps for
+  reuse) and the peak. On Metal and CUDA the buffers live outside RSS, so there the live total
+  is RSS plus active plus cache.
+
+When the live total passes the estimate, the guard trims the prompt cache first (least recently
+used entries) by the excess, empties MLX's buffer cache and asks the C allocator to return free
+pages, then reports what it freed. MLX's buffer cache is also capped (`mx.set_cache_limit`) to
+the KV reservation: the buffers worth keeping for reuse are those of the requests' KV caches.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import mlx.core as mx
+import psutil
+
+# A report goes out at most this often while requests finish (a trim always reports at once).
+REPORT_INTERVAL_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class LiveMemory:
+    rss_bytes: int
+    mlx_active_bytes: int
+    mlx_cache_bytes: int
+    mlx_peak_bytes: int
+    prompt_cache_bytes: int  # the prompt cache's own count of the bytes its entries hold
+    prompt_cache_entries: int
+    live_bytes: int  # what is compared with the estimate
+
+    def to_event(self) -> dict[str, Any]:
+        return {"event": "memory", **asdict(self)}
+
+
+def _buffers_outside_rss() -> bool:
+    """True where MLX's buffers are device memory that RSS does not see (Metal, CUDA)."""
+    cuda = getattr(mx, "cuda", None)
+    return mx.metal.is_available() or bool(cuda is not None and cuda.is_available())
+
+
+def _malloc_trim() -> Any:
+    """glibc's malloc_trim, which hands freed heap pages back to the system; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None  # not glibc (musl has no malloc_trim)
+
+
+class MemoryGuard:
+    def __init__(self, limit_bytes: int, mlx_cache_limit_bytes: int | None,
+                 prompt_cache: Any = None, *, clock=time.monotonic):
+        """limit_bytes: the server's estimate for this worker (0: no limit, never trims);
+        mlx_cache_limit_bytes: None leaves MLX's own limit; prompt_cache: mlx-lm's
+        LRUPromptCache, or None when the cache is off."""
+        self.limit_bytes = limit_bytes
+        self.prompt_cache = prompt_cache
+        self._process = psutil.Process()
+        self._outside_rss = _buffers_outside_rss()
+        self._malloc_trim = _malloc_trim()
+        self._clock = clock
+        self._last_report = self._last_empty_trim = float("-inf")
+        if mlx_cache_limit_bytes is not None:
+            mx.set_cache_limit(mlx_cache_limit_bytes)
+
+    def measure(self) -> LiveMemory:
+        rss = self._process.memory_info().rss
+        active, cache = mx.get_active_memory(), mx.get_cache_memory()
+        prompt_cache = self.prompt_cache
+        return LiveMemory(
+            rss_bytes=rss, mlx_active_bytes=active, mlx_cache_bytes=cache,
+            mlx_peak_bytes=mx.get_peak_memory(),
+            prompt_cache_bytes=prompt_cache.nbytes if prompt_cache is not None else 0,
+            prompt_cache_entries=len(prompt_cache) if prompt_cache is not None else 0,
+            live_bytes=rss + (active + cache if self._outside_rss else 0))
+
+    def check(self, *, force_report: bool = False) -> list[dict[str, Any]]:
+        """The events to send now: a trim (when over the limit and something could be freed),
+        and a memory report (at most every REPORT_INTERVAL_SECONDS, unless forced)."""
+        events: list[dict[str, Any]] = []
+        now = self._clock()
+        live = self.measure()
+        if self.limit_bytes and live.live_bytes > self.limit_bytes and (
+                live.prompt_cache_entries
+                or now - self._last_empty_trim >= REPORT_INTERVAL_SECONDS):
+            if not live.prompt_cache_entries:  # only MLX's and malloc's caches to empty
+                self._last_empty_trim = now
+            trim, live = self._trim(live)
+            if trim is not None:
+                events.append(trim)
+                force_report = True
+        if force_report or now - self._last_report >= REPORT_INTERVAL_SECONDS:
+            self._last_report = now
+            events.append(live.to_event())
+        return events
+
+    def _trim(self, before: LiveMemory) -> tuple[dict[str, Any] | None, LiveMemory]:
+        excess = before.live_bytes - self.limit_bytes
+        if self.prompt_cache is not None and before.prompt_cache_bytes:
+            self.prompt_cache.trim_to(n_bytes=max(0, before.prompt_cache_bytes - excess))
+        mx.clear_cache()
+        if self._malloc_trim is not None:
+            self._malloc_trim(0)
+        after = self.measure()
+        freed_entries = before.prompt_cache_entries - after.prompt_cache_entries
+        if not freed_entries and after.live_bytes >= before.live_bytes:
+            return None, after  # nothing left to give back: the model and batch are the rest
+        return ({"event": "trim", "limit_bytes": self.limit_bytes,
+                 "live_bytes_before": before.live_bytes, "live_bytes_after": after.live_bytes,
+                 "prompt_cache_bytes_freed": before.prompt_cache_bytes - after.prompt_cache_bytes,
+                 "prompt_cache_entries_freed": freed_entries}, after)
