@@ -9,9 +9,9 @@ estimate (`models.memory.Footprint`); the worker measures what it really holds:
   reuse) and the peak. On Metal and CUDA the buffers live outside RSS, so there the live total
   is RSS plus active plus cache.
 
-When the live total passes the estimate, the guard trims the prompt cache first (least recently
-used entries) by the excess, empties MLX's buffer cache and asks the C allocator to return free
-pages, then reports what it freed. MLX's buffer cache is also capped (`mx.set_cache_limit`) to
+When the live total passes the estimate, the guard first hands back what holds no data (MLX's
+buffer cache, and the C allocator's free pages); if that is not enough, it trims the prompt
+cache (least recently used entries first) by the excess, and reports what it freed. MLX's buffer cache is also capped (`mx.set_cache_limit`) to
 the KV reservation: the buffers worth keeping for reuse are those of the requests' KV caches.
 """
 
@@ -74,7 +74,7 @@ class MemoryGuard:
         self._outside_rss = _buffers_outside_rss()
         self._malloc_trim = _malloc_trim()
         self._clock = clock
-        self._last_report = self._last_empty_trim = float("-inf")
+        self._last_report = self._last_release = float("-inf")
         if mlx_cache_limit_bytes is not None:
             mx.set_cache_limit(mlx_cache_limit_bytes)
 
@@ -90,17 +90,17 @@ class MemoryGuard:
             live_bytes=rss + (active + cache if self._outside_rss else 0))
 
     def check(self, *, force_report: bool = False) -> list[dict[str, Any]]:
-        """The events to send now: a trim (when over the limit and something could be freed),
-        and a memory report (at most every REPORT_INTERVAL_SECONDS, unless forced)."""
+        """The events to send now: a trim (when over the limit even after giving back free
+        memory), and a memory report (at most every REPORT_INTERVAL_SECONDS, unless forced).
+        Memory is given back at most that often too: a worker counted for too little would
+        otherwise empty its caches after every request."""
         events: list[dict[str, Any]] = []
         now = self._clock()
         live = self.measure()
-        if self.limit_bytes and live.live_bytes > self.limit_bytes and (
-                live.prompt_cache_entries
-                or now - self._last_empty_trim >= REPORT_INTERVAL_SECONDS):
-            if not live.prompt_cache_entries:  # only MLX's and malloc's caches to empty
-                self._last_empty_trim = now
-            trim, live = self._trim(live)
+        if (self.limit_bytes and live.live_bytes > self.limit_bytes
+                and now - self._last_release >= REPORT_INTERVAL_SECONDS):
+            self._last_release = now
+            trim, live = self._give_back(live)
             if trim is not None:
                 events.append(trim)
                 force_report = True
@@ -109,18 +109,24 @@ class MemoryGuard:
             events.append(live.to_event())
         return events
 
-    def _trim(self, before: LiveMemory) -> tuple[dict[str, Any] | None, LiveMemory]:
-        excess = before.live_bytes - self.limit_bytes
-        if self.prompt_cache is not None and before.prompt_cache_bytes:
-            self.prompt_cache.trim_to(n_bytes=max(0, before.prompt_cache_bytes - excess))
+    def _release_free_memory(self) -> LiveMemory:
+        """Hands back what holds no data: MLX's buffer cache and the allocator's free pages."""
         mx.clear_cache()
         if self._malloc_trim is not None:
             self._malloc_trim(0)
-        after = self.measure()
-        freed_entries = before.prompt_cache_entries - after.prompt_cache_entries
-        if not freed_entries and after.live_bytes >= before.live_bytes:
-            return None, after  # nothing left to give back: the model and batch are the rest
+        return self.measure()
+
+    def _give_back(self, before: LiveMemory) -> tuple[dict[str, Any] | None, LiveMemory]:
+        """Free memory first; then, if still over, the least recently used prompt-cache
+        entries worth the excess. A trim event only when entries had to go."""
+        after = self._release_free_memory()
+        excess = after.live_bytes - self.limit_bytes
+        if excess <= 0 or self.prompt_cache is None or not after.prompt_cache_entries:
+            return None, after
+        self.prompt_cache.trim_to(n_bytes=max(0, after.prompt_cache_bytes - excess))
+        after = self._release_free_memory()
         return ({"event": "trim", "limit_bytes": self.limit_bytes,
                  "live_bytes_before": before.live_bytes, "live_bytes_after": after.live_bytes,
                  "prompt_cache_bytes_freed": before.prompt_cache_bytes - after.prompt_cache_bytes,
-                 "prompt_cache_entries_freed": freed_entries}, after)
+                 "prompt_cache_entries_freed": (before.prompt_cache_entries
+                                                - after.prompt_cache_entries)}, after)
