@@ -31,20 +31,23 @@ class FakeModel:
     weight_files: tuple[Path, ...]
 
 
-def llama_config(hidden: int, layers: int, dtype: str = "float32") -> dict:
+def llama_config(hidden: int, layers: int, dtype: str = "float32",
+                 kv_heads: int | None = None) -> dict:
+    """Heads of 32 dimensions; `kv_heads` fewer than them makes grouped-query attention."""
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
             "hidden_size": hidden, "num_hidden_layers": layers,
             "intermediate_size": hidden * 3, "num_attention_heads": max(1, hidden // 32),
-            "num_key_value_heads": max(1, hidden // 32), "rms_norm_eps": 1e-5,
+            "num_key_value_heads": kv_heads or max(1, hidden // 32), "rms_norm_eps": 1e-5,
             "vocab_size": VOCAB_SIZE, "rope_theta": 10000.0, "max_position_embeddings": 256,
             "tie_word_embeddings": True, "bos_token_id": 0, "eos_token_id": 4,
             "pad_token_id": 5, "torch_dtype": dtype}
 
 
 def llama_tensors(hidden: int, layers: int, dtype: str = "float32",
-                  seed: int = 0) -> dict[str, np.ndarray]:
+                  seed: int = 0, kv_heads: int | None = None) -> dict[str, np.ndarray]:
     """Random tensors with the names and shapes mlx-lm's Llama expects."""
     rng = np.random.default_rng(seed)
+    kv_width = (kv_heads or max(1, hidden // 32)) * (hidden // max(1, hidden // 32))
 
     def random(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(dtype)
@@ -54,8 +57,10 @@ def llama_tensors(hidden: int, layers: int, dtype: str = "float32",
                "model.norm.weight": np.ones(hidden, dtype=dtype)}
     for i in range(layers):
         prefix = f"model.layers.{i}"
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        for proj in ("q_proj", "o_proj"):
             tensors[f"{prefix}.self_attn.{proj}.weight"] = random(hidden, hidden)
+        for proj in ("k_proj", "v_proj"):
+            tensors[f"{prefix}.self_attn.{proj}.weight"] = random(kv_width, hidden)
         tensors[f"{prefix}.mlp.gate_proj.weight"] = random(inner, hidden)
         tensors[f"{prefix}.mlp.up_proj.weight"] = random(inner, hidden)
         tensors[f"{prefix}.mlp.down_proj.weight"] = random(hidden, inner)
@@ -65,7 +70,8 @@ def llama_tensors(hidden: int, layers: int, dtype: str = "float32",
 
 
 def make_model(folder: str | os.PathLike[str], *, hidden: int = 64, layers: int = 2,
-               dtype: str = "float32", shards: int = 1, extra_files: int = 0,
+               dtype: str = "float32", kv_heads: int | None = None, shards: int = 1,
+               extra_files: int = 0,
                config: dict | None = None, tokenizer: bool = True,
                age_seconds: float = 60.0) -> FakeModel:
     """A loadable Llama model folder: config.json, weights in `shards` files (with the index
@@ -73,8 +79,10 @@ def make_model(folder: str | os.PathLike[str], *, hidden: int = 64, layers: int 
     Weight bytes: 4·hidden·(2048 + 3·layers·hidden) at float32, roughly."""
     path = Path(folder)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config or llama_config(hidden, layers, dtype)))
-    files = _write_weights(path, llama_tensors(hidden, layers, dtype), shards)
+    (path / "config.json").write_text(
+        json.dumps(config or llama_config(hidden, layers, dtype, kv_heads)))
+    tensors = llama_tensors(hidden, layers, dtype, kv_heads=kv_heads)
+    files = _write_weights(path, tensors, shards)
     if tokenizer:
         for name in TOKENIZER_FILES:
             shutil.copyfile(DEMO / name, path / name)
@@ -82,7 +90,7 @@ def make_model(folder: str | os.PathLike[str], *, hidden: int = 64, layers: int 
         (path / f"extra-{i:05d}.txt").write_text(f"file {i}\n")
     if age_seconds:
         backdate(path, age_seconds)
-    weight_bytes = sum(t.nbytes for t in llama_tensors(hidden, layers, dtype).values())
+    weight_bytes = sum(t.nbytes for t in tensors.values())
     return FakeModel(path, weight_bytes, tuple(files))
 
 

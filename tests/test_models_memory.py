@@ -284,3 +284,61 @@ def test_rss_sampler_reuses_a_reading_until_it_expires():
     assert reused(child.pid) == first  # the reading from before the process ended
     assert fresh(child.pid) is None  # read again: the process is gone
     assert reused(None) is None
+
+
+# -- KV bytes per token and what a loaded model is counted for ------------------------------
+
+
+@pytest.mark.parametrize("options", [
+    {"hidden": 64, "layers": 2},  # multi-head attention, float32
+    {"hidden": 128, "layers": 3, "kv_heads": 1, "dtype": "float16"},  # grouped-query, half
+])
+def test_kv_bytes_per_token_are_what_mlx_lm_allocates(tmp_path, options):
+    """The estimate from the config against the KV cache mlx-lm really builds for the model."""
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model = make_model(tmp_path / "m", **options)
+    estimate = MemoryEstimator().estimate(model.path)
+    loaded, _ = load(str(model.path))
+    cache = make_prompt_cache(loaded)
+    loaded(mx.array([[1, 2, 3, 4, 5]]), cache=cache)
+    mx.eval([c.state for c in cache])
+    allocated = sum(c.nbytes for c in cache)  # buffers of 256 positions (mlx-lm's step)
+    assert estimate.kv_bytes_per_token == allocated // cache[0].keys.shape[2] > 0
+
+
+@pytest.mark.parametrize(("config", "element_bytes", "expected"), [
+    # Llama 3 8B: 32 layers, 8 KV heads of 128 dimensions, bf16: 128 KiB a token.
+    ({"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+      "hidden_size": 4096}, 2, 2 * 32 * 8 * 128 * 2),
+    # An explicit head_dim wins over hidden_size / heads (Gemma, Qwen3).
+    ({"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+      "hidden_size": 64, "head_dim": 128}, 2, 2 * 2 * 2 * 128 * 2),
+    # GPT-2's names; no KV heads given: one per attention head.
+    ({"n_layer": 12, "n_head": 12, "n_embd": 768}, 4, 2 * 12 * 768 * 4),
+    # A vision model's language part is in its text_config.
+    ({"vision_config": {}, "text_config": {"num_hidden_layers": 4, "num_attention_heads": 8,
+                                           "hidden_size": 512}}, 2, 2 * 4 * 512 * 2),
+    ({"model_type": "whisper"}, 2, 0),  # nothing said of attention: nothing reserved
+])
+def test_kv_bytes_per_token_from_configs_of_many_families(config, element_bytes, expected):
+    assert memory.kv_bytes_per_token(config, element_bytes) == expected
+
+
+def test_the_activation_dtype_is_the_float_dtype_holding_most_weights():
+    # A 4-bit model: packed U32 weights, bf16 scales and biases: it computes in bf16.
+    assert memory.activation_element_bytes({"BF16": 10, "F32": 2}, {}) == 2
+    assert memory.activation_element_bytes({"F32": 10, "F16": 20}, {}) == 2
+    assert memory.activation_element_bytes({}, {"torch_dtype": "float32"}) == 4
+    assert memory.activation_element_bytes({}, {}) == 2
+
+
+def test_a_footprint_is_the_sum_of_its_parts():
+    footprint = memory.Footprint(model_bytes=10, prompt_cache_bytes=20, kv_reserve_bytes=30,
+                                 worker_bytes=40)
+    assert footprint.total_bytes == 100
+    assert footprint.to_dict() == {"model_bytes": 10, "prompt_cache_bytes": 20,
+                                   "kv_reserve_bytes": 30, "worker_bytes": 40,
+                                   "total_bytes": 100}

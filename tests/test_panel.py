@@ -34,7 +34,8 @@ def test_model_buttons_load_pin_and_unload(control, client):
     buttons["load"].click()
     assert client.model("demo")["status"] == "loaded"
     assert buttons["load"].disabled and not buttons["unload"].disabled
-    assert "loaded" in control.models_tab._labels["demo"].value
+    label = control.models_tab._labels["demo"].value
+    assert "loaded" in label and "estimate" in label and "live" in label
     assert control.models_tab.memory.value > 0
     buttons["pin"].click()
     assert client.model("demo")["pinned"] is True and buttons["pin"].disabled
@@ -75,10 +76,10 @@ def test_stop_cancels_the_generation_on_the_server(control, client):
     playground = control.playground
     playground.model.value, playground.prompt.value = "demo", "The sea"
     playground.max_tokens.value = 4000
-    os.kill(pid, signal.SIGSTOP)  # nothing is generated until the stop has happened
+    playground.generate.click()
+    wait_until(lambda: playground._events is not None)  # the worker has accepted it
+    os.kill(pid, signal.SIGSTOP)  # nothing more is generated until the stop has happened
     try:
-        playground.generate.click()
-        wait_until(lambda: playground._events is not None)
         request_id = playground._events.request_id
         control.refresh()
         assert request_id in control.queue_tab.table.value  # it is running

@@ -27,11 +27,22 @@ export interface Status {
   };
 }
 
+// What a loaded model's worker holds now, by its own report.
+export interface LiveMemory {
+  rss_bytes: number;
+  live_bytes: number;
+  mlx_active_bytes: number;
+  mlx_cache_bytes: number;
+  prompt_cache_bytes: number;
+  prompt_cache_entries: number;
+}
+
 export interface Model {
   name: string;
   status: string;
   source: string;
   budget_bytes: number | null;
+  live: LiveMemory | null;
   pinned: boolean;
   last_used_at: string | null;
   error: string | null;

@@ -139,7 +139,14 @@ export class MlxSidebar extends Widget {
         h('span', { class: `mlx-Badge mlx-Badge-${model.status}`, 'data-testid': `mlx-status-${model.name}` }, busy ? 'working…' : model.status),
         model.pinned ? h('span', { class: 'mlx-Badge' }, 'pinned') : null
       ),
-      h('div', { class: 'mlx-Caption' }, `${gigabytes(model.budget_bytes)} · last used ${ago(model.last_used_at)}`),
+      h(
+        'div',
+        { class: 'mlx-Caption', 'data-testid': `mlx-memory-${model.name}` },
+        `estimate ${gigabytes(model.budget_bytes)}`,
+        model.live ? ` · live ${gigabytes(model.live.live_bytes)}` : null,
+        model.live && model.live.prompt_cache_bytes ? ` (${gigabytes(model.live.prompt_cache_bytes)} prompt cache)` : null,
+        ` · last used ${ago(model.last_used_at)}`
+      ),
       model.error ? h('div', { class: 'mlx-Error' }, model.error) : null,
       h(
         'div',

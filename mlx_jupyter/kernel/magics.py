@@ -214,9 +214,11 @@ class MlxMagics(Magics):
 
     def _show_list(self) -> None:
         render.table(
-            ["model", "status", "source", "memory estimate", "pinned", "uses", "last used"],
+            ["model", "status", "source", "memory estimate", "live memory", "pinned", "uses",
+             "last used"],
             [[m["name"], m["status"], m.get("source"), render.gigabytes(m.get("budget_bytes")),
-              m.get("pinned"), m.get("use_count"), render.when(m.get("last_used_at"))]
+              render.live_memory(m), m.get("pinned"), m.get("use_count"),
+              render.when(m.get("last_used_at"))]
              for m in self.client().models()], empty="no models")
 
     def _show_status(self) -> None:
@@ -233,8 +235,9 @@ class MlxMagics(Magics):
         if not models:
             print("no models loaded")
         for model in models:
-            print(f"  {model.get('name')}: {model.get('status')} (pid {model.get('pid')}, "
-                  f"{render.gigabytes(model.get('rss_bytes'))} resident)")
+            print(f"  {model.get('name')}: {model.get('status')} (pid {model.get('pid')}; "
+                  f"estimate {render.gigabytes(model.get('budget_bytes'))}, live "
+                  f"{render.live_memory(model) or '?'})")
 
     def _show_queue(self) -> None:
         render.table(render.QUEUE_HEADERS, render.queue_rows(self.client().queue()),

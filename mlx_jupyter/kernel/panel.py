@@ -26,6 +26,7 @@ from .render import (
     footer,
     gigabytes,
     html_table,
+    live_memory,
     prompt_preview,
     queue_rows,
     settings_rows,
@@ -150,8 +151,9 @@ class _ModelsTab:
                 self._add_row(name)
             self._labels[name].value = (
                 f"<b>{html.escape(name)}</b> · {html.escape(model['status'])} · "
-                f"{gigabytes(model.get('budget_bytes'))}"
-                f"{' · pinned' if model.get('pinned') else ''}"
+                f"estimate {gigabytes(model.get('budget_bytes'))}"
+                + (f" · live {html.escape(live)}" if (live := live_memory(model)) else "")
+                + f"{' · pinned' if model.get('pinned') else ''}"
                 + (f" · <span style='color:#c62828'>{html.escape(model['error'])}</span>"
                    if model.get("error") else ""))
             loaded = model["status"] == "loaded"

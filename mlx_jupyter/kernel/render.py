@@ -10,7 +10,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
@@ -191,6 +191,17 @@ def prompt_preview(preview: str | None, chars: int) -> str:
 
 def gigabytes(value: object) -> str:
     return f"{value / 1024**3:.2f} GB" if isinstance(value, int | float) else "?"
+
+
+def live_memory(model: Mapping[str, Any]) -> str:
+    """What a loaded model's worker holds now, by its own report (else its RSS), with the
+    part its prompt cache holds; "" for a model that is not loaded."""
+    live = model.get("live") or {}
+    held = live.get("live_bytes", model.get("rss_bytes"))
+    if held is None:
+        return ""
+    cache = live.get("prompt_cache_bytes")
+    return gigabytes(held) + (f" ({gigabytes(cache)} prompt cache)" if cache else "")
 
 
 def _cell(value: Any) -> str:

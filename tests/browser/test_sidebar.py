@@ -94,6 +94,10 @@ def test_load_makes_it_loaded_and_the_status_bar_says_so(page, lab):
         """() => document.querySelector('[data-testid="mlx-status-demo"]')
                  .textContent === 'loaded'""")
     assert lab.get("mlx/api/models/demo").json()["status"] == "loaded"
+    # The estimate it is counted for beside what its worker reports holding.
+    page.wait_for_function(
+        """() => /estimate \\d+\\.\\d\\d GB · live \\d+\\.\\d\\d GB/.test(
+                 document.querySelector('[data-testid="mlx-memory-demo"]').textContent)""")
     page.wait_for_function(
         """() => document.querySelector('[data-testid="mlx-statusbar"]')
                  .textContent.includes('1 loaded')""")
