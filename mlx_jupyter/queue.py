@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .engine.proxy import WorkerProxy
-from .errors import MlxJupyterError
+from .errors import InvalidRequest, MlxJupyterError
 from .metrics import Metrics
 from .models.manager import ModelManager
 from .services import StoreService
@@ -66,7 +66,6 @@ class Generation:
         default_factory=lambda: asyncio.get_running_loop().create_future())
     _admitted_at: float | None = None
     _worker: WorkerProxy | None = None
-    _worker_events: AsyncIterator[dict[str, Any]] | None = None  # opened by start()
     _first_text: float | None = None
     _usage: dict[str, int] | None = None  # the worker's count, once it answered
     _finished: bool = False
@@ -85,9 +84,8 @@ class Generation:
         return self.priority + (now - self._submitted) / aging_seconds
 
     async def start(self) -> None:
-        """Waits for admission, then for the model (loading it if needed), then for its worker
-        to accept the request. Raises a domain error (ModelDoesNotFit, WorkerError,
-        InvalidRequest for a request the model cannot hold, ...) before any output exists."""
+        """Waits for admission, then for the model (loading it if needed). Raises a domain
+        error (ModelDoesNotFit, WorkerError, ...) before any output exists."""
         if not await self._admitted:
             return  # cancelled while it waited: events() reports it
         self._queue.store.update_request(self.id, status=RequestStatus.RUNNING,
@@ -98,28 +96,20 @@ class Generation:
             self._end({"status": RequestStatus.FAILED, "finish_reason": "error",
                        "error": str(exc)}, "", model_acquired=False)
             raise
-        self._worker_events = self._worker.generate(self.id, self._params)
-        try:
-            await anext(self._worker_events)  # "accepted"
-        except MlxJupyterError as exc:
-            self._end({"status": RequestStatus.FAILED, "finish_reason": "error",
-                       "error": str(exc)}, "")
-            raise
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         """Yields {"text": ...} events, then one {"done": True, ...} event.
 
-        Closing this iterator early cancels the request in the worker.
+        Closing this iterator early cancels the request in the worker. A request its worker
+        refuses (InvalidRequest: it cannot hold its KV cache) raises before any event.
         """
-        worker_events = self._worker_events
-        if worker_events is None or self._cancel_requested:  # cancelled before it started
-            if worker_events is not None:
-                await worker_events.aclose()  # cancels it in the worker
+        if self._worker is None or self._cancel_requested:  # cancelled before it started
             yield self._done_event(self._reason("cancelled"),
                                    {"prompt_tokens": 0, "completion_tokens": 0}, {})
             self._end(self._cancelled_outcome(), "",
                       model_acquired=self._worker is not None)
             return
+        worker_events = self._worker.generate(self.id, self._params)
         pieces: list[str] = []
         outcome: dict[str, Any] = {"status": RequestStatus.CANCELLED}  # closed before the end
         try:
@@ -269,6 +259,10 @@ class InferenceQueue:
         params = await self._with_defaults(params)
         model = params.pop("model")
         self.manager.registry.get(model)  # an unknown model is refused before it is recorded
+        # Refused before it is recorded, stream or not; the prompt's part is the worker's to
+        # check once it has tokenized it.
+        if refusal := self.manager.kv_refusal(0, params["max_tokens"]):
+            raise InvalidRequest(refusal, param="max_tokens")
         record = RequestRecord(
             model=model, notebook=notebook, priority=priority, status=RequestStatus.QUEUED,
             prompt=params.get("prompt"), messages=params.get("messages"),

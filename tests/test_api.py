@@ -21,11 +21,7 @@ def error_of(excinfo):
 
 
 def ndjson(response):
-    return ndjson_lines(response.body)
-
-
-def ndjson_lines(body: bytes):
-    return [json.loads(line) for line in body.decode().splitlines() if line]
+    return [json.loads(line) for line in response.body.decode().splitlines() if line]
 
 
 async def status(jp_fetch):
@@ -150,24 +146,17 @@ async def test_a_worker_that_dies_fails_its_requests_and_is_replaced(jp_fetch):
     body = {"model": "demo", "messages": CHAT, "max_tokens": 16, "temperature": 0}
     await post_json(jp_fetch, "generate", body)
     [model] = await loaded(jp_fetch)
-    # A stream under way, then a request its worker has not accepted yet (frozen): both are
-    # surely in flight when it dies.
-    chunks = []
-    streamed = asyncio.ensure_future(jp_fetch(
-        "mlx", "api", "generate", method="POST", streaming_callback=chunks.append,
-        body=json.dumps({**body, "stream": True, "max_tokens": 4000})))
-    while not chunks:
-        await asyncio.sleep(0.01)
+    # Freeze the worker so the next requests are surely in flight when it dies.
     os.kill(model["pid"], signal.SIGSTOP)
+    streamed = asyncio.ensure_future(post_json(jp_fetch, "generate", {**body, "stream": True}))
     whole = asyncio.ensure_future(post_json(jp_fetch, "generate", body))
     while (await loaded(jp_fetch))[0]["active_requests"] < 2:
         await asyncio.sleep(0.05)
     os.kill(model["pid"], signal.SIGKILL)
 
-    await streamed  # the status line went out with the first token: the error comes last
-    *_, last = ndjson_lines(b"".join(chunks))
+    *_, last = ndjson(await streamed)
     assert last["finish_reason"] == "error" and "exited" in last["error"]
-    with pytest.raises(HTTPClientError) as excinfo:  # nothing sent yet: a status says it
+    with pytest.raises(HTTPClientError) as excinfo:
         await whole
     code, message = error_of(excinfo)
     assert code == 503 and "worker process for model 'demo' exited" in message

@@ -11,6 +11,7 @@ import asyncio
 import json
 import random
 import re
+import time
 
 import httpx
 import psutil
@@ -23,7 +24,7 @@ from model_factory import make_model
 
 MIB = 1024**2
 PROMPT_CACHE_BYTES = 64 * MIB
-KV_RESERVE_TOKENS = 512
+KV_RESERVE_TOKENS = 256
 KV_BYTES_PER_TOKEN = 2 * 4 * 256 * 4  # keys and values × 4 layers × 256 wide × float32
 # What the server counts for a model beyond its weights: how much its worker may grow.
 GROWTH_BOUND = (PROMPT_CACHE_BYTES + 8 * KV_RESERVE_TOKENS * KV_BYTES_PER_TOKEN
@@ -164,23 +165,55 @@ def test_the_status_shows_the_estimate_beside_the_live_memory(server):
 
 def test_a_request_its_kv_reservation_cannot_hold_is_refused_with_a_400(server):
     capacity = 8 * KV_RESERVE_TOKENS
-    for stream in (False, True):
-        answer = httpx.post(server.url + "mlx/api/generate", headers=headers(server),
-                            json={"model": "m256", "prompt": "hello there", "stream": stream,
-                                  "max_tokens": capacity + 10}, timeout=60)
+
+    def generate(**body):
+        return httpx.post(server.url + "mlx/api/generate", headers=headers(server),
+                          json={"model": "m256", "prompt": "hello there", **body}, timeout=60)
+
+    for stream in (False, True):  # max_tokens alone: refused before it is queued
+        answer = generate(stream=stream, max_tokens=capacity + 10)
         assert answer.status_code == 400, answer.text
         message = answer.json()["message"]
-        assert f"{capacity + 10}" in message and f"{capacity}" in message
+        assert f"max_tokens {capacity + 10}" in message and f"{capacity} this model" in message
         assert "kv_reserve_tokens" in message
-    # More than one slot's share but within the whole reservation: it runs (with fewer
-    # companions), beside short requests that keep their own pace.
-    long = {"model": "m256", "prompt": "hello there", "max_tokens": 3 * KV_RESERVE_TOKENS,
-            "temperature": 0.9, "seed": 1, "stop": []}
-    answers = asyncio.run(run_requests(server, [long, *short_requests(6, seed=5)]))
-    assert answers[0]["usage"]["completion_tokens"] > KV_RESERVE_TOKENS
+    # The prompt's share counts too, once its worker has tokenized it: a 400 when whole, the
+    # last event of a stream (whose status line left before the prompt was read).
+    long_prompt = " ".join(["river stone"] * 60)
+    answer = generate(prompt=long_prompt, max_tokens=capacity - 10)
+    assert answer.status_code == 400, answer.text
+    assert re.search(rf"needs KV cache for \d+ tokens \(\d+ of prompt \+ {capacity - 10} "
+                     rf"max_tokens\), more than the {capacity}", answer.json()["message"])
+    streamed = generate(prompt=long_prompt, max_tokens=capacity - 10, stream=True)
+    last = json.loads(streamed.text.splitlines()[-1])
+    assert last["finish_reason"] == "error" and "kv_reserve_tokens" in last["error"]
+    # More than half the whole reservation: it runs, but nothing can share the batch with it
+    # (two rows would need more than the reservation): short requests sent while it
+    # generates wait for it to end.
+    ended = asyncio.run(a_long_request_then_short_ones(server, capacity // 2 + 100))
+    assert ended["long"]["usage"]["completion_tokens"] == capacity // 2 + 100  # greedy: no EOS
+    assert all(at > ended["long_at"] for at in ended["short_at"])
     history = server.get("mlx/api/requests", params={"limit": 50, "model": "m256"}).json()
     refused = [r for r in history["requests"] if r["status"] == "failed"]
-    assert refused and "kv_reserve_tokens" in refused[0]["error"]
+    assert len(refused) == 2 and all("kv_reserve_tokens" in r["error"] for r in refused)
+
+
+async def a_long_request_then_short_ones(live, long_tokens):
+    """Streams a long greedy request; once its first text arrives, sends three short ones.
+    When each ended (monotonic seconds) and the long one's last event."""
+    body = {"model": "m256", "prompt": "hello there", "max_tokens": long_tokens,
+            "temperature": 0, "stream": True}
+    async with httpx.AsyncClient(base_url=live.url, headers=headers(live), timeout=300) as client:
+        async def short(request):
+            await send(client, request)
+            return time.monotonic()
+
+        async with client.stream("POST", "mlx/api/generate", json=body) as answer:
+            lines = answer.aiter_lines()
+            await anext(lines)  # it is generating
+            shorts = asyncio.gather(*(short(r) for r in short_requests(3, seed=5)))
+            last = [line async for line in lines if line][-1]
+            long_at = time.monotonic()
+        return {"long": json.loads(last), "long_at": long_at, "short_at": await shorts}
 
 
 def test_a_worker_past_its_estimate_trims_its_prompt_cache(models, tmp_path):

@@ -76,10 +76,10 @@ def test_stop_cancels_the_generation_on_the_server(control, client):
     playground = control.playground
     playground.model.value, playground.prompt.value = "demo", "The sea"
     playground.max_tokens.value = 4000
-    playground.generate.click()
-    wait_until(lambda: playground._events is not None)  # the worker has accepted it
-    os.kill(pid, signal.SIGSTOP)  # nothing more is generated until the stop has happened
+    os.kill(pid, signal.SIGSTOP)  # nothing is generated until the stop has happened
     try:
+        playground.generate.click()
+        wait_until(lambda: playground._events is not None)
         request_id = playground._events.request_id
         control.refresh()
         assert request_id in control.queue_tab.table.value  # it is running

@@ -9,8 +9,6 @@ Server -> worker (stdin):
 Worker -> server (the protocol pipe, the worker's original stdout):
     {"event": "ready", "pid": int, "load_ms": float}
     {"event": "fatal", "message": str}                      model could not be loaded; worker exits
-    {"event": "accepted", "id": str, "prompt_tokens": int, "kv_tokens": int}
-                                                            tokenized; it waits for a batch slot
     {"event": "text", "id": str, "text": str}               the next piece of a request's output
     {"event": "done", "id": str, "finish_reason": str, "usage": {...}, "worker_timings": {...}}
     {"event": "error", "id": str, "message": str, "kind"?: "invalid_request"}
@@ -23,7 +21,8 @@ Worker -> server (the protocol pipe, the worker's original stdout):
      "prompt_cache_bytes_freed": int, "prompt_cache_entries_freed": int}
                                                             live memory passed the estimate
 
-A generate command is answered first by "accepted" or an error, then by its text and "done".
+A generate command the worker cannot hold is answered at once by an error of kind
+invalid_request; otherwise by its text, then "done".
 """
 
 from __future__ import annotations

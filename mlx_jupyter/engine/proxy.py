@@ -142,9 +142,9 @@ class WorkerProxy:
 
     async def generate(self, request_id: str, params: dict[str, Any]
                        ) -> AsyncIterator[dict[str, Any]]:
-        """Yields the worker's events for one request: "accepted" first, then its text, ending
-        with its "done" event. A request the worker refuses raises InvalidRequest before any
-        event; one that fails raises WorkerError.
+        """Yields the worker's events for one request: its text, ending with its "done" event.
+        A request the worker refuses raises InvalidRequest before any event; one that fails
+        raises WorkerError.
 
         Leaving the iteration early (a client that went away) cancels the request in the worker.
         """

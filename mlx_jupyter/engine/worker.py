@@ -67,6 +67,7 @@ from ..limits import (
     DEFAULT_KV_RESERVE_TOKENS,
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_PROMPT_CACHE_BYTES,
+    kv_refusal,
 )
 from .protocol import INVALID_REQUEST, decode, encode
 from .stops import StopMatcher
@@ -243,8 +244,8 @@ class Worker:
         return True
 
     def _accept(self, request: _Request) -> None:
-        """Tokenizes a new request and tells the server at once whether it can ever run here
-        ("accepted", or an invalid_request error); accepted ones wait for a batch slot."""
+        """Tokenizes a new request and refuses it at once (an invalid_request error) if the
+        KV reservation can never hold it; the others wait for a batch slot."""
         try:
             request.tokens = self._prompt_tokens(request.command)
         except Exception as exc:
@@ -253,17 +254,11 @@ class Worker:
             return
         max_tokens = int(request.command["max_tokens"])
         request.kv_tokens = len(request.tokens) + max_tokens
-        if request.kv_tokens > self.kv_capacity:
-            self._error(request, message=(
-                f"this request needs KV cache for {request.kv_tokens} tokens "
-                f"({len(request.tokens)} of prompt + {max_tokens} max_tokens), more than the "
-                f"{self.kv_capacity} this model reserves (max_batch_size "
-                f"{self.max_batch_size} x kv_reserve_tokens {self.kv_reserve_tokens}); lower "
-                f"max_tokens, shorten the prompt, or raise c.MlxApp.kv_reserve_tokens"),
-                kind=INVALID_REQUEST)
+        refusal = kv_refusal(len(request.tokens), max_tokens, self.max_batch_size,
+                             self.kv_reserve_tokens)
+        if refusal:
+            self._error(request, message=refusal, kind=INVALID_REQUEST)
             return
-        self.send({"event": "accepted", "id": request.id, "prompt_tokens": len(request.tokens),
-                   "kv_tokens": request.kv_tokens})
         self._waiting.append(request)
 
     def _kv_fits(self, request: _Request) -> bool:

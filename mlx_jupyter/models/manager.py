@@ -33,6 +33,7 @@ from ..limits import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_PROMPT_CACHE_BYTES,
     DEFAULT_WORKER_BASE_BYTES,
+    kv_refusal,
 )
 from ..metrics import Metrics
 from ..store.schema import ModelStatus, utcnow
@@ -146,6 +147,11 @@ class ModelManager:
         """Memory held by models, by estimate: loaded ones and those being loaded."""
         return sum(slot.budget_bytes for slot in self._slots.values()
                    if slot.loaded or slot.status == ModelStatus.LOADING)
+
+    def kv_refusal(self, prompt_tokens: int, max_tokens: int) -> str | None:
+        """Why a request can never fit a worker's KV reservation, or None (see limits)."""
+        return kv_refusal(prompt_tokens, max_tokens, self._settings.max_batch_size,
+                          self._settings.kv_reserve_tokens)
 
     def footprint(self, estimate: MemoryEstimate) -> Footprint:
         """What a model of this estimate is counted for while loaded (the one place it is
