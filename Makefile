@@ -67,6 +67,7 @@ bench: setup
 	$(PYTHON) benchmarks/bench_store.py --postgres temp
 	$(PYTHON) benchmarks/bench_models.py
 	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/bench_serving.py
+	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/bench_soak.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info mlx_jupyter/labextension $(LABEXT_DIR)/lib $(LABEXT_DIR)/node_modules
