@@ -505,12 +505,7 @@ class Worker:
         except Exception:  # accounting must never take the model down
             traceback.print_exc()
             return
-        for event in events:
-            if event["event"] == "trim":
-                print(f"mlx-jupyter worker: live memory {event['live_bytes_before']} bytes "
-                      f"passed the estimate of {event['limit_bytes']}; trimmed "
-                      f"{event['prompt_cache_entries_freed']} prompt cache entries "
-                      f"({event['prompt_cache_bytes_freed']} bytes)", file=sys.stderr)
+        for event in events:  # the server logs and counts trims
             self.send(event)
 
 
@@ -529,7 +524,7 @@ def _at_least_one(value: str) -> int:
     return size
 
 
-def _cache_bytes(value: str) -> int:
+def _non_negative(value: str) -> int:
     size = int(value)
     if size < 0:
         raise argparse.ArgumentTypeError("must not be negative")
@@ -541,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model_path")
     parser.add_argument("--max-batch-size", type=_at_least_one, default=DEFAULT_MAX_BATCH_SIZE,
                         help="most requests generated at once (default %(default)s)")
-    parser.add_argument("--prompt-cache-bytes", type=_cache_bytes,
+    parser.add_argument("--prompt-cache-bytes", type=_non_negative,
                         default=DEFAULT_PROMPT_CACHE_BYTES,
                         help="most bytes of KV state kept for reuse by later prompts; 0 turns "
                              "the prompt cache off (default %(default)s)")
@@ -549,10 +544,10 @@ def main(argv: list[str] | None = None) -> int:
                         default=DEFAULT_KV_RESERVE_TOKENS,
                         help="KV positions reserved per batch slot; the batch holds at most "
                              "max-batch-size times this (default %(default)s)")
-    parser.add_argument("--memory-limit-bytes", type=_cache_bytes, default=0,
+    parser.add_argument("--memory-limit-bytes", type=_non_negative, default=0,
                         help="live memory past which the prompt cache is trimmed; 0: no "
                              "limit (default %(default)s)")
-    parser.add_argument("--mlx-cache-limit-bytes", type=_cache_bytes, default=None,
+    parser.add_argument("--mlx-cache-limit-bytes", type=_non_negative, default=None,
                         help="most bytes of freed buffers MLX keeps for reuse (default: "
                              "MLX's own limit)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
