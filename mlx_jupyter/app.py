@@ -36,7 +36,7 @@ from .models.memory import (
 from .models.registry import ModelRegistry
 from .models.service import ModelService
 from .queue import InferenceQueue
-from .services import BlockingPool, StoreService
+from .services import BlockingPool, HistoryCleanup, StoreService
 from .store import Store, default_database_url
 
 
@@ -77,6 +77,11 @@ class MlxApp(ExtensionApp):
     settings_cache_ttl = Float(30.0, config=True,
                                help="Seconds a setting read from the database stays cached "
                                     "(a write invalidates it at once).")
+    cleanup_interval_seconds = Float(
+        60.0, min=0.0, config=True,
+        help="Seconds between two passes that prune the request history by the settings "
+             "history_retention_days and max_history_rows (the first runs at start-up). "
+             "0: never.")
     thread_pool_workers = Int(4, config=True,
                               help="Threads for blocking work (database, file scans), so the "
                                    "event loop never waits on it.")
@@ -191,6 +196,8 @@ class MlxApp(ExtensionApp):
                              "stopped; marked interrupted", interrupted)
         if jobs:  # once the event loop runs
             IOLoop.current().add_callback(self.queue.resume, jobs)
+        self.cleanup = HistoryCleanup(store_service, self.cleanup_interval_seconds)
+        IOLoop.current().add_callback(self.cleanup.start)
         self.settings.update({"mlx_jupyter.manager": self.manager,
                               "mlx_jupyter.queue": self.queue,
                               "mlx_jupyter.models": models,
@@ -233,6 +240,7 @@ class MlxApp(ExtensionApp):
         return None
 
     async def stop_extension(self) -> None:
+        await self.cleanup.stop()
         await self.manager.shutdown()
         await self.settings["mlx_jupyter.store"].flush()
         self.pool.shutdown()

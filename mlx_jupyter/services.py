@@ -99,6 +99,34 @@ class WriteBehind:
         return outcomes
 
 
+class HistoryCleanup:
+    """The periodic pass that prunes the history by its settings: once at start-up, then every
+    `interval_seconds` (0: never). A pass that fails is logged; the next one tries again."""
+
+    def __init__(self, store: StoreService, interval_seconds: float):
+        self._store = store
+        self.interval_seconds = interval_seconds
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.interval_seconds > 0 and self._task is None:
+            self._task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._store.prune_history()
+            except Exception:  # logged by the write-behind queue
+                pass
+            await asyncio.sleep(self.interval_seconds)
+
+
 class StoreService:
     def __init__(self, store: Store, pool: BlockingPool):
         self.store = store
@@ -181,6 +209,11 @@ class StoreService:
     async def list_requests(self, **filters: Any) -> tuple[list[dict[str, Any]], int]:
         await self.flush()
         return await self._pool.run(self.store.list_requests, **filters)
+
+    def prune_history(self) -> asyncio.Future[int]:
+        """Applies the settings history_retention_days and max_history_rows, written behind
+        (after the writes queued before it); the future holds how many rows went."""
+        return self._writes.write(self.store.prune_history)
 
     # -- database -------------------------------------------------------------------------
 

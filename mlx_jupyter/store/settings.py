@@ -69,12 +69,12 @@ SETTINGS: dict[str, SettingSpec] = {spec.key: spec for spec in (
                 "Nucleus sampling mass when a request does not say; 1 keeps every token.",
                 Field(gt=0.0, le=1.0)),
     SettingSpec("history_retention_days", int, 0, "an integer from 0 to 36500",
-                "Finished requests older than this many days are deleted by "
-                "Store.prune_history; 0 keeps them forever.",
+                "Finished requests older than this many days are deleted by the history "
+                "cleanup pass (every c.MlxApp.cleanup_interval_seconds); 0 keeps them forever.",
                 Field(ge=0, le=36500)),
     SettingSpec("max_history_rows", int, 0, "an integer from 0 to 100000000",
-                "Store.prune_history keeps at most this many finished requests, the newest; "
-                "0 means no limit.",
+                "The history cleanup pass keeps at most this many finished requests, the "
+                "newest; 0 means no limit.",
                 Field(ge=0, le=100_000_000)),
 )}
 
