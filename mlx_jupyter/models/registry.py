@@ -39,6 +39,9 @@ DEMO_MODEL_NAME = "demo"
 DEMO_MODEL_PATH = Path(__file__).resolve().parent.parent / "demo"
 
 BUNDLED, REGISTERED, FOLDER, HUGGINGFACE = "bundled", "registered", "folder", "huggingface"
+# The stored source of a model that was forgotten: its row (and history) stays, but nothing
+# registers it again at start-up.
+FORGOTTEN = "forgotten"
 
 MAX_NAME_LENGTH = 128
 # Segments separated by "/" (for repo ids such as mlx-community/Foo), each starting with a

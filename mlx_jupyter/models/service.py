@@ -11,7 +11,7 @@ from typing import Any
 
 from ..services import BlockingPool, StoreService
 from .manager import ModelManager
-from .registry import REGISTERED, ModelEntry, ModelInfo, ModelRegistry
+from .registry import FORGOTTEN, REGISTERED, ModelEntry, ModelInfo, ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,14 @@ class ModelService:
         return await self.get(name)
 
     async def forget(self, name: str, *, delete_files: bool = False) -> dict[str, Any]:
-        """Unloads (refused while requests are in flight) and forgets a model. Its history
-        stays in the database."""
+        """Unloads (refused while requests are in flight) and forgets a model, for good: its
+        row stays in the database with its history, marked forgotten, so the next start does
+        not register it again."""
         entry = self.registry.get(name)
         await self.manager.unload(name, reason="forgotten")
         await self._run(self.registry.forget, name, delete_files=delete_files)
         self.manager.forget(name)
+        await self.store.update_model(name, source=FORGOTTEN, pinned=False)
         return {"name": name, "source": entry.source, "deleted_files": delete_files}
 
     async def load(self, name: str) -> dict[str, Any]:
