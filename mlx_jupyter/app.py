@@ -17,13 +17,13 @@ from traitlets import Bool, Dict, Float, Int, List, TraitError, Unicode, Union, 
 
 from ._version import __version__
 from .api.routes import ROUTES
+from .engine.proxy import worker_environment
 from .limits import (
     DEFAULT_KV_RESERVE_TOKENS,
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_PROMPT_CACHE_BYTES,
     DEFAULT_WORKER_BASE_BYTES,
 )
-from .engine.proxy import worker_environment
 from .metrics import Metrics
 from .models.manager import Limits, ModelManager, WorkerSettings
 from .models.memory import (

@@ -17,12 +17,17 @@ DEFAULT_KV_RESERVE_TOKENS = 4096
 DEFAULT_WORKER_BASE_BYTES = 96 * MIB
 
 
+def kv_capacity(max_batch_size: int, kv_reserve_tokens: int) -> int:
+    """KV positions a model's whole batch may hold: what its KV reservation counts."""
+    return max_batch_size * kv_reserve_tokens
+
+
 def kv_refusal(prompt_tokens: int, max_tokens: int, max_batch_size: int,
                kv_reserve_tokens: int) -> str | None:
     """Why a request can never fit a model's KV reservation (its whole batch's positions),
     or None when it can. The server checks max_tokens alone; the worker, having tokenized the
     prompt, checks both."""
-    capacity = max_batch_size * kv_reserve_tokens
+    capacity = kv_capacity(max_batch_size, kv_reserve_tokens)
     need = prompt_tokens + max_tokens
     if need <= capacity:
         return None

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from mlx_jupyter.services import BlockingPool, StoreService, WriteBehind
+from mlx_jupyter.services import BlockingPool, HistoryCleanup, StoreService, WriteBehind
 from mlx_jupyter.store import RequestRecord, RequestStatus
 
 pytest_plugins = ["store_fixtures"]
@@ -63,3 +63,26 @@ def test_a_request_written_behind_is_read_back_at_once(store, pool):
     assert row["status"] == "completed" and row["output_text"] == "hello"
     assert total == 1 and rows[0]["id"] == row["id"]
     assert store.get_model("demo")["use_count"] == 1
+
+
+def test_the_history_cleanup_applies_the_settings_and_interval_0_never_runs(store, pool):
+    """HistoryCleanup on a real database: with an interval it prunes by the settings at once
+    and again later; with 0 (c.MlxApp.cleanup_interval_seconds = 0) it never runs."""
+    store.ensure_model("demo", "/x", "bundled")
+    ids = [store.add_request(RequestRecord(model="demo", prompt=str(i),
+                                           status=RequestStatus.COMPLETED.value))
+           for i in range(4)]
+    store.settings.set("max_history_rows", 1)
+
+    async def run(interval: float) -> int:
+        service = StoreService(store, pool)
+        cleanup = HistoryCleanup(service, interval)
+        cleanup.start()
+        await asyncio.sleep(0.2)  # the first pass runs at once; later ones every interval
+        await cleanup.stop()
+        await service.flush()  # a pass queued before the stop has run
+        return store.list_requests()[1]
+
+    assert asyncio.run(run(0)) == 4  # never
+    assert asyncio.run(run(0.05)) == 1  # the newest stays
+    assert store.list_requests()[0][0]["id"] == ids[-1]

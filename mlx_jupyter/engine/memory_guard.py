@@ -11,8 +11,9 @@ estimate (`models.memory.Footprint`); the worker measures what it really holds:
 
 When the live total passes the estimate, the guard first hands back what holds no data (MLX's
 buffer cache, and the C allocator's free pages); if that is not enough, it trims the prompt
-cache (least recently used entries first) by the excess, and reports what it freed. MLX's buffer cache is also capped (`mx.set_cache_limit`) to
-the KV reservation: the buffers worth keeping for reuse are those of the requests' KV caches.
+cache (least recently used entries first) by the excess, and reports what it freed. MLX's
+buffer cache is also capped (`mx.set_cache_limit`) to the KV reservation: the buffers worth
+keeping for reuse are those of the requests' KV caches.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ class WorkerProxy:
                  kv_reserve_tokens: int = DEFAULT_KV_RESERVE_TOKENS,
                  memory_limit_bytes: int = 0, mlx_cache_limit_bytes: int | None = None,
                  on_exit: Callable[[WorkerProxy], None] | None = None,
-                 on_trim: Callable[[WorkerProxy, dict[str, Any]], None] | None = None):
+                 on_trim: Callable[[WorkerProxy], None] | None = None):
         """The sizes are the worker's options (see `worker.main`)."""
         self.model_name = model_name
         self._options = {"--max-batch-size": max_batch_size,
@@ -55,7 +55,8 @@ class WorkerProxy:
                          "--mlx-cache-limit-bytes": mlx_cache_limit_bytes}
         self._on_exit = on_exit  # told when the process ends unasked (a crash, a kill)
         self._on_trim = on_trim
-        self.memory: dict[str, Any] | None = None  # the worker's latest memory report
+        # The worker's latest memory report (a protocol "memory" event, less its name).
+        self.memory: dict[str, Any] | None = None
         self.model_path = model_path
         self._env = env
         self._start_timeout = start_timeout
@@ -218,7 +219,7 @@ class WorkerProxy:
                 self._ready.set_exception(WorkerError(
                     f"model {self.model_name!r} failed to load: {event.get('message')}"))
         elif kind == "memory":
-            self.memory = event
+            self.memory = {key: value for key, value in event.items() if key != "event"}
         elif kind == "trim":
             log.warning("model %s: worker pid %s held %d bytes, past its estimate of %d; "
                         "trimmed %d prompt cache entries (%d bytes), now %d bytes",
@@ -226,7 +227,7 @@ class WorkerProxy:
                         event["limit_bytes"], event["prompt_cache_entries_freed"],
                         event["prompt_cache_bytes_freed"], event["live_bytes_after"])
             if self._on_trim is not None:
-                self._on_trim(self, event)
+                self._on_trim(self)
         elif (events := self._requests.get(str(event.get("id")))) is not None:
             events.put_nowait(event)
 

@@ -67,6 +67,7 @@ from ..limits import (
     DEFAULT_KV_RESERVE_TOKENS,
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_PROMPT_CACHE_BYTES,
+    kv_capacity,
     kv_refusal,
 )
 from .protocol import INVALID_REQUEST, decode, encode
@@ -145,7 +146,7 @@ class Worker:
         self.max_batch_size = max_batch_size
         self.prompt_cache_bytes = prompt_cache_bytes
         self.kv_reserve_tokens = kv_reserve_tokens
-        self.kv_capacity = max_batch_size * kv_reserve_tokens  # KV positions the batch may hold
+        self.kv_capacity = kv_capacity(max_batch_size, kv_reserve_tokens)
         self.memory_limit_bytes = memory_limit_bytes  # 0: no limit
         self.mlx_cache_limit_bytes = mlx_cache_limit_bytes  # None: MLX's own default
         self._prompt_cache = None  # an mlx_lm LRUPromptCache once the model is loaded, if enabled

@@ -3,9 +3,8 @@
 A model is loaded on demand (a generation, or an explicit load). It is counted against the
 budget for its `Footprint`: weights × its kind's overhead, plus its worker's prompt cache, KV
 reservation and process; its worker is told that total and trims its prompt cache when its
-live memory passes it. A load that does not fit the
-budget or the loaded-model limit first evicts the least recently used models that are idle and
-not pinned; if it still would not fit, it is refused and nothing is disturbed. A model with
+live memory passes it. A load that does not fit the budget or the loaded-model limit first
+evicts the least recently used models that are idle and not pinned; if it still would not fit, it is refused and nothing is disturbed. A model with
 requests in flight is never evicted. An idle model unloads itself after `idle_unload_seconds`:
 each loaded model holds one timer, re-armed whenever its last request ends, so nothing polls.
 
@@ -33,6 +32,7 @@ from ..limits import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_PROMPT_CACHE_BYTES,
     DEFAULT_WORKER_BASE_BYTES,
+    kv_capacity,
     kv_refusal,
 )
 from ..metrics import Metrics
@@ -160,7 +160,7 @@ class ModelManager:
         return Footprint(
             model_bytes=estimate.estimate_bytes,
             prompt_cache_bytes=settings.prompt_cache_bytes,
-            kv_reserve_bytes=(settings.max_batch_size * settings.kv_reserve_tokens
+            kv_reserve_bytes=(kv_capacity(settings.max_batch_size, settings.kv_reserve_tokens)
                               * estimate.kv_bytes_per_token),
             worker_bytes=self.limits.worker_base_bytes)
 
@@ -169,15 +169,12 @@ class ModelManager:
         worker really holds (`live`: the worker's latest report; None while not loaded)."""
         worker = slot.worker
         alive = worker is not None and worker.alive
-        live = dict(worker.memory) if alive and worker.memory else None
-        if live is not None:
-            live.pop("event", None)
         return {"name": slot.name, "status": slot.status.value,
                 "pid": worker.pid if worker else None,
                 "budget_bytes": slot.budget_bytes,
                 "footprint": slot.footprint.to_dict() if slot.footprint else None,
                 "rss_bytes": self._rss(worker.pid) if alive else None,
-                "live": live,
+                "live": worker.memory if alive else None,
                 "pinned": slot.pinned, "active_requests": slot.active_requests,
                 "last_used_at": slot.last_used_at, "error": slot.error}
 
@@ -340,7 +337,7 @@ class ModelManager:
         self._set_status(slot, ModelStatus.UNLOADED)
         self.metrics.model_unloaded(slot.name, reason)
 
-    def _worker_trimmed(self, worker: WorkerProxy, trim: dict[str, Any]) -> None:
+    def _worker_trimmed(self, worker: WorkerProxy) -> None:
         self.metrics.prompt_cache_trimmed(worker.model_name)
 
     def _worker_exited(self, worker: WorkerProxy) -> None:

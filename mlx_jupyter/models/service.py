@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 from ..services import BlockingPool, StoreService
+from ..store.schema import ModelStatus
 from .manager import ModelManager
 from .registry import FORGOTTEN, REGISTERED, ModelEntry, ModelInfo, ModelRegistry
 
@@ -94,11 +95,12 @@ class ModelService:
             "status": "unloaded", "pid": None, "rss_bytes": None, "live": None,
             "pinned": False, "active_requests": 0, "last_used_at": None, "error": None}
         row = row or {}
-        # What a load counts against the budget, from the folder as it is now.
-        footprint = self.manager.footprint(info.estimate) if info.estimate else None
+        if state["status"] not in (ModelStatus.LOADED, ModelStatus.LOADING):
+            # Not counted now: what a load would count, from the folder as it is.
+            footprint = self.manager.footprint(info.estimate) if info.estimate else None
+            state = {**state, "footprint": footprint.to_dict() if footprint else None,
+                     "budget_bytes": footprint.total_bytes if footprint else None}
         return {**info.to_dict(), **state,
-                "footprint": footprint.to_dict() if footprint else None,
-                "budget_bytes": footprint.total_bytes if footprint else None,
                 "use_count": row.get("use_count", 0),
                 "registered_at": row.get("created_at"),
                 "last_used_at": state["last_used_at"] or row.get("last_used_at"),
