@@ -1,10 +1,40 @@
-"""Limits and defaults that more than one module needs, each stated once.
+"""Limits and defaults, each stated once.
 
-The server's traits (`app.MlxApp`), the model manager and the worker's command line all take
-their defaults from here, so that a worker started by hand behaves as one the server starts.
+The request schemas (native and OpenAI), the stored settings, the `%%mlx` options and the panel
+take their ranges from here, so that a value one of them accepts none of the others refuses. The
+server's traits (`app.MlxApp`), the model manager and the worker's command line take their
+defaults from here, so that a worker started by hand behaves as one the server starts.
+
+Pure constants and arithmetic: the kernel side imports this module too.
 """
 
 MIB = 1024**2
+
+# -- what a request may ask for ----------------------------------------------------------------
+MAX_TOKENS = 32768  # max_tokens is from 1 to this
+MAX_TEMPERATURE = 2.0  # temperature is from 0 (greedy) to this
+# top_p is above 0 and at most 1.
+MAX_SEED = 2**32 - 1  # seeds are from 0 to this (what mlx.random.key takes)
+MIN_PRIORITY, MAX_PRIORITY = -1000, 1000  # higher first
+MAX_TIMEOUT_SECONDS = 86400.0
+MAX_PROMPT_CHARS = 1_000_000  # a prompt, or one message's content
+MAX_MESSAGES = 1000
+MAX_STOP_STRINGS = 16
+MAX_MODEL_NAME_CHARS = 256  # Hub repo ids (org/name) fit with room to spare
+MAX_NOTEBOOK_CHARS = 4096  # a kernel's JPY_SESSION_NAME is a path
+MAX_PATH_CHARS = 4096
+
+# What a model can be asked to do: POST mlx/api/models/{name}/{action}.
+MODEL_ACTIONS = ("load", "unload", "pin", "unpin")
+
+# -- what the stored settings start as (mlx/api/settings; a request that leaves one out) --------
+DEMO_MODEL_NAME = "demo"  # the bundled model
+DEFAULT_MODEL = DEMO_MODEL_NAME
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_TEMPERATURE = 0.7
+DEFAULT_TOP_P = 1.0
+
+# -- what the server and its workers hold -------------------------------------------------------
 
 # Requests one model worker generates at once (continuous batching).
 DEFAULT_MAX_BATCH_SIZE = 8

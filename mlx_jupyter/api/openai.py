@@ -16,7 +16,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .._version import __version__
 from ..errors import MlxJupyterError
-from .schemas import MAX_PROMPT_CHARS
+from ..limits import (
+    MAX_MESSAGES,
+    MAX_MODEL_NAME_CHARS,
+    MAX_NOTEBOOK_CHARS,
+    MAX_PRIORITY,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_TEMPERATURE,
+    MAX_TOKENS,
+    MIN_PRIORITY,
+)
 
 # Finish reasons of our own that OpenAI does not define keep their names ("cancelled",
 # "timeout"): clients treat an unknown reason as the end of the answer.
@@ -41,7 +51,7 @@ class Message(_OpenAIBody):
     # "developer" is OpenAI's newer name for "system".
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] = Field(max_length=MAX_PROMPT_CHARS)
-    name: str | None = Field(None, max_length=256)  # accepted; chat templates do not use it
+    name: str | None = Field(None, max_length=MAX_MODEL_NAME_CHARS)  # accepted; chat templates do not use it
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -60,17 +70,17 @@ class StreamOptions(_OpenAIBody):
 class _Completion(_OpenAIBody):
     """What chat and text completions share."""
 
-    model: str | None = Field(None, min_length=1, max_length=256)
-    max_tokens: int | None = Field(None, ge=1, le=32768)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    model: str | None = Field(None, min_length=1, max_length=MAX_MODEL_NAME_CHARS)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    temperature: float | None = Field(None, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = Field(None, max_length=4096)  # recorded as the request's notebook
+    user: str | None = Field(None, max_length=MAX_NOTEBOOK_CHARS)  # recorded as the request's notebook
     n: int | None = 1
-    priority: int = Field(0, ge=-1000, le=1000)  # our extension: higher first
+    priority: int = Field(0, ge=MIN_PRIORITY, le=MAX_PRIORITY)  # our extension: higher first
     # Accepted at their neutral values only.
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
@@ -120,8 +130,8 @@ class _Completion(_OpenAIBody):
 
 
 class ChatCompletionRequest(_Completion):
-    messages: list[Message] = Field(min_length=1, max_length=1000)
-    max_completion_tokens: int | None = Field(None, ge=1, le=32768)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None

@@ -7,8 +7,20 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import InvalidRequest
-
-MAX_PROMPT_CHARS = 1_000_000
+from ..limits import (
+    MAX_MESSAGES,
+    MAX_MODEL_NAME_CHARS,
+    MAX_NOTEBOOK_CHARS,
+    MAX_PATH_CHARS,
+    MAX_PRIORITY,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_STOP_STRINGS,
+    MAX_TEMPERATURE,
+    MAX_TIMEOUT_SECONDS,
+    MAX_TOKENS,
+    MIN_PRIORITY,
+)
 
 
 class _Body(BaseModel):
@@ -27,19 +39,19 @@ class ChatMessage(_Body):
 class GenerateRequest(_Body):
     # model, max_tokens, temperature and top_p left out (or null) take the stored settings'
     # defaults (default_model, default_max_tokens, ...).
-    model: str | None = Field(None, min_length=1, max_length=256)
+    model: str | None = Field(None, min_length=1, max_length=MAX_MODEL_NAME_CHARS)
     prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
-    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=1000)
-    max_tokens: int | None = Field(None, ge=1, le=32768)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    temperature: float | None = Field(None, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, le=2**32 - 1)
-    stop: list[str] = Field(default_factory=list, max_length=16)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     stream: bool = False
-    priority: int = Field(0, ge=-1000, le=1000)  # higher first; waiting raises it (aging)
-    timeout: float | None = Field(None, gt=0, le=86400)  # seconds from submit to the end
+    priority: int = Field(0, ge=MIN_PRIORITY, le=MAX_PRIORITY)  # higher first; waiting raises it (aging)
+    timeout: float | None = Field(None, gt=0, le=MAX_TIMEOUT_SECONDS)  # seconds from submit to the end
     background: bool = False  # answer 202 at once; the result is read from the history
-    notebook: str | None = Field(None, max_length=4096)  # the kernel's JPY_SESSION_NAME
+    notebook: str | None = Field(None, max_length=MAX_NOTEBOOK_CHARS)  # the kernel's JPY_SESSION_NAME
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -70,8 +82,8 @@ class GenerateRequest(_Body):
 class HistoryQuery(_Body):
     model_config = ConfigDict(extra="forbid", strict=False)  # query strings are all text
 
-    model: str | None = Field(None, max_length=256)
-    notebook: str | None = Field(None, max_length=4096)
+    model: str | None = Field(None, max_length=MAX_MODEL_NAME_CHARS)
+    notebook: str | None = Field(None, max_length=MAX_NOTEBOOK_CHARS)
     status: Literal["queued", "running", "completed", "cancelled", "failed",
                     "interrupted"] | None = None
     limit: int = Field(50, ge=1, le=500)
@@ -118,8 +130,8 @@ def _describe(error: dict) -> str:
 
 
 class RegisterModel(_Body):
-    name: str = Field(min_length=1, max_length=128)
-    path: str = Field(min_length=1, max_length=4096)
+    name: str = Field(min_length=1, max_length=MAX_MODEL_NAME_CHARS)
+    path: str = Field(min_length=1, max_length=MAX_PATH_CHARS)
 
 
 class ForgetQuery(_Body):

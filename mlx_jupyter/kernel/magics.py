@@ -20,6 +20,7 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.display import display
 from traitlets import Bool, Enum, Float, Int, Unicode
 
+from ..limits import MODEL_ACTIONS
 from . import render
 from .client import Client, EventStream
 from .errors import AuthenticationError, ConnectionFailed, MlxError, ServerNotFound
@@ -61,7 +62,6 @@ default_temperature, system_prompt, interpolate, seed_every_answer)."""
 
 # Errors after which the next call discovers the server again: it may have restarted.
 _STALE_CLIENT_ERRORS = (ServerNotFound, ConnectionFailed, AuthenticationError)
-_MODEL_ACTIONS = ("load", "unload", "pin", "unpin")
 
 
 @magics_class
@@ -189,7 +189,7 @@ class MlxMagics(Magics):
         command, args = (words[0], words[1:]) if words else ("help", [])
         if command == "help":
             print(HELP)
-        elif command in _MODEL_ACTIONS:
+        elif command in MODEL_ACTIONS:
             self._model_action(command, args)
         elif command in ("list", "status", "queue", "settings", "panel"):
             _no_arguments(command, args)

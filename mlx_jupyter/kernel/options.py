@@ -13,6 +13,8 @@ from typing import Any
 
 from IPython.core.error import UsageError
 
+from ..limits import MAX_PRIORITY, MAX_SEED, MAX_TEMPERATURE, MAX_TOKENS, MIN_PRIORITY
+
 FORMATS = ("markdown", "text", "code", "html", "json", "math")
 USAGE = ("%%mlx [MODEL] [-f markdown|text|code|html|json|math] [--max-tokens N] "
          "[--temperature F] [--top-p F] [--seed N] [--stop S]... [--system TEXT] "
@@ -86,13 +88,13 @@ def _cell_parser() -> argparse.ArgumentParser:
                              exit_on_error=False)
     parser.add_argument("model", nargs="?")
     parser.add_argument("-f", "--format", choices=FORMATS)
-    parser.add_argument("--max-tokens", type=_bounded(int, 1, 32768))
-    parser.add_argument("--temperature", type=_bounded(float, 0.0, 2.0))
+    parser.add_argument("--max-tokens", type=_bounded(int, 1, MAX_TOKENS))
+    parser.add_argument("--temperature", type=_bounded(float, 0.0, MAX_TEMPERATURE))
     parser.add_argument("--top-p", type=_bounded(float, 0.0, 1.0, low_open=True))
-    parser.add_argument("--seed", type=_bounded(int, 0, 2**32 - 1))
+    parser.add_argument("--seed", type=_bounded(int, 0, MAX_SEED))
     parser.add_argument("--stop", action="append")
     parser.add_argument("--system")
-    parser.add_argument("--priority", type=_bounded(int, -1000, 1000))
+    parser.add_argument("--priority", type=_bounded(int, MIN_PRIORITY, MAX_PRIORITY))
     parser.add_argument("-o", "--output", type=_variable)
     parser.add_argument("--chat", nargs="?", const=DEFAULT_CHAT, type=_chat_name)
     parser.add_argument("--no-stream", dest="stream", action="store_false")

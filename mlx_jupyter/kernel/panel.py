@@ -18,6 +18,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
+from ..limits import MAX_TEMPERATURE, MAX_TOKENS, MODEL_ACTIONS
 from .client import Client, EventStream
 from .errors import MlxError
 from .render import (
@@ -34,7 +35,6 @@ from .render import (
 )
 
 REFRESH_SECONDS = 2.0
-_ACTIONS = ("load", "unload", "pin", "unpin")
 
 
 def panel(client: Client | None = None, *, refresh_seconds: float = REFRESH_SECONDS) -> Panel:
@@ -162,13 +162,13 @@ class _ModelsTab:
             self.buttons[name]["pin"].disabled = bool(model.get("pinned"))
             self.buttons[name]["unpin"].disabled = not model.get("pinned")
             rows.append(widgets.HBox([self._labels[name],
-                                      *(self.buttons[name][a] for a in _ACTIONS)]))
+                                      *(self.buttons[name][a] for a in MODEL_ACTIONS)]))
         self.rows.children = rows
 
     def _add_row(self, name: str) -> None:
         self._labels[name] = widgets.HTML(layout=widgets.Layout(width="45%"))
         self.buttons[name] = {}
-        for action in _ACTIONS:
+        for action in MODEL_ACTIONS:
             button = widgets.Button(description=action.capitalize(),
                                     layout=widgets.Layout(width="80px"))
             button.on_click(lambda _button, action=action: self._act(name, action))
@@ -211,9 +211,9 @@ class _Playground:
         self.model = widgets.Text(description="model", placeholder="the server's default")
         self.system = widgets.Text(description="system", placeholder="optional")
         self.prompt = widgets.Textarea(description="prompt", layout=widgets.Layout(width="95%"))
-        self.max_tokens = widgets.BoundedIntText(value=256, min=1, max=32768,
+        self.max_tokens = widgets.BoundedIntText(value=256, min=1, max=MAX_TOKENS,
                                                  description="max tokens")
-        self.temperature = widgets.BoundedFloatText(value=0.7, min=0.0, max=2.0, step=0.1,
+        self.temperature = widgets.BoundedFloatText(value=0.7, min=0.0, max=MAX_TEMPERATURE, step=0.1,
                                                     description="temperature")
         self.seed = widgets.Text(description="seed", placeholder="random")
         self.generate = widgets.Button(description="Generate", button_style="primary")

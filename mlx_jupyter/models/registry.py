@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidRequest, MlxJupyterError, ModelNotFound
+from ..limits import DEMO_MODEL_NAME
 from .memory import (RACY_WINDOW_NS, InvalidModelFiles, MemoryEstimate, MemoryEstimator,
                      kind_of_config, read_config)
 from .paths import (InvalidModelPath, ModelFolder, check_links_inside, check_request_path,
@@ -35,7 +36,6 @@ from .paths import (InvalidModelPath, ModelFolder, check_links_inside, check_req
 
 log = logging.getLogger(__name__)
 
-DEMO_MODEL_NAME = "demo"
 DEMO_MODEL_PATH = Path(__file__).resolve().parent.parent / "demo"
 
 BUNDLED, REGISTERED, FOLDER, HUGGINGFACE = "bundled", "registered", "folder", "huggingface"

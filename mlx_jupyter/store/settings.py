@@ -23,6 +23,15 @@ from typing import Annotated, Any
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from sqlalchemy import Engine, delete, select
 
+from ..limits import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MODEL,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_P,
+    MAX_MODEL_NAME_CHARS,
+    MAX_TEMPERATURE,
+    MAX_TOKENS,
+)
 from .database import dialect_insert, immediate
 from .errors import InvalidSetting, UnknownSetting
 from .schema import Setting, utcnow
@@ -56,16 +65,17 @@ class SettingSpec:
 
 
 SETTINGS: dict[str, SettingSpec] = {spec.key: spec for spec in (
-    SettingSpec("default_model", str, "demo", "a non-empty model name",
+    SettingSpec("default_model", str, DEFAULT_MODEL, "a non-empty model name",
                 "Model used when a request names none.",
-                Field(min_length=1, max_length=255)),
-    SettingSpec("default_max_tokens", int, 256, "an integer from 1 to 32768",
+                Field(min_length=1, max_length=MAX_MODEL_NAME_CHARS)),
+    SettingSpec("default_max_tokens", int, DEFAULT_MAX_TOKENS, f"an integer from 1 to {MAX_TOKENS}",
                 "Most tokens generated when a request does not say.",
-                Field(ge=1, le=32768)),
-    SettingSpec("default_temperature", float, 0.7, "a number from 0 to 2",
+                Field(ge=1, le=MAX_TOKENS)),
+    SettingSpec("default_temperature", float, DEFAULT_TEMPERATURE,
+                f"a number from 0 to {MAX_TEMPERATURE:g}",
                 "Sampling temperature when a request does not say; 0 is greedy.",
-                Field(ge=0.0, le=2.0)),
-    SettingSpec("default_top_p", float, 1.0, "a number above 0, at most 1",
+                Field(ge=0.0, le=MAX_TEMPERATURE)),
+    SettingSpec("default_top_p", float, DEFAULT_TOP_P, "a number above 0, at most 1",
                 "Nucleus sampling mass when a request does not say; 1 keeps every token.",
                 Field(gt=0.0, le=1.0)),
     SettingSpec("history_retention_days", int, 0, "an integer from 0 to 36500",
