@@ -1,0 +1,133 @@
+"""The README and the code agree on every public name: traits, settings, routes, magics,
+metrics and model kinds. A name renamed on one side only fails here."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from tornado.routing import PathMatches
+from tornado.web import RequestHandler
+
+from mlx_jupyter.api.routes import ROUTES
+from mlx_jupyter.app import MlxApp
+from mlx_jupyter.kernel.magics import COMMANDS, MlxMagics
+from mlx_jupyter.models.memory import KIND_OVERHEADS
+from mlx_jupyter.store.settings import SETTINGS
+
+from live_server import start_server, stop_server
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def section(title: str) -> str:
+    """The README's text under a heading, up to the next heading of the same or a higher level."""
+    match = re.search(rf"^(#+) {re.escape(title)}\n", README, re.M)
+    assert match, f"README has no section {title!r}"
+    level = len(match.group(1))
+    rest = README[match.end():]
+    end = re.search(rf"^#{{1,{level}}} ", rest, re.M)
+    return rest[:end.start()] if end else rest
+
+
+def test_every_trait_in_the_readme_exists_and_every_trait_is_in_its_table():
+    own = set(MlxApp.class_own_traits(config=True))
+    mentioned = set(re.findall(r"c\.MlxApp\.(\w+)", README))
+    assert mentioned - own == set(), "the README names traits MlxApp lacks"
+    table = section("Configuration")
+    # A row may give two traits: `c.MlxApp.db_pool_size` / `db_max_overflow`.
+    in_table = set(re.findall(r"^\| `c\.MlxApp\.(\w+)`(?: / `(\w+)`)?", table, re.M))
+    in_table = {name for row in in_table for name in row if name}
+    assert own - in_table == set(), "traits missing from the README's configuration table"
+
+
+def test_every_magic_trait_in_the_readme_exists():
+    mentioned = set(re.findall(r"MlxMagics\.(\w+)", README))
+    assert mentioned, "the README documents MlxMagics' options"
+    assert mentioned - set(MlxMagics.class_traits()) == set()
+
+
+def test_the_readmes_settings_are_the_stored_settings():
+    text = section("REST API")
+    listed = re.search(r"Settings: (.*?)\(0 for both", text, re.S)
+    assert listed, "the README lists the settings after 'Settings:'"
+    assert set(re.findall(r"`(\w+)`", listed.group(1))) == set(SETTINGS)
+
+
+def _concrete(path: str) -> str:
+    """A README path with its placeholders filled, as a client would send it."""
+    path = path.split("?")[0]
+    return re.sub(r"\{(\w+)\}", lambda m: {"key": "default_model"}.get(m.group(1), "x1"), path)
+
+
+def _handler_for(path: str) -> type | None:
+    for pattern, handler in ROUTES:
+        if PathMatches(pattern).regex.fullmatch(path):  # tornado matches whole paths only
+            return handler
+    return None
+
+
+def _documented_routes() -> list[tuple[str, str]]:
+    """(method, path) of every route the README writes as `METHOD mlx/...`, with the methods
+    and extra actions it writes beside it (`GET`/`DELETE mlx/...`, `.../load`, `/unload`)."""
+    found = []
+    for line in README.splitlines():
+        for methods, path, extras in re.findall(
+                r"((?:`(?:GET|POST|PUT|DELETE)`\s*/\s*)*)`((?:GET|POST|PUT|DELETE) mlx/[^`]*)`"
+                r"((?:,\s*`/\w+`)*)", line):
+            method, _, route = path.partition(" ")
+            for other in re.findall(r"`(GET|POST|PUT|DELETE)`", methods) + [method]:
+                found.append((other, route))
+            base = route.rsplit("/", 1)[0]
+            found += [(method, f"{base}{extra}") for extra in re.findall(r"`(/\w+)`", extras)]
+    return found
+
+
+def test_every_route_in_the_readme_exists_with_its_method():
+    routes = _documented_routes()
+    assert len(routes) > 20, routes
+    for method, path in routes:
+        handler = _handler_for(_concrete(path))
+        assert handler is not None, f"README: {method} {path} matches no route"
+        assert getattr(handler, method.lower()) is not getattr(RequestHandler, method.lower()), \
+            f"README: {method} {path}: {handler.__name__} does not answer {method}"
+
+
+def test_every_magic_command_in_the_readme_is_in_the_magics_help():
+    documented = set(re.findall(r"`%mlx (\w+)", README))
+    assert documented, "the README documents %mlx commands"
+    helped = set(re.findall(r"^%mlx (\w+)", COMMANDS, re.M))
+    # `%mlx load|unload|pin|unpin MODEL` is one help line for four commands.
+    helped |= {word for line in re.findall(r"^%mlx ([\w|]+)", COMMANDS, re.M)
+               for word in line.split("|")}
+    assert documented - helped == set()
+
+
+def test_the_readmes_model_kinds_have_memory_overheads():
+    kinds = set(re.findall(r'"(\w+)": 1\.\d+', section("Configuration")))
+    assert kinds == set(KIND_OVERHEADS)
+
+
+@pytest.fixture(scope="module")
+def metrics_text(tmp_path_factory):
+    root = tmp_path_factory.mktemp("readme-metrics")
+    server = start_server(root, root / "server.log")
+    try:
+        answer = server.get("mlx/metrics")
+        assert answer.status_code == 200, answer.text
+        return answer.text
+    finally:
+        stop_server(server)
+
+
+def test_every_metric_in_the_readme_is_exported(metrics_text):
+    table = section("Metrics")
+    documented = {name for row in re.findall(r"^\| ([^|]+)\|", table, re.M)
+                  for name in re.findall(r"`(\w+)`", row)}
+    assert len(documented) > 20, documented
+    exported = set(re.findall(r"^# TYPE mlx_jupyter_(\w+) ", metrics_text, re.M))
+    # prometheus_client's TYPE line drops a counter's _total.
+    exported |= {f"{name}_total" for name in exported}
+    # The pool's gauges are absent for an in-memory database only; this server has a file.
+    assert documented - exported == set()
