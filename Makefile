@@ -59,8 +59,11 @@ browser-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	fi
 
+# Every test on SQLite, then the server tests (marker `server`, see tests/conftest.py) again on
+# a private PostgreSQL cluster; a PYTEST_ARGS that selects no server test (exit 5) is fine.
 test: setup browser-deps
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+	MLX_TEST_DATABASE=postgresql $(PYTHON) -m pytest -m server $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 bench: setup
 	$(PYTHON) benchmarks/bench_generate.py

@@ -9,10 +9,38 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 pytest_plugins = ["pytest_jupyter.jupyter_server"]
 
+# Tests that use these start a real Jupyter server with the extension; so does any test in a
+# module that imports live_server.start_server.
+SERVER_FIXTURES = {"live_server", "kernel_env", "jp_serverapp", "jp_fetch", "jp_ws_fetch"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "server: starts a real Jupyter server with the extension (given by "
+                   "conftest.py); `make test` runs these again with MLX_TEST_DATABASE=postgresql")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())) or \
+                hasattr(getattr(item, "module", None), "start_server"):
+            item.add_marker(pytest.mark.server)
+
 
 @pytest.fixture
 def jp_server_config():
     return {"ServerApp": {"jpserver_extensions": {"mlx_jupyter": True}}}
+
+
+@pytest.fixture
+def jp_argv():
+    """The in-process server's arguments: on PostgreSQL (MLX_TEST_DATABASE=postgresql), a new
+    database for each test, as the SQLite file in each test's own data folder is."""
+    from live_server import database_kind, postgres_database_url
+
+    if database_kind() == "postgresql":
+        return [f"--MlxApp.database_url={postgres_database_url('app')}"]
+    return []
 
 
 @pytest.fixture(scope="session")

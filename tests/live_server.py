@@ -1,7 +1,14 @@
-"""A real Jupyter server in its own process, with the extension, for end-to-end tests."""
+"""A real Jupyter server in its own process, with the extension, for end-to-end tests.
+
+Its database is SQLite in the server's own data folder, or, with MLX_TEST_DATABASE=postgresql
+in the environment, a new schema on a private PostgreSQL server (tests/postgres.py): `make test`
+runs the server tests a second time that way. Servers started again on the same root find the
+same database, as a restarted server does.
+"""
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 import socket
@@ -13,6 +20,10 @@ from pathlib import Path
 
 import httpx
 
+_schema_numbers = itertools.count()
+DATABASES = ("sqlite", "postgresql")
+_postgres_urls: dict[Path, str] = {}  # root -> its schema's URL, for servers started again
+
 
 @dataclass
 class LiveServer:
@@ -21,6 +32,7 @@ class LiveServer:
     process: subprocess.Popen
     runtime_dir: Path
     root_dir: Path
+    database_url: str  # the server's database, for tests that reach into it
 
     def get(self, path: str, params: dict | None = None) -> httpx.Response:
         return httpx.get(self.url + path, params=params,
@@ -33,12 +45,50 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def database_kind() -> str:
+    """The database the server tests run on: MLX_TEST_DATABASE, sqlite by default."""
+    database = os.environ.get("MLX_TEST_DATABASE", "sqlite").strip().lower() or "sqlite"
+    if database not in DATABASES:
+        raise ValueError(f"MLX_TEST_DATABASE={database!r}: expected one of {', '.join(DATABASES)}")
+    return database
+
+
+def postgres_database_url(name: str) -> str:
+    """A new, empty database (a schema) on the private PostgreSQL server; skipped (under
+    CI=true: failed) where PostgreSQL cannot run."""
+    from postgres import PostgresUnavailable, shared_postgres
+    from unavailable import unavailable
+
+    try:
+        server = shared_postgres()
+    except PostgresUnavailable as why:
+        unavailable(f"MLX_TEST_DATABASE=postgresql, but PostgreSQL cannot run here: {why}")
+    return server.create_schema(f"{name}_{os.getpid()}_{next(_schema_numbers)}")
+
+
+def database_url_for(root: Path, args: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """The database of a server started on `root` with `args`, and the arguments that give
+    it that database: one named in args, else the test database for that root."""
+    for arg in args:
+        if arg.startswith("--MlxApp.database_url="):
+            return arg.split("=", 1)[1], args
+    if database_kind() == "sqlite":
+        from mlx_jupyter.store import default_database_url
+
+        return default_database_url(root / "data"), args  # the server's default place
+    if root not in _postgres_urls:
+        _postgres_urls[root] = postgres_database_url("live")
+    url = _postgres_urls[root]
+    return url, (*args, f"--MlxApp.database_url={url}")
+
+
 def start_server(root: Path, log_path: Path, timeout: float = 90.0, *,
                  lab: bool = False, args: tuple[str, ...] = ()) -> LiveServer:
     """A Jupyter server with the extension; with `lab`, JupyterLab (for the browser tests)."""
     runtime_dir, root_dir = root / "runtime", root / "notebooks"
     root_dir.mkdir(parents=True, exist_ok=True)
     token, port = secrets.token_hex(16), free_port()
+    database_url, args = database_url_for(root, args)
     # Its own runtime and data folders: kernels find it there, and its database is a new one.
     env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime_dir),
            "JUPYTER_DATA_DIR": str(root / "data"), "HF_HUB_OFFLINE": "1"}
@@ -58,7 +108,8 @@ def start_server(root: Path, log_path: Path, timeout: float = 90.0, *,
                f"--ServerApp.root_dir={root_dir}", *args]
     log = open(log_path, "wb")
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    server = LiveServer(f"http://127.0.0.1:{port}/", token, process, runtime_dir, root_dir)
+    server = LiveServer(f"http://127.0.0.1:{port}/", token, process, runtime_dir, root_dir,
+                        database_url)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

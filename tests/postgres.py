@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from unavailable import unavailable
 
 USER = "mlx"
 START_TIMEOUT_S = 60
@@ -155,17 +156,27 @@ def running_postgres() -> Iterator[PostgresServer]:
         server.stop()
 
 
+_shared: PostgresServer | None = None
+
+
+def shared_postgres() -> PostgresServer:
+    """One private server for this process, started on first use and stopped at exit: the
+    store tests and the live servers on PostgreSQL (live_server.py) share it."""
+    global _shared
+    if _shared is None or _shared._stopped:
+        _shared = start_postgres()
+    return _shared
+
+
 @pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """One private PostgreSQL server for the test session; skipped, with the reason, where
-    PostgreSQL cannot run. (Test modules get it through `pytest_plugins = ["store_fixtures"]`,
-    which registers it once for the whole session.)"""
+def postgres_server() -> PostgresServer:
+    """The private PostgreSQL server; where PostgreSQL cannot run, the test is skipped with the
+    reason (under CI=true it fails). (Test modules get it through
+    `pytest_plugins = ["store_fixtures"]`, which registers it once for the whole session.)"""
     try:
-        server = start_postgres()
+        return shared_postgres()
     except PostgresUnavailable as why:
-        pytest.skip(f"PostgreSQL tests skipped: {why}")
-    yield server
-    server.stop()
+        unavailable(f"PostgreSQL cannot run here: {why}")
 
 
 def _unprivileged_user() -> tuple[dict[str, Any], pwd.struct_passwd | None]:

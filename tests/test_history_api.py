@@ -5,6 +5,7 @@ import json
 import pytest
 from tornado.httpclient import HTTPClientError
 
+from live_server import database_kind
 from mlx_jupyter.store import head_revision
 
 CHAT = [{"role": "user", "content": "Tell me about the sea."}]
@@ -103,14 +104,19 @@ async def test_bad_settings_are_refused_naming_the_key(jp_fetch, key, body, word
     assert (await call(jp_fetch, "settings"))["settings"]["default_max_tokens"]["value"] == 256
 
 
-async def test_database_info_shows_the_tuned_sqlite_store(jp_fetch):
+async def test_database_info_shows_the_tuned_store(jp_fetch):
     await call(jp_fetch, "generate", method="POST",
                body={"model": "demo", "prompt": "Hi", "max_tokens": 2})
     info = await call(jp_fetch, "database")
-    assert info["dialect"] == "sqlite" and info["url"].endswith("mlx_jupyter.db")
+    if database_kind() == "postgresql":  # c.MlxApp.database_url, a new schema (conftest.py)
+        assert info["dialect"] == "postgresql" and info["driver"] == "psycopg"
+        assert ":***@127.0.0.1:" in info["url"] and info["pragmas"] is None
+        assert info["server_settings"]
+    else:
+        assert info["dialect"] == "sqlite" and info["url"].endswith("mlx_jupyter.db")
+        assert info["pragmas"]["journal_mode"] == "wal"
+        assert info["pragmas"]["foreign_keys"] == 1
     assert info["connection_pool_size"] == 10
     assert info["connection_pool_checked_out"] == 0
-    assert info["pragmas"]["journal_mode"] == "wal"
-    assert info["pragmas"]["foreign_keys"] == 1
     assert info["schema_revision"] == head_revision()
     assert info["row_counts"]["requests"] == 1 and info["row_counts"]["models"] >= 1

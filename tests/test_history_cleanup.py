@@ -11,7 +11,6 @@ import pytest
 from sqlalchemy import create_engine, update
 
 from live_server import start_server, stop_server
-from mlx_jupyter.store import default_database_url
 from mlx_jupyter.store.schema import Request, utcnow
 
 
@@ -47,7 +46,7 @@ def test_old_rows_go_and_recent_ones_stay(server, tmp_path):
            for i in range(5)]
     assert sorted(history_ids(server)) == sorted(ids)  # the defaults keep everything
     # Two rows made 40 days old, straight in the server's database.
-    engine = create_engine(default_database_url(tmp_path / "data"))
+    engine = create_engine(server.database_url)
     with engine.begin() as connection:
         connection.execute(update(Request).where(Request.id.in_(ids[:2]))
                            .values(created_at=utcnow() - timedelta(days=40)))

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from live_server import start_server, stop_server
+from unavailable import unavailable
 
 from mlx_jupyter.models.registry import DEMO_MODEL_PATH
 
@@ -31,8 +32,9 @@ NOTEBOOK = {
                                 "language": "python"}},
     "nbformat": 4, "nbformat_minor": 5}
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                                reason="needs Chromium (apt-get install chromium)")
+if not Path(CHROMIUM).exists():
+    unavailable("the browser tests need Chromium (apt-get install chromium, or make browser-deps)",
+                module=True)
 
 
 @pytest.fixture(scope="module")
