@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
@@ -36,8 +37,10 @@ from .models.memory import (
 from .models.registry import ModelRegistry
 from .models.service import ModelService
 from .queue import InferenceQueue
-from .services import BlockingPool, HistoryCleanup, StoreService
-from .store import Store, default_database_url
+from .services import BlockingPool, HistoryCleanup, StoreService, StoreUnavailable
+
+if TYPE_CHECKING:  # the store's modules load when it opens, off the start path
+    from .store import Store
 
 
 class MlxApp(ExtensionApp):
@@ -164,9 +167,8 @@ class MlxApp(ExtensionApp):
             model_dirs=self.model_dirs, estimator=estimator,
             allowed_roots=self.allowed_model_roots or [self.serverapp.root_dir],
             hf_cache=self.scan_huggingface_cache)
-        self.store = self._open_store()
         self.pool = BlockingPool(self.thread_pool_workers)
-        store_service = StoreService(self.store, self.pool)
+        store_service = StoreService(self.pool)
         metrics = Metrics()
         limits = Limits(budget_bytes=budget_bytes(self.memory_budget, system_memory().total),
                         max_loaded_models=self.max_loaded_models,
@@ -183,39 +185,64 @@ class MlxApp(ExtensionApp):
             limits, run_blocking=self.pool.run, on_status=store_service.record_model_status,
             metrics=metrics)
         models = ModelService(registry, self.manager, store_service, self.pool)
-        models.restore()
         self.queue = InferenceQueue(self.manager, store_service,
                                     max_active_per_model=self.max_batch_size,
                                     max_queued=self.max_queued_requests,
                                     aging_seconds=self.priority_aging_seconds,
                                     metrics=metrics)
-        metrics.watch(queue=self.queue, manager=self.manager, engine=self.store.engine)
-        jobs, interrupted = self.store.recover_unfinished()
-        if interrupted:
-            self.log.warning("mlx_jupyter: %d request(s) were unfinished when the server last "
-                             "stopped; marked interrupted", interrupted)
-        if jobs:  # once the event loop runs
-            IOLoop.current().add_callback(self.queue.resume, jobs)
+        metrics.watch(queue=self.queue, manager=self.manager)
         self.cleanup = HistoryCleanup(store_service, self.cleanup_interval_seconds)
-        IOLoop.current().add_callback(self.cleanup.start)
+        # Off the start path: the server answers at once; what needs the store waits for it.
+        IOLoop.current().add_callback(self._open_store, store_service, models, metrics)
         self.settings.update({"mlx_jupyter.manager": self.manager,
                               "mlx_jupyter.queue": self.queue,
                               "mlx_jupyter.models": models,
                               "mlx_jupyter.store": store_service,
                               "mlx_jupyter.metrics": metrics})
 
-    def _open_store(self) -> Store:
-        """Opens the database, migrating it, before the server takes requests."""
-        url = self.database_url
-        if not url:
-            data_dir = Path(jupyter_data_dir())
-            data_dir.mkdir(parents=True, exist_ok=True)
-            url = default_database_url(data_dir)
-        store = Store.open(url, settings_ttl=self.settings_cache_ttl,
-                           pool_size=self.db_pool_size, max_overflow=self.db_max_overflow,
-                           pool_recycle=self.db_pool_recycle,
-                           pool_pre_ping=self.db_pool_pre_ping,
-                           busy_timeout_ms=self.db_busy_timeout_ms)
+    async def _open_store(self, store: StoreService, models: ModelService,
+                          metrics: Metrics) -> None:
+        """Once the event loop runs: opens and migrates the database on the thread pool, then
+        restores what earlier runs left (registered models and pins, unfinished background
+        jobs) before letting the requests that wait for the store through."""
+        jobs: list[dict] = []
+
+        async def prepare(opened: Store) -> None:
+            metrics.watch(engine=opened.engine)
+            recovered, interrupted = await self.pool.run(opened.recover_unfinished)
+            if interrupted:
+                self.log.warning("mlx_jupyter: %d request(s) were unfinished when the server "
+                                 "last stopped; marked interrupted", interrupted)
+            jobs.extend(recovered)
+            await models.restore(opened)
+
+        if await store.open(self._connect_database, prepare):
+            self.queue.resume(jobs)
+            self.cleanup.start()
+
+    def _connect_database(self) -> Store:
+        """On the thread pool: the database opened and migrated; StoreUnavailable, saying
+        what to fix, when it cannot be."""
+        from .store import Store, default_database_url, mask_url
+
+        url, fix = self.database_url, "check c.MlxApp.database_url"
+        try:
+            if not url:
+                data_dir = Path(jupyter_data_dir())
+                url, fix = str(data_dir), "check Jupyter's data directory (JUPYTER_DATA_DIR)"
+                data_dir.mkdir(parents=True, exist_ok=True)
+                url = default_database_url(data_dir)
+            store = Store.open(url, settings_ttl=self.settings_cache_ttl,
+                               pool_size=self.db_pool_size, max_overflow=self.db_max_overflow,
+                               pool_recycle=self.db_pool_recycle,
+                               pool_pre_ping=self.db_pool_pre_ping,
+                               busy_timeout_ms=self.db_busy_timeout_ms)
+        except Exception as exc:
+            try:
+                shown = mask_url(url)
+            except Exception:  # not a URL SQLAlchemy can parse: shown as given
+                shown = repr(url)
+            raise StoreUnavailable.opening(shown, exc, fix) from exc
         self.log.info("mlx_jupyter: database %s", store.url)
         return store
 
@@ -242,6 +269,7 @@ class MlxApp(ExtensionApp):
     async def stop_extension(self) -> None:
         await self.cleanup.stop()
         await self.manager.shutdown()
-        await self.settings["mlx_jupyter.store"].flush()
+        store = self.settings["mlx_jupyter.store"]
+        await store.flush()
         self.pool.shutdown()
-        self.store.close()
+        store.close()

@@ -21,8 +21,6 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .store.database import pool_info
-
 if TYPE_CHECKING:  # the queue and the manager import this module
     from sqlalchemy import Engine
 
@@ -185,6 +183,9 @@ class LiveCollector(Collector):
 
     def _pool(self) -> Iterator[Metric]:
         """Figures of pools that keep connections (QueuePool); other pools have none."""
+        # Here, not at the top: the store's modules load when it opens, off the start path.
+        from .store.database import pool_info
+
         figures: dict[str, Any] = pool_info(self.engine)
         for key, name, documentation in (
                 ("connection_pool_size", "db_pool_size", "Connections the pool keeps."),

@@ -25,8 +25,7 @@ from .errors import InvalidRequest, MlxJupyterError
 from .metrics import Metrics
 from .models.manager import ModelManager
 from .services import StoreService
-from .store import RequestRecord, RequestStatus
-from .store.schema import utcnow
+from .store import RequestRecord, RequestStatus, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +257,7 @@ class InferenceQueue:
             raise QueueFull(self.max_queued, self._retry_after())
         params = await self._with_defaults(params)
         model = params.pop("model")
+        await self.store.ready()  # the remembered models are registered again by then
         self.manager.registry.get(model)  # an unknown model is refused before it is recorded
         # Refused before it is recorded, stream or not; the prompt's part is the worker's to
         # check once it has tokenized it.

@@ -299,15 +299,22 @@ def test_database_info(store):
 
 
 def test_the_store_imports_no_server_or_mlx_modules():
-    code = ("import sys, mlx_jupyter.store; "
+    code = ("import sys, mlx_jupyter.store.store, mlx_jupyter.store.migrations; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('tornado', 'jupyter_server', "
             "'mlx', 'mlx_lm')]; print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_unknown_backends_are_refused_for_upserts():
-    from mlx_jupyter.store.database import dialect_insert
+@pytest.mark.parametrize("url", ["mysql://someone:secret@localhost/db", "mssql+pyodbc://x/y"])
+def test_backends_other_than_sqlite_and_postgresql_are_refused_by_name(url):
+    backend = url.split(":")[0].split("+")[0]
+    with pytest.raises(ValueError, match=f"supports SQLite and PostgreSQL .* not '{backend}'"):
+        create_engine_for(url)
 
-    with pytest.raises(NotImplementedError, match="mysql"):
-        dialect_insert("mysql")
+
+def test_a_sqlite_file_whose_folder_cannot_be_made_is_refused_naming_the_folder(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way")
+    with pytest.raises(OSError, match=f"cannot create the folder {blocker} for the SQLite"):
+        Store.open(f"sqlite:///{blocker / 'store.db'}")

@@ -36,7 +36,7 @@ from ..limits import (
     kv_refusal,
 )
 from ..metrics import Metrics
-from ..store.schema import ModelStatus, utcnow
+from ..store.records import ModelStatus, utcnow
 from .memory import Footprint, MemoryEstimate, RssSampler, system_memory
 from .registry import ModelRegistry
 

@@ -6,15 +6,35 @@ and the store (what is remembered: registrations, pins, use counts, last errors)
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from ..services import BlockingPool, StoreService
-from ..store.schema import ModelStatus
+from ..store.records import ModelStatus
 from .manager import ModelManager
 from .registry import FORGOTTEN, REGISTERED, ModelEntry, ModelInfo, ModelRegistry
 
+if TYPE_CHECKING:
+    from ..store import Store
+
 log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _after_restore(method: Callable[Concatenate[ModelService, P], Awaitable[T]],
+                   ) -> Callable[Concatenate[ModelService, P], Awaitable[T]]:
+    """Waits until the store is ready first: by then `restore` has registered the remembered
+    models again, so a request that arrives right after the start finds them."""
+    @functools.wraps(method)
+    async def after_restore(self: ModelService, *args: P.args, **kwargs: P.kwargs) -> T:
+        await self.store.ready()
+        return await method(self, *args, **kwargs)
+
+    return after_restore
 
 
 class ModelService:
@@ -25,6 +45,7 @@ class ModelService:
         self.store = store
         self._run = pool.run
 
+    @_after_restore
     async def list(self) -> list[dict[str, Any]]:
         """Every model: where it is from, its size and estimate, whether and how it is loaded,
         how often it was used."""
@@ -33,15 +54,18 @@ class ModelService:
         remembered = {row["name"]: row for row in await self.store.list_models()}
         return [self._describe(info, remembered.get(info.entry.name)) for info in infos]
 
+    @_after_restore
     async def get(self, name: str) -> dict[str, Any]:
         info = await self._run(self.registry.info, name)
         return self._describe(info, await self.store.get_model(name))
 
+    @_after_restore
     async def register(self, name: str, path: str) -> dict[str, Any]:
         entry = await self._run(self.registry.register, name, path)
         await self._remember(entry)
         return await self.get(name)
 
+    @_after_restore
     async def forget(self, name: str, *, delete_files: bool = False) -> dict[str, Any]:
         """Unloads (refused while requests are in flight) and forgets a model, for good: its
         row stays in the database with its history, marked forgotten, so the next start does
@@ -53,25 +77,35 @@ class ModelService:
         await self.store.update_model(name, source=FORGOTTEN, pinned=False)
         return {"name": name, "source": entry.source, "deleted_files": delete_files}
 
+    @_after_restore
     async def load(self, name: str) -> dict[str, Any]:
         await self.manager.load(name)
         return await self.get(name)
 
+    @_after_restore
     async def unload(self, name: str) -> dict[str, Any]:
         await self.manager.unload(name)
         return await self.get(name)
 
+    @_after_restore
     async def pin(self, name: str, pinned: bool) -> dict[str, Any]:
         self.manager.pin(name, pinned)
         await self.store.update_model(name, pinned=pinned)
         return await self.get(name)
 
-    def restore(self) -> None:
-        """At start-up, before the server takes requests (so it may block): registrations and
-        pins remembered from earlier runs. A folder that is gone or no longer valid is skipped
-        with a warning, not fatal."""
-        store = self.store.store
+    async def restore(self, store: Store) -> None:
+        """At start-up, before requests that need the store are let through (`StoreService.open`
+        calls it with the store): registrations and pins remembered from earlier runs. A folder
+        that is gone or no longer valid is skipped with a warning, not fatal."""
+        pinned = await self._run(self._restore_registrations, store)
+        for name in pinned:
+            self.manager.pin(name)
+
+    def _restore_registrations(self, store: Store) -> list[str]:
+        """On the pool (folders are checked, the store is read): registers the remembered
+        folders again, records every listed model, returns the names to pin."""
         self.registry.refresh()
+        pinned = []
         for row in store.list_models():
             if row["source"] == REGISTERED and row["name"] not in self.registry.names():
                 try:
@@ -81,9 +115,10 @@ class ModelService:
                                 row["name"], row["path"], exc)
                     continue
             if row["pinned"] and row["name"] in self.registry.names():
-                self.manager.pin(row["name"])
+                pinned.append(row["name"])
         for entry in self.registry.entries():
             store.ensure_model(entry.name, str(entry.path), entry.source, entry.kind)
+        return pinned
 
     async def _remember(self, entry: ModelEntry) -> None:
         await self.store.ensure_model(entry.name, str(entry.path), entry.source, entry.kind)

@@ -42,6 +42,8 @@ SQLITE_PRAGMAS: dict[str, str] = {
     "foreign_keys": "ON",  # off by default in SQLite
 }
 
+SUPPORTED_BACKENDS = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
+
 _BEGIN_OPTION = "sqlite_begin"
 _BEGIN_MODES = {"DEFERRED", "IMMEDIATE", "EXCLUSIVE"}
 
@@ -90,7 +92,6 @@ def create_engine_for(
     pool_recycle: int = 3600,
     pool_pre_ping: bool = True,
     busy_timeout_ms: int = 5000,
-    echo: bool = False,
     pooled: bool = True,
 ) -> Engine:
     """Builds the engine for a database URL with our pool, pragmas and transaction handling.
@@ -99,7 +100,11 @@ def create_engine_for(
     short-lived tools and as the benchmark's baseline, not for the server.
     """
     url = make_url(url)
-    options: dict[str, Any] = {"echo": echo, "pool_pre_ping": pool_pre_ping}
+    if url.get_backend_name() not in SUPPORTED_BACKENDS:
+        raise ValueError(f"the store supports {' and '.join(SUPPORTED_BACKENDS.values())} "
+                         f"(URLs sqlite:///... and postgresql+psycopg://...), not "
+                         f"{url.get_backend_name()!r}")
+    options: dict[str, Any] = {"pool_pre_ping": pool_pre_ping}
     sqlite = url.get_backend_name() == "sqlite"
     database_file = sqlite_file(url)
     if sqlite and database_file is None:
@@ -111,7 +116,11 @@ def create_engine_for(
         options.update(poolclass=QueuePool, pool_size=pool_size, max_overflow=max_overflow,
                        pool_recycle=pool_recycle)
     if sqlite and database_file is not None:
-        database_file.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            database_file.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # e.g. a file where a folder of the path should be
+            raise OSError(f"cannot create the folder {database_file.parent} for the SQLite "
+                          f"database: {exc.strerror}") from exc
         # Connections move between the pool's threads; the pool hands each to one at a time.
         options["connect_args"] = {"check_same_thread": False, "timeout": busy_timeout_ms / 1000}
     engine = create_engine(url, **options)
@@ -205,13 +214,11 @@ def storage_size(engine: Engine, connection: Connection) -> dict[str, Any]:
 
 
 def dialect_insert(engine_or_dialect_name: Engine | str) -> Any:
-    """The dialect's INSERT construct, which has ON CONFLICT DO UPDATE (SQLite and PostgreSQL)."""
+    """The dialect's INSERT construct, which has ON CONFLICT DO UPDATE (every supported backend
+    has one: create_engine_for refuses the others)."""
     name = (engine_or_dialect_name if isinstance(engine_or_dialect_name, str)
             else engine_or_dialect_name.dialect.name)
-    try:
-        return _DIALECT_INSERTS[name]
-    except KeyError:
-        raise NotImplementedError(f"the store supports SQLite and PostgreSQL, not {name}") from None
+    return _DIALECT_INSERTS[name]
 
 
 _DIALECT_INSERTS = {"sqlite": sqlite_dialect.insert, "postgresql": postgresql_dialect.insert}

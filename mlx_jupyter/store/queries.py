@@ -11,7 +11,8 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Select, Text, cast, func, select
 
-from .schema import RequestStatus, models_table, requests_table
+from .records import RequestStatus
+from .schema import models_table, requests_table
 
 requests = requests_table.c
 models = models_table.c

@@ -1,14 +1,43 @@
-"""RequestRecord: one generation request as the queue hands it to the store."""
+"""What the rest of the server shares with the store, importable without SQLAlchemy: the
+statuses of requests and models, UTC timestamps, and RequestRecord (one generation request as
+the queue hands it to the store). The server imports this at start-up; the tables, the engine
+and the migrations load when the store opens, off the start path."""
 
 from __future__ import annotations
 
+import enum
 import uuid
 from dataclasses import dataclass, field, fields
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from .errors import InvalidField
-from .schema import RequestStatus, utcnow
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class RequestStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"  # the server stopped while it was queued or running
+
+
+UNFINISHED = (RequestStatus.QUEUED.value, RequestStatus.RUNNING.value)
+FINISHED = tuple(s.value for s in RequestStatus if s.value not in UNFINISHED)
+
+
+class ModelStatus(enum.StrEnum):
+    UNLOADED = "unloaded"  # registered, not loaded
+    LOADING = "loading"
+    LOADED = "loaded"
+    UNLOADING = "unloading"
+    FAILED = "failed"  # the last load failed or its worker died; last_error says why
+
 
 _STATUSES = frozenset(status.value for status in RequestStatus)
 

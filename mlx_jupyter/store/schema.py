@@ -7,7 +7,6 @@ stores naive UTC there and gives UTC back on the way out.
 
 from __future__ import annotations
 
-import enum
 from datetime import datetime, timezone
 from typing import Any, cast
 
@@ -30,9 +29,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+# The statuses and timestamps live in records.py, importable without SQLAlchemy.
+from .records import ModelStatus, RequestStatus, utcnow
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -59,27 +57,6 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 # JSONB on PostgreSQL (compact, indexable), JSON text elsewhere.
 JSONType = JSON().with_variant(JSONB(), "postgresql")
-
-
-class RequestStatus(enum.StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    COMPLETED = "completed"
-    CANCELLED = "cancelled"
-    FAILED = "failed"
-    INTERRUPTED = "interrupted"  # the server stopped while it was queued or running
-
-
-UNFINISHED = (RequestStatus.QUEUED.value, RequestStatus.RUNNING.value)
-FINISHED = tuple(s.value for s in RequestStatus if s.value not in UNFINISHED)
-
-
-class ModelStatus(enum.StrEnum):
-    UNLOADED = "unloaded"  # registered, not loaded
-    LOADING = "loading"
-    LOADED = "loaded"
-    UNLOADING = "unloading"
-    FAILED = "failed"  # the last load failed or its worker died; last_error says why
 
 
 class Base(DeclarativeBase):

@@ -33,17 +33,16 @@ from .database import (
 )
 from .errors import InvalidField, UnknownModel
 from .migrations import current_revision, head_revision, upgrade_to_head
-from .records import RequestRecord, check_status
-from .schema import (
+from .records import (
     FINISHED,
     UNFINISHED,
-    Base,
     ModelStatus,
+    RequestRecord,
     RequestStatus,
-    models_table,
-    requests_table,
+    check_status,
     utcnow,
 )
+from .schema import Base, models_table, requests_table
 from .settings import DEFAULT_TTL_SECONDS, SettingsService
 
 log = logging.getLogger(__name__)
