@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, insert, inspect, select
+from sqlalchemy import Engine, insert, inspect
 from sqlalchemy.exc import OperationalError, StatementError
 from sqlalchemy.pool import QueuePool, StaticPool
 
@@ -256,23 +256,12 @@ def test_timestamps_are_utc_and_naive_ones_are_refused(store):
     assert store.get_request("naive") is None
 
 
-def test_sessions_commit_or_roll_back(store):
-    with store.session() as session:
-        session.add(Model(name="kept", path="/k", source="api"))
-    with pytest.raises(RuntimeError), store.session() as session:
-        session.add(Model(name="dropped", path="/d", source="api"))
-        session.flush()
-        raise RuntimeError("changed my mind")
-    with store.read_session() as session:
-        assert session.scalars(select(Model.name)).all() == ["kept"]
-        assert session.get(Model, store.model_id("kept")).created_at.tzinfo == timezone.utc
-
-
 # -- database info ------------------------------------------------------------------------------
 
 def test_database_info(store):
     store.ensure_model("m", "/m", "api")
-    store.add_requests([RequestRecord(model="m") for _ in range(3)])
+    for _ in range(3):
+        store.add_request(RequestRecord(model="m"))
     store.settings.set("default_max_tokens", 64)
     info = store.get_database_info()
     assert info["dialect"] == store.engine.dialect.name

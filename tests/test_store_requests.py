@@ -1,5 +1,5 @@
-"""Models and requests in the store: registration, history, the queue claim, recovery, pruning
-and many threads at once, on a SQLite file and on PostgreSQL."""
+"""Models and requests in the store: registration, history, start-up recovery, pruning and
+many threads at once, on a SQLite file and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -34,6 +34,11 @@ def statements_of(store: Store) -> list[str]:
     def _record(_conn, _cursor, statement, *_args):
         seen.append(statement)
     return seen
+
+
+def add_all(store: Store, records: list[RequestRecord]) -> None:
+    for record in records:
+        store.add_request(record)
 
 
 def run_threads(targets) -> list[BaseException]:
@@ -107,18 +112,6 @@ def test_model_use_and_status(store):
         store.update_model("demo", name="renamed")
 
 
-def test_deleting_a_model_deletes_its_requests(store):
-    store.ensure_model("a", "/a", "api")
-    store.ensure_model("b", "/b", "api")
-    store.add_requests([RequestRecord(model="a"), RequestRecord(model="b")])
-    assert store.delete_model("a")
-    assert [m["name"] for m in store.list_models()] == ["b"]
-    rows, total = store.list_requests()
-    assert total == 1 and rows[0]["model"] == "b"
-    with pytest.raises(UnknownModel):
-        store.add_request(RequestRecord(model="a"))
-
-
 # -- requests -----------------------------------------------------------------------------------
 
 def test_add_get_and_update_a_request(store):
@@ -153,20 +146,6 @@ def test_add_get_and_update_a_request(store):
         store.add_request(RequestRecord(model="ghost"))
 
 
-def test_add_requests_in_bulk(store):
-    store.ensure_model("a", "/a", "api")
-    store.ensure_model("b", "/b", "api")
-    records = [RequestRecord(model="ab"[i % 2], prompt=f"p{i}", created_at=at(i))
-               for i in range(250)]
-    assert store.add_requests(records) == [r.id for r in records]
-    assert store.add_requests([]) == []
-    assert store.list_requests(model="a")[1] == 125
-    assert store.get_request(records[249].id)["prompt"] == "p249"
-    with pytest.raises(InvalidField):  # one bad record: nothing is added
-        store.add_requests([RequestRecord(model="a"), RequestRecord(model="a", status="nah")])
-    assert store.list_requests()[1] == 250
-
-
 def test_history_filters_order_and_pages(store):
     store.ensure_model("a", "/a", "api")
     store.ensure_model("b", "/b", "api")
@@ -176,7 +155,7 @@ def test_history_filters_order_and_pages(store):
             model="ab"[i % 2], notebook=f"nb{i % 3}.ipynb", prompt="x" * 500 + str(i),
             status="completed" if i % 5 else "failed", output_text="y" * 300,
             created_at=at(i)))
-    store.add_requests(records)
+    add_all(store, records)
     newest_first = [r.id for r in reversed(records)]
 
     rows, total = store.list_requests(limit=10)
@@ -213,81 +192,62 @@ def test_history_filters_order_and_pages(store):
         store.list_requests(status="sleeping")
 
 
-# -- queue --------------------------------------------------------------------------------------
+# -- start-up recovery --------------------------------------------------------------------------
 
-def test_claim_takes_highest_priority_first_then_oldest(store):
-    store.ensure_model("a", "/a", "api")
-    store.ensure_model("b", "/b", "api")
-    plan = [("low-old", 0, 0), ("high-new", 5, 4), ("mid", 1, 1), ("high-old", 5, 2),
-            ("low-new", 0, 3), ("negative", -1, -5)]
-    store.add_requests([RequestRecord(id=rid, model="a", priority=priority, created_at=at(t))
-                        for rid, priority, t in plan])
-    store.add_requests([RequestRecord(id="other-model", model="b", priority=99, created_at=at(0)),
-                        RequestRecord(id="done", model="a", priority=99, status="completed",
-                                      created_at=at(0))])
-    claimed = []
-    while (row := store.claim_next_queued("a")) is not None:
-        assert row["status"] == "running" and row["started_at"] is not None
-        assert row["model"] == "a"
-        claimed.append(row["id"])
-    assert claimed == ["high-old", "high-new", "mid", "low-old", "low-new", "negative"]
-    assert store.get_request("other-model")["status"] == "queued"
-    assert store.get_request("high-old")["status"] == "running"
-    assert store.queue_counts() == {"a": {"queued": 0, "running": 6},
-                                    "b": {"queued": 1, "running": 0}}
-
-
-def test_concurrent_claimers_take_each_request_once(store):
-    store.ensure_model("a", "/a", "api")
-    store.add_requests([RequestRecord(id=f"r{i:03d}", model="a", priority=i % 4,
-                                      created_at=at(i)) for i in range(120)])
-    claimed: list[list[str]] = [[] for _ in range(4)]
-
-    def claimer(mine: list[str]):
-        def run():
-            while (row := store.claim_next_queued("a")) is not None:
-                mine.append(row["id"])
-        return run
-
-    assert run_threads([claimer(mine) for mine in claimed]) == []
-    everything = [rid for mine in claimed for rid in mine]
-    assert len(everything) == 120 and len(set(everything)) == 120
-    for mine in claimed:  # each claimer saw the queue's order
-        assert mine == sorted(mine, key=lambda rid: (-(int(rid[1:]) % 4), int(rid[1:])))
-
-
-def test_unfinished_requests_are_marked_interrupted_at_start_up(database_url):
+def test_recovery_requeues_background_jobs_and_interrupts_the_rest(database_url):
+    """What a server finds after a stop or a crash: its background jobs go back to the queue,
+    oldest first, to be run again; every other unfinished request is interrupted (its client
+    is gone), keeping an error it already had; finished ones stay as they were."""
+    job = {"background": True, "max_tokens": 8}
     with Store.open(database_url) as before_restart:
         before_restart.ensure_model("a", "/a", "api")
-        before_restart.add_requests([
-            RequestRecord(id="queued", model="a"),
-            RequestRecord(id="running", model="a", status="running", started_at=at(0)),
-            RequestRecord(id="running-error", model="a", status="running", error="boom"),
+        add_all(before_restart, [
+            RequestRecord(id="queued", model="a", created_at=at(0)),
+            RequestRecord(id="running", model="a", status="running", started_at=at(0),
+                          created_at=at(1)),
+            RequestRecord(id="running-error", model="a", status="running", error="boom",
+                          created_at=at(2)),
+            RequestRecord(id="job-running", model="a", status="running", started_at=at(4),
+                          parameters=job, created_at=at(4)),
+            RequestRecord(id="job-queued", model="a", parameters=job, created_at=at(3)),
+            RequestRecord(id="job-done", model="a", status="completed", parameters=job,
+                          finished_at=at(5), created_at=at(5)),
             RequestRecord(id="done", model="a", status="completed", finished_at=at(1)),
             RequestRecord(id="cancelled", model="a", status="cancelled")])
     with Store.open(database_url) as after_restart:
-        assert after_restart.mark_unfinished_as_interrupted() == 3
-        assert after_restart.mark_unfinished_as_interrupted() == 0
+        jobs, interrupted = after_restart.recover_unfinished()
+        assert interrupted == 3
+        assert [job["id"] for job in jobs] == ["job-queued", "job-running"]
+        assert all(job["model"] == "a" and job["status"] == "queued" and
+                   job["started_at"] is None and job["parameters"]["background"]
+                   for job in jobs)
+        for rid in ("job-queued", "job-running"):
+            row = after_restart.get_request(rid)
+            assert row["status"] == "queued" and row["started_at"] is None
         for rid in ("queued", "running", "running-error"):
             row = after_restart.get_request(rid)
             assert row["status"] == "interrupted" and row["finished_at"] is not None
             assert row["error"] == ("boom" if rid == "running-error"
                                     else "the server stopped before this request finished")
-        assert after_restart.get_request("done")["status"] == "completed"
+        for rid, status in (("done", "completed"), ("job-done", "completed"),
+                            ("cancelled", "cancelled")):
+            assert after_restart.get_request(rid)["status"] == status
         assert after_restart.get_request("done")["finished_at"] == at(1)
-        assert after_restart.get_request("cancelled")["status"] == "cancelled"
-        assert after_restart.claim_next_queued("a") is None
+        # A second start finds the same jobs and nothing more to interrupt.
+        again, interrupted = after_restart.recover_unfinished()
+        assert [job["id"] for job in again] == ["job-queued", "job-running"]
+        assert interrupted == 0
 
 
 def test_prune_history(store):
     store.ensure_model("a", "/a", "api")
     now = datetime.now(timezone.utc)
-    store.add_requests(
-        [RequestRecord(id=f"old{i}", model="a", status="completed",
-                       created_at=now - timedelta(days=40, seconds=i)) for i in range(3)]
-        + [RequestRecord(id=f"new{i}", model="a", status="completed",
-                         created_at=now - timedelta(seconds=i)) for i in range(5)]
-        + [RequestRecord(id="old-queued", model="a", created_at=now - timedelta(days=90))])
+    add_all(store, [RequestRecord(id=f"old{i}", model="a", status="completed",
+                                  created_at=now - timedelta(days=40, seconds=i))
+                    for i in range(3)]
+            + [RequestRecord(id=f"new{i}", model="a", status="completed",
+                             created_at=now - timedelta(seconds=i)) for i in range(5)]
+            + [RequestRecord(id="old-queued", model="a", created_at=now - timedelta(days=90))])
     assert store.prune_history() == 0  # the defaults keep everything
     assert store.prune_history(retention_days=30) == 3
     assert store.prune_history(max_rows=2) == 3

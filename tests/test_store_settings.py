@@ -76,8 +76,7 @@ def test_values_persist_across_stores(database_url):
 def test_unknown_keys_raise_an_error_naming_the_key(store):
     for call in (lambda: store.settings.get("colour"),
                  lambda: store.settings.set("colour", "red"),
-                 lambda: store.settings.reset("colour"),
-                 lambda: store.settings.update({"colour": "red"})):
+                 lambda: store.settings.spec("colour")):
         with pytest.raises(UnknownSetting) as raised:
             call()
         error = raised.value
@@ -117,26 +116,11 @@ def test_invalid_values_are_refused_naming_key_and_expectation(store):
         assert store.settings.get(key) == DEFAULTS[key], key  # nothing stored
 
 
-def test_update_stores_all_or_nothing(store):
-    with pytest.raises(InvalidSetting, match="default_top_p"):
-        store.settings.update({"default_max_tokens": 100, "default_top_p": 5})
-    assert store.settings.get("default_max_tokens") == 256
-    assert store.settings.update({"default_max_tokens": 100, "default_top_p": 0.5}) == \
-        {"default_max_tokens": 100, "default_top_p": 0.5}
-    assert store.settings.values()["default_max_tokens"] == 100
-
-
-def test_reset_brings_back_the_default(store):
-    store.settings.set("default_max_tokens", 99)
-    assert store.settings.reset("default_max_tokens") == 256
-    assert store.settings.get("default_max_tokens") == 256
-
-
 def test_a_stored_value_that_is_no_longer_valid_reads_as_the_default(store, caplog):
     store.settings.set("default_max_tokens", 99)
     write_behind_the_cache(str(store.engine.url.render_as_string(hide_password=False)),
                            "default_max_tokens", -5)
-    store.settings.invalidate()
+    store.settings.cache.invalidate()
     assert store.settings.get("default_max_tokens") == 256
     assert "no longer valid" in caplog.text
 

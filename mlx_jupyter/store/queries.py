@@ -1,4 +1,4 @@
-"""The hot statements, built in one place so the store and the benchmark run the same SQL.
+"""The history's statements, built in one place so the store and the benchmark run the same SQL.
 
 Each is shaped for one index (see schema.py): the planner reads index entries in order and
 stops at LIMIT, with no sort and no scan of the table.
@@ -11,7 +11,6 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Select, Text, cast, func, select
 
-from .records import RequestStatus
 from .schema import models_table, requests_table
 
 requests = requests_table.c
@@ -27,17 +26,6 @@ LIST_COLUMNS = (requests.id, MODEL_NAME, requests.notebook, requests.priority, r
                 requests.finish_reason, requests.prompt_tokens, requests.completion_tokens,
                 requests.created_at, requests.started_at, requests.finished_at,
                 requests.ttft_ms, requests.error)
-
-
-def queue_claim(model_id: int) -> Select[Any]:
-    """The next request to run for a model: highest priority first, then first come.
-
-    Uses ix_requests_queue (model_id, status, priority DESC, created_at): one index seek.
-    """
-    return (select(requests.id)
-            .where(requests.model_id == model_id, requests.status == RequestStatus.QUEUED.value)
-            .order_by(requests.priority.desc(), requests.created_at)
-            .limit(1))
 
 
 def history_filters(model_id: int | None = None, notebook: str | None = None,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
-from sqlalchemy import Engine, delete, select
+from sqlalchemy import Engine, select
 
 from ..limits import (
     DEFAULT_MAX_TOKENS,
@@ -212,30 +212,6 @@ class SettingsService:
         self.cache.invalidate([key])
         log.debug("setting %s = %r stored; cache invalidated", key, value)
         return value
-
-    def update(self, values: dict[str, Any]) -> dict[str, Any]:
-        """Sets several settings in one transaction; nothing is stored when one is invalid."""
-        validated = {key: self.spec(key).validate(value) for key, value in values.items()}
-        with self._write_engine.begin() as connection:
-            for key, value in validated.items():
-                connection.execute(_upsert(connection.dialect.name, key, value))
-        self.cache.invalidate(validated)
-        log.debug("settings %s stored; cache invalidated", ", ".join(validated))
-        return validated
-
-    def reset(self, key: str) -> Any:
-        """Forgets the stored value; the default applies again. Returns the default."""
-        spec = self.spec(key)
-        with self._write_engine.begin() as connection:
-            connection.execute(delete(Setting).where(Setting.key == key))
-        self.cache.invalidate([key])
-        log.debug("setting %s reset to its default; cache invalidated", key)
-        return spec.default
-
-    def invalidate(self) -> None:
-        """Drops every cached value (e.g. after editing the table by hand)."""
-        self.cache.invalidate()
-        log.debug("settings cache invalidated")
 
     @staticmethod
     def _from_storage(spec: SettingSpec, stored: Any) -> Any:

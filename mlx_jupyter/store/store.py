@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Engine, delete, func, insert, select, update
 from sqlalchemy.engine import URL, Connection
-from sqlalchemy.orm import Session, sessionmaker
 
 from . import queries
 from .database import (
@@ -68,8 +67,6 @@ class Store:
                  **engine_options: Any):
         self.engine: Engine = create_engine_for(url, **engine_options)
         self._write_engine = immediate(self.engine)
-        self._write_sessions = sessionmaker(self._write_engine, expire_on_commit=False)
-        self._read_sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.settings = SettingsService(self.engine, ttl_seconds=settings_ttl)
         # name -> id, and name -> what ensure_model last wrote (to skip identical upserts).
         self._model_ids: dict[str, int] = {}
@@ -111,18 +108,6 @@ class Store:
         self.close()
 
     # -- sessions ------------------------------------------------------------------------------
-
-    @contextmanager
-    def session(self) -> Iterator[Session]:
-        """An ORM session in a write transaction: committed at the end, rolled back on error."""
-        with self._write_sessions() as session, session.begin():
-            yield session
-
-    @contextmanager
-    def read_session(self) -> Iterator[Session]:
-        """An ORM session for reading only (on SQLite it never waits for a writer)."""
-        with self._read_sessions() as session:
-            yield session
 
     def _write(self) -> AbstractContextManager[Connection]:
         """A connection in a write transaction (BEGIN IMMEDIATE on SQLite), committed on exit."""
@@ -226,16 +211,6 @@ class Store:
                 select(models_table).where(models.name == name)).mappings().first()
         return dict(row) if row is not None else None
 
-    def delete_model(self, name: str) -> bool:
-        """Forgets a model and, through the foreign key, its requests."""
-        with self._write() as connection:
-            result = connection.execute(delete(models_table).where(models.name == name))
-        with self._models_lock:
-            self._model_ids.pop(name, None)
-            self._model_rows.pop(name, None)
-        log.debug("model %s deleted; id cache invalidated", name)
-        return result.rowcount > 0
-
     # -- requests ------------------------------------------------------------------------------
 
     def add_request(self, record: RequestRecord) -> str:
@@ -243,16 +218,6 @@ class Store:
         with self._write() as connection:
             connection.execute(insert(requests_table), row)
         return record.id
-
-    def add_requests(self, records: Iterable[RequestRecord]) -> list[str]:
-        """Adds many requests in one transaction and one executemany."""
-        records = list(records)
-        model_ids = {name: self.model_id(name) for name in {record.model for record in records}}
-        rows = [record.to_row(model_ids[record.model]) for record in records]
-        if rows:
-            with self._write() as connection:
-                connection.execute(insert(requests_table), rows)
-        return [row["id"] for row in rows]
 
     def update_request(self, request_id: str, /, **fields: Any) -> bool:
         """Changes columns of a request (see UPDATABLE_REQUEST_FIELDS). False when unknown."""
@@ -304,48 +269,6 @@ class Store:
                 preview_chars=preview_chars)).mappings().all()
             total = connection.scalar(queries.history_count(filters))
         return [dict(row) for row in rows], int(total or 0)
-
-    def claim_next_queued(self, model: str) -> dict[str, Any] | None:
-        """Marks the next queued request of a model as running and returns it (every column).
-
-        Highest priority first, oldest first among equals. Safe with several claimers: SQLite
-        serialises the write transactions; PostgreSQL skips rows another claimer has locked.
-        """
-        model_id = self.model_id(model)
-        with self._write() as connection:
-            request_id = connection.scalar(
-                queries.queue_claim(model_id).with_for_update(skip_locked=True))
-            if request_id is None:
-                return None
-            row = connection.execute(
-                update(requests_table).where(requests.id == request_id)
-                .values(status=RequestStatus.RUNNING.value, started_at=utcnow())
-                .returning(*requests_table.c)).mappings().one()
-        return {**row, "model": model}
-
-    def queue_counts(self) -> dict[str, dict[str, int]]:
-        """Queued and running requests per model name: {"demo": {"queued": 3, "running": 1}}."""
-        statement = (select(queries.MODEL_NAME, requests.status, func.count())
-                     .where(requests.status.in_(UNFINISHED))
-                     .group_by(requests.model_id, requests.status))
-        counts: dict[str, dict[str, int]] = {}
-        with self._read() as connection:
-            for name, status, count in connection.execute(statement):
-                counts.setdefault(name, dict.fromkeys(UNFINISHED, 0))[status] = count
-        return counts
-
-    def mark_unfinished_as_interrupted(self) -> int:
-        """Start-up recovery: requests left queued or running by a previous server process can
-        never finish (their clients are gone). Returns how many were marked interrupted."""
-        with self._write() as connection:
-            result = connection.execute(
-                update(requests_table).where(requests.status.in_(UNFINISHED))
-                .values(status=RequestStatus.INTERRUPTED.value, finished_at=utcnow(),
-                        error=func.coalesce(requests.error, INTERRUPTED_ERROR)))
-        if result.rowcount:
-            log.info("marked %d unfinished request(s) from a previous run as interrupted",
-                     result.rowcount)
-        return result.rowcount
 
     def recover_unfinished(self) -> tuple[list[dict[str, Any]], int]:
         """Start-up recovery after a stop or a crash: background jobs left queued or running
