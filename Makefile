@@ -71,6 +71,7 @@ bench: setup
 	$(PYTHON) benchmarks/bench_models.py
 	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/bench_serving.py
 	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/bench_soak.py
+	$(PYTHON) benchmarks/bench_startup.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info mlx_jupyter/labextension $(LABEXT_DIR)/lib $(LABEXT_DIR)/node_modules
