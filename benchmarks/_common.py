@@ -49,6 +49,17 @@ def build_random_llama(folder: Path, hidden: int, layers: int) -> int:
     return int(result.stdout.split()[-1])
 
 
+def stop_process(process: subprocess.Popen) -> None:
+    """Terminates a process the benchmark started; kills it if it takes over 30 s to exit."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 

@@ -41,7 +41,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "tests"))
-from _common import OPENBLAS, build_random_llama, save, table  # noqa: E402
+from _common import OPENBLAS, build_random_llama, save, stop_process, table  # noqa: E402
 from live_server import free_port, start_server, stop_server  # noqa: E402
 
 from mlx_jupyter.models.registry import DEMO_MODEL_PATH  # noqa: E402
@@ -323,16 +323,6 @@ def start_mlx_lm_server(model_path: Path, log_path: Path,
         time.sleep(0.3)
     stop_process(process)
     raise RuntimeError(f"mlx_lm.server did not answer within {timeout} s; see {log_path}")
-
-
-def stop_process(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def stopped_with_children(pid: int, stop) -> None:

@@ -28,7 +28,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
-from _common import median, save, table  # noqa: E402
+from _common import median, save, stop_process, table  # noqa: E402
 from live_server import free_port  # noqa: E402
 
 POLL_SECONDS = 0.005
@@ -77,12 +77,7 @@ def start_once(folder: Path, with_extension: bool) -> dict[str, float]:
             elif client.get(base + "mlx/api/status").status_code != 404:
                 raise RuntimeError(f"the extension is still enabled with {DISABLED}")
         finally:
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process)
     return times
 
 

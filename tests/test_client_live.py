@@ -1,13 +1,13 @@
-"""The Python clients, sync and async, against a live server with the demo model."""
+"""The Python client against a live server with the demo model (AsyncClient does the same:
+test_client_core runs one scenario through both)."""
 
-import asyncio
 import os
 import signal
 import time
 
 import pytest
 
-from mlx_jupyter import AsyncClient, Client
+from mlx_jupyter import Client
 from mlx_jupyter.kernel import (
     Conflict,
     InvalidRequest,
@@ -99,29 +99,6 @@ def test_settings_are_read_and_written(client):
         client.set_setting("default_max_tokens", before)
     with pytest.raises(InvalidRequest):
         client.generate("x", messages=CHAT)
-
-
-def test_the_async_client_does_the_same(live_server):
-    async def main():
-        async with AsyncClient(live_server.url, live_server.token) as client:
-            assert "demo" in [m["name"] for m in await client.models()]
-            whole = await client.generate("Once upon a time", model="demo", max_tokens=12,
-                                          temperature=0)
-            events = await client.stream("Once upon a time", model="demo", max_tokens=12,
-                                         temperature=0)
-            async with events:
-                pieces = [e["text"] async for e in events if "text" in e]
-            job = await client.submit("Once upon a time", model="demo", max_tokens=12,
-                                      temperature=0)
-            background = await client.result(job, timeout=120)
-            queue = await client.queue()
-            with pytest.raises(ModelNotFound):
-                await client.generate("x", model="no-such-model")
-            return whole, "".join(pieces), background, queue
-
-    whole, streamed, background, queue = asyncio.run(main())
-    assert whole.text == streamed == background.text and whole.text
-    assert {"max_active_per_model", "models", "queued"} <= set(queue)
 
 
 def test_a_failed_background_job_raises_with_its_error(client, live_server):

@@ -2,11 +2,14 @@
 
 The network peer is a small HTTP server started here that speaks the REST contract
 (auth, JSON errors, NDJSON streams); end-to-end tests against the real server live
-elsewhere. The magic runs in a real (in-process) IPython kernel.
+elsewhere. Every client test runs through both `Client` and `AsyncClient` (the latter
+driven from blocking code, `twins.Blocking`). The magic runs in a real (in-process)
+IPython kernel.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -17,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -40,6 +44,7 @@ from IPython.core.error import UsageError
 
 from mlx_jupyter.kernel.options import parse_cell
 from mlx_jupyter.kernel.render import PlainText
+from twins import blocking_async_client
 
 TOKEN = "secret-token"
 BASE = "/base/"
@@ -147,8 +152,10 @@ def ndjson_reply(chunks: list[bytes | dict[str, Any]], *, hang: bool = False,
                  after_chunk: Callable[[int], None] | None = None) -> Responder:
     """Streams chunks (dicts become NDJSON lines) with chunked encoding, like tornado.
 
+                 stall: bool = False,
     With `hang`, keeps sending {"text": "."} events until the client goes away, then sets
-    `disconnected`; `after_chunk(n)` runs once the n-th chunk (from 0) is out.
+    `disconnected`; with `stall`, sends nothing more and waits for the client to go away
+    (a model that went quiet); `after_chunk(n)` runs once the n-th chunk (from 0) is out.
     """
 
     def respond(handler: _Handler) -> None:
@@ -166,6 +173,8 @@ def ndjson_reply(chunks: list[bytes | dict[str, Any]], *, hang: bool = False,
             handler.wfile.write(b"0\r\n\r\n")
             handler.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
+            if stall:
+                return wait_for_hang_up(handler)
             handler.server.fake.disconnected.set()
             handler.close_connection = True
 
@@ -175,6 +184,14 @@ def ndjson_reply(chunks: list[bytes | dict[str, Any]], *, hang: bool = False,
 def _chunks_to_send(chunks: list[bytes | dict[str, Any]], hang: bool,
                     deadline: float) -> Iterator[bytes | dict[str, Any]]:
     yield from chunks
+def wait_for_hang_up(handler: _Handler) -> None:
+    handler.connection.settimeout(30)
+    with contextlib.suppress(OSError):
+        if handler.connection.recv(1) == b"":  # the client closed its end
+            handler.server.fake.disconnected.set()
+    handler.close_connection = True
+
+
     while hang and time.monotonic() < deadline:
         time.sleep(0.01)
         yield {"text": "."}
@@ -208,8 +225,17 @@ def fake_server() -> Iterator[FakeServer]:
 
 
 @pytest.fixture
-def client(fake_server: FakeServer) -> Iterator[Client]:
-    with Client(fake_server.url, TOKEN, timeout=30) as client:
+def client(fake_server: FakeServer, open_client: OpenClient) -> Iterator[Any]:
+    with open_client(fake_server.url, TOKEN, timeout=30) as client:
+OpenClient = Callable[..., AbstractContextManager[Any]]
+
+
+@pytest.fixture(params=["Client", "AsyncClient"])
+def open_client(request: pytest.FixtureRequest) -> OpenClient:
+    """Opens a client of one kind or the other: every client test runs with both."""
+    return Client if request.param == "Client" else blocking_async_client
+
+
         yield client
 
 
@@ -311,7 +337,7 @@ def test_server_info_repr_hides_the_token():
 # -- client ---------------------------------------------------------------------------------
 
 
-def test_status_sends_the_token_under_the_base_url(fake_server: FakeServer, client: Client):
+def test_status_sends_the_token_under_the_base_url(fake_server: FakeServer, client: Any):
     fake_server.routes[STATUS] = json_reply(200, {"version": "0.1.0", "models": []})
     assert client.status() == {"version": "0.1.0", "models": []}
     request = fake_server.requests[-1]
@@ -319,16 +345,17 @@ def test_status_sends_the_token_under_the_base_url(fake_server: FakeServer, clie
     assert request.headers["Authorization"] == f"token {TOKEN}"
 
 
-def test_client_discovers_the_server(fake_server: FakeServer, clean_env: Path):
+def test_client_discovers_the_server(fake_server: FakeServer, clean_env: Path,
+                                     open_client: OpenClient):
     write_runtime_file(clean_env, os.getpid(), f"http://127.0.0.1:{fake_server.port}/",
                        token=TOKEN, base_url=BASE)
     fake_server.routes[STATUS] = json_reply(200, {"version": "0.1.0", "models": []})
-    with Client() as client:
+    with open_client() as client:
         assert client.url == fake_server.url
         assert client.status()["version"] == "0.1.0"
 
 
-def test_generate_sends_only_the_given_options(fake_server: FakeServer, client: Client):
+def test_generate_sends_only_the_given_options(fake_server: FakeServer, client: Any):
     fake_server.routes[GENERATE] = json_reply(200, {
         "request_id": "r1", "model": "demo", "text": "Hello!", "finish_reason": "length",
         "usage": {"prompt_tokens": 2, "completion_tokens": 5},
@@ -342,7 +369,7 @@ def test_generate_sends_only_the_given_options(fake_server: FakeServer, client: 
     assert result.timings["tokens_per_second"] == 50.0
 
 
-def test_generate_with_messages_and_every_option(fake_server: FakeServer, client: Client):
+def test_generate_with_messages_and_every_option(fake_server: FakeServer, client: Any):
     fake_server.routes[GENERATE] = json_reply(200, {
         "request_id": "r1", "model": "demo", "text": "", "finish_reason": "stop",
         "usage": {}, "timings": {}})
@@ -354,8 +381,9 @@ def test_generate_with_messages_and_every_option(fake_server: FakeServer, client
          "temperature": 0.0, "top_p": 0.5, "seed": 7, "stop": ["a", "b"]}]
 
 
-def test_a_refused_token_is_an_authentication_error(fake_server: FakeServer):
-    with Client(fake_server.url, "wrong") as client, \
+def test_a_refused_token_is_an_authentication_error(fake_server: FakeServer,
+                                                     open_client: OpenClient):
+    with open_client(fake_server.url, "wrong") as client, \
             pytest.raises(AuthenticationError) as info:
         client.generate("Hi", model="demo")
     assert str(info.value).startswith("the Jupyter server refused the token;")
@@ -363,14 +391,15 @@ def test_a_refused_token_is_an_authentication_error(fake_server: FakeServer):
 
 
 def test_the_token_falls_back_to_the_environment(fake_server: FakeServer,
-                                                 monkeypatch: pytest.MonkeyPatch):
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 open_client: OpenClient):
     monkeypatch.setenv("MLX_JUPYTER_TOKEN", TOKEN)
     fake_server.routes[STATUS] = json_reply(200, {"version": "0.1.0", "models": []})
-    with Client(fake_server.url.rstrip("/")) as client:
+    with open_client(fake_server.url.rstrip("/")) as client:
         assert client.status()["version"] == "0.1.0"
 
 
-def test_an_unknown_model_is_model_not_found(fake_server: FakeServer, client: Client):
+def test_an_unknown_model_is_model_not_found(fake_server: FakeServer, client: Any):
     message = "unknown model 'nope'; available models: demo"
     fake_server.routes[GENERATE] = json_reply(404, {"message": message,
                                                     "reason": "ModelNotFound"})
@@ -378,12 +407,12 @@ def test_an_unknown_model_is_model_not_found(fake_server: FakeServer, client: Cl
         client.generate("Hi", model="nope")
 
 
-def test_a_missing_api_says_to_enable_the_extension(fake_server: FakeServer, client: Client):
+def test_a_missing_api_says_to_enable_the_extension(fake_server: FakeServer, client: Any):
     with pytest.raises(ServerNotFound, match="jupyter server extension enable mlx_jupyter"):
         client.status()
 
 
-def test_a_bad_field_is_an_invalid_request(fake_server: FakeServer, client: Client):
+def test_a_bad_field_is_an_invalid_request(fake_server: FakeServer, client: Any):
     fake_server.routes[GENERATE] = json_reply(400, {
         "message": "temperature: Input should be less than or equal to 2", "reason": None})
     with pytest.raises(InvalidRequest, match="^invalid request: temperature: Input should"):
@@ -391,7 +420,7 @@ def test_a_bad_field_is_an_invalid_request(fake_server: FakeServer, client: Clie
 
 
 def test_a_full_queue_is_queue_full_with_its_retry_after(fake_server: FakeServer,
-                                                         client: Client):
+                                                         client: Any):
     # 256 waiting requests are needed to fill the real server's queue; the contract is enough.
     message = "the inference queue is full (256 requests waiting); retry in 7 s"
 
@@ -410,7 +439,7 @@ def test_a_full_queue_is_queue_full_with_its_retry_after(fake_server: FakeServer
     assert (info.value.status, info.value.retry_after) == (429, 7.0)
 
 
-def test_a_worker_failure_is_a_server_error(fake_server: FakeServer, client: Client):
+def test_a_worker_failure_is_a_server_error(fake_server: FakeServer, client: Any):
     fake_server.routes[GENERATE] = json_reply(503, {
         "message": "the worker for 'demo' exited\nwith code 1", "reason": "WorkerError"})
     with pytest.raises(ServerError, match="HTTP 503.*the worker for 'demo' exited with code 1"
@@ -419,16 +448,16 @@ def test_a_worker_failure_is_a_server_error(fake_server: FakeServer, client: Cli
     assert "\n" not in str(info.value)
 
 
-def test_no_server_listening_is_connection_failed():
+def test_no_server_listening_is_connection_failed(open_client: OpenClient):
     with socket.socket() as sock:  # a port that was free a moment ago
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    with Client(f"http://127.0.0.1:{port}/", "t") as client, \
+    with open_client(f"http://127.0.0.1:{port}/", "t") as client, \
             pytest.raises(ConnectionFailed, match="cannot connect to the Jupyter server"):
         client.status()
 
 
-def test_stream_yields_text_then_the_result(fake_server: FakeServer, client: Client):
+def test_stream_yields_text_then_the_result(fake_server: FakeServer, client: Any):
     # The second event is split across two chunks: lines are reassembled.
     fake_server.routes[GENERATE] = ndjson_reply([
         {"text": "Hel"}, b'{"text": "lo', b' there"}\n', b"\n", done_event("length", 2)])
@@ -444,7 +473,7 @@ def test_stream_yields_text_then_the_result(fake_server: FakeServer, client: Cli
 
 
 def test_an_error_event_mid_stream_raises_server_error(fake_server: FakeServer,
-                                                       client: Client):
+                                                       client: Any):
     fake_server.routes[GENERATE] = ndjson_reply([
         {"text": "partial"},
         {"done": True, "request_id": "req-9", "finish_reason": "error",
@@ -457,25 +486,25 @@ def test_an_error_event_mid_stream_raises_server_error(fake_server: FakeServer,
     assert events.text == "partial"
 
 
-def test_a_stream_cut_short_is_connection_failed(fake_server: FakeServer, client: Client):
+def test_a_stream_cut_short_is_connection_failed(fake_server: FakeServer, client: Any):
     fake_server.routes[GENERATE] = ndjson_reply([{"text": "a"}])
     with pytest.raises(ConnectionFailed, match="closed before the generation finished"):
         list(client.stream("Hi", model="demo"))
 
 
-def test_a_malformed_event_is_a_server_error(fake_server: FakeServer, client: Client):
+def test_a_malformed_event_is_a_server_error(fake_server: FakeServer, client: Any):
     fake_server.routes[GENERATE] = ndjson_reply([b"<html>oops</html>\n"])
     with pytest.raises(ServerError, match="malformed stream event"):
         list(client.stream("Hi", model="demo"))
 
 
-def test_stream_errors_before_output_raise_at_once(fake_server: FakeServer, client: Client):
+def test_stream_errors_before_output_raise_at_once(fake_server: FakeServer, client: Any):
     fake_server.routes[GENERATE] = json_reply(404, {"message": "unknown model 'x'"})
     with pytest.raises(ModelNotFound, match="unknown model 'x'"):
         client.stream("Hi", model="x")
 
 
-def test_closing_a_stream_drops_the_connection(fake_server: FakeServer, client: Client):
+def test_closing_a_stream_drops_the_connection(fake_server: FakeServer, client: Any):
     fake_server.routes[GENERATE] = ndjson_reply([{"text": "first"}], hang=True)
     events = client.stream("Hi", model="demo")
     assert next(events) == {"text": "first"}
@@ -485,6 +514,49 @@ def test_closing_a_stream_drops_the_connection(fake_server: FakeServer, client: 
 
 
 # -- %%mlx argument parsing -----------------------------------------------------------------
+
+
+def test_closing_a_stream_from_another_thread_ends_its_reader(fake_server: FakeServer,
+                                                              client: Any):
+    # The panel's Stop button: the reading thread waits for an event that will not come.
+    fake_server.routes[GENERATE] = ndjson_reply([{"text": "first"}], stall=True)
+    events = client.stream("Hi", model="demo")
+    assert next(events) == {"text": "first"}
+    outcome: list[Any] = []
+    reader = threading.Thread(target=lambda: outcome.append(read_rest(events)), daemon=True)
+    reader.start()
+    wait_until(lambda: waiting_for_the_network(reader))
+    events.close()
+    reader.join(20)
+    assert not reader.is_alive(), "closing the stream did not wake its reader"
+    assert outcome == [[]] and events.text == "first" and events.result is None
+    assert fake_server.disconnected.wait(20), "the server never saw the client go away"
+
+
+def read_rest(events: Any) -> list[Any] | BaseException:
+    try:
+        return list(events)
+    except BaseException as error:  # noqa: BLE001  (the test says which)
+        return error
+
+
+def waiting_for_the_network(thread: threading.Thread) -> bool:
+    """Whether the thread is blocked reading a socket (Client) or waiting for its event
+    loop to read one (AsyncClient through twins.Blocking)."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    if frame is None:
+        return False
+    code = frame.f_code
+    return (code.co_name == "read" and code.co_filename.endswith(
+        os.path.join("httpcore", "_backends", "sync.py"))) or (
+        code.co_name == "wait" and code.co_filename == threading.__file__)
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds  # a guard against a hang, not a measure
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never came true"
+        time.sleep(0.01)
 
 
 def test_parse_cell_defaults():

@@ -1,13 +1,12 @@
 """The requests of the mlx-jupyter API, as data: what to send and how to read the answer.
 
-`Client` and `AsyncClient` run the same `Call`s, one over a sync and one over an async
-transport, so each request is written once.
+The methods in `core` yield these `Call`s; `Client` and `AsyncClient` send them, one over a
+blocking and one over an async transport, so each request is written once.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +19,7 @@ GENERATE_PATH = "mlx/api/generate"
 STATUS_PATH = "mlx/api/status"
 FINAL_STATUSES = ("completed", "cancelled", "failed", "interrupted")
 
-Message = dict[str, str]
+Message = dict[str, Any]  # {"role": ..., "content": a string or a list of parts}
 
 
 def _same(body: dict[str, Any]) -> Any:
@@ -36,6 +35,7 @@ class Call:
     read: Callable[[dict[str, Any]], Any] = _same  # the answer's JSON -> what the method returns
     # What a 404 of ours means here (an unknown model, request, ...); None: the API is missing.
     not_found: type[NotFound] | None = None
+    stream: bool = False  # an NDJSON stream of events: the client hands back an event stream
 
 
 def status() -> Call:
@@ -91,7 +91,7 @@ def generate(prompt: str | None, *, model: str | None, messages: Sequence[Messag
     if background:
         return Call("POST", GENERATE_PATH, json=body, not_found=ModelNotFound,
                     read=lambda answer: str(answer["request_id"]))
-    return Call("POST", GENERATE_PATH, json=body, not_found=ModelNotFound,
+    return Call("POST", GENERATE_PATH, json=body, not_found=ModelNotFound, stream=stream,
                 read=lambda answer: result_from_json(answer, model or ""))
 
 
@@ -119,20 +119,6 @@ def generate_body(prompt: str | None, *, model: str | None, messages: Sequence[M
         del body["stream"]
     body.update({name: value for name, value in options.items() if value is not None})
     return body
-
-
-class ResultPoll:
-    """Waiting for a request's result: feed `done` each reading of the request until True."""
-
-    def __init__(self, wait: bool, timeout: float | None):
-        self._wait = wait
-        self._deadline = None if timeout is None else time.monotonic() + timeout
-        self.result: GenerationResult | None = None  # None: not finished (yet)
-
-    def done(self, row: dict[str, Any]) -> bool:
-        self.result = finished_result(row)
-        return (self.result is not None or not self._wait
-                or (self._deadline is not None and time.monotonic() >= self._deadline))
 
 
 def finished_result(row: dict[str, Any]) -> GenerationResult | None:

@@ -1,7 +1,7 @@
 """HTTP for the kernel-side clients (sync and async): errors, JSON bodies, stream events.
 
 Both clients send the same requests (`calls`) and read the answers the same way (here); only
-the transport differs.
+the transport differs (`core` runs one over each).
 """
 
 from __future__ import annotations
@@ -71,28 +71,6 @@ class StreamReader:
     def cut_short() -> ConnectionFailed:
         return ConnectionFailed("the connection to the Jupyter server closed before the "
                                 "generation finished; check that the server is still running")
-
-
-class StreamBase:
-    """What the sync and async event streams share: the response and what it said so far."""
-
-    def __init__(self, response: httpx.Response, *, model: str | None, url: str):
-        self._response = response
-        self._url = url
-        self._finished = False
-        self._reader = StreamReader(model, response.headers.get("X-Request-Id"))
-        self.model = model or ""
-        self.request_id: str | None = self._reader.request_id
-
-    @property
-    def text(self) -> str:
-        """The text received so far."""
-        return self._reader.text
-
-    @property
-    def result(self) -> GenerationResult | None:
-        """The whole result, once the final event was read."""
-        return self._reader.result
 
 
 @contextlib.contextmanager
