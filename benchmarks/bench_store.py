@@ -104,10 +104,9 @@ def load_history(store: Store, total: int) -> None:
             output_text=None if queued else "An answer. " * 30,
             parameters={"max_tokens": 256, "temperature": 0.7},
             created_at=start + timedelta(seconds=i)))
-        if len(chunk) == 10_000:
+        if len(chunk) == 10_000 or i == total - 1:
             insert_all(store, chunk)
             chunk = []
-    insert_all(store, chunk)
 
 
 def insert_all(store: Store, records: list[RequestRecord]) -> None:
@@ -316,7 +315,7 @@ def main() -> None:
     ])
     command = ".venv/bin/python benchmarks/bench_store.py" + "".join(
         f" {arg}" for arg in sys.argv[1:])
-    save("store", "Store: caches, indexes, pool and bulk writes", body, command)
+    save("store", "Store: caches, indexes, pool and inserts", body, command)
 
 
 if __name__ == "__main__":

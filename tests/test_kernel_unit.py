@@ -141,18 +141,21 @@ def json_reply(status: int, payload: Any) -> Responder:
 def done_event(finish_reason: str = "stop", completion_tokens: int = 3,
                model: str | None = None) -> dict[str, Any]:
     """The server's last event; it names the model that answered (the server's default when
-    the request named none)."""
+    the request named none) and the seed it sampled with."""
     return {"done": True, "request_id": "req-1", "finish_reason": finish_reason,
             "usage": {"prompt_tokens": 5, "completion_tokens": completion_tokens},
             "timings": {"ttft_ms": 10.0, "total_ms": 100.0, "tokens_per_second": 30.0},
-            **({"model": model} if model else {})}
+            "seed": SERVER_SEED, **({"model": model} if model else {})}
+
+
+SERVER_SEED = 1234567
 
 
 def ndjson_reply(chunks: list[bytes | dict[str, Any]], *, hang: bool = False,
+                 stall: bool = False,
                  after_chunk: Callable[[int], None] | None = None) -> Responder:
     """Streams chunks (dicts become NDJSON lines) with chunked encoding, like tornado.
 
-                 stall: bool = False,
     With `hang`, keeps sending {"text": "."} events until the client goes away, then sets
     `disconnected`; with `stall`, sends nothing more and waits for the client to go away
     (a model that went quiet); `after_chunk(n)` runs once the n-th chunk (from 0) is out.
@@ -170,20 +173,17 @@ def ndjson_reply(chunks: list[bytes | dict[str, Any]], *, hang: bool = False,
                 write_chunk(handler, chunk)
                 if after_chunk is not None:
                     after_chunk(index)
+            if stall:
+                return wait_for_hang_up(handler)
             handler.wfile.write(b"0\r\n\r\n")
             handler.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
-            if stall:
-                return wait_for_hang_up(handler)
             handler.server.fake.disconnected.set()
             handler.close_connection = True
 
     return respond
 
 
-def _chunks_to_send(chunks: list[bytes | dict[str, Any]], hang: bool,
-                    deadline: float) -> Iterator[bytes | dict[str, Any]]:
-    yield from chunks
 def wait_for_hang_up(handler: _Handler) -> None:
     handler.connection.settimeout(30)
     with contextlib.suppress(OSError):
@@ -192,6 +192,9 @@ def wait_for_hang_up(handler: _Handler) -> None:
     handler.close_connection = True
 
 
+def _chunks_to_send(chunks: list[bytes | dict[str, Any]], hang: bool,
+                    deadline: float) -> Iterator[bytes | dict[str, Any]]:
+    yield from chunks
     while hang and time.monotonic() < deadline:
         time.sleep(0.01)
         yield {"text": "."}
@@ -224,9 +227,6 @@ def fake_server() -> Iterator[FakeServer]:
     httpd.server_close()
 
 
-@pytest.fixture
-def client(fake_server: FakeServer, open_client: OpenClient) -> Iterator[Any]:
-    with open_client(fake_server.url, TOKEN, timeout=30) as client:
 OpenClient = Callable[..., AbstractContextManager[Any]]
 
 
@@ -236,6 +236,9 @@ def open_client(request: pytest.FixtureRequest) -> OpenClient:
     return Client if request.param == "Client" else blocking_async_client
 
 
+@pytest.fixture
+def client(fake_server: FakeServer, open_client: OpenClient) -> Iterator[Any]:
+    with open_client(fake_server.url, TOKEN, timeout=30) as client:
         yield client
 
 
@@ -513,9 +516,6 @@ def test_closing_a_stream_drops_the_connection(fake_server: FakeServer, client: 
     assert list(events) == []
 
 
-# -- %%mlx argument parsing -----------------------------------------------------------------
-
-
 def test_closing_a_stream_from_another_thread_ends_its_reader(fake_server: FakeServer,
                                                               client: Any):
     # The panel's Stop button: the reading thread waits for an event that will not come.
@@ -557,6 +557,9 @@ def wait_until(condition: Callable[[], bool], seconds: float = 20) -> None:
     while not condition():
         assert time.monotonic() < deadline, "the condition never came true"
         time.sleep(0.01)
+
+
+# -- %%mlx argument parsing -----------------------------------------------------------------
 
 
 def test_parse_cell_defaults():
@@ -695,15 +698,14 @@ def test_cell_streams_markdown_in_place(mlx: Kernel, fake_server: FakeServer):
     assert_no_traceback(output)
     assert output.stderr == ""
     [body] = fake_server.generate_bodies()
-    seed = body.pop("seed")  # the magic picks one when the cell samples without --seed
-    assert isinstance(seed, int) and 0 <= seed < 2**31
+    assert "seed" not in body  # the server picks one when the cell samples without --seed
     assert body == {
         "model": "tiny", "stream": True, "max_tokens": 16, "stop": ["END"],
         "messages": [{"role": "system", "content": "Be brief."},
                      {"role": "user", "content": "What is MLX?"}]}
     answer, footer = output.displays[:-1], output.displays[-1]
     made = answer[-1]["content"]["metadata"]["mlx_jupyter"]
-    assert (made["seed"], made["request_id"], made["model"]) == (seed, "req-1", "tiny")
+    assert (made["seed"], made["request_id"], made["model"]) == (SERVER_SEED, "req-1", "tiny")
     assert answer[0]["msg_type"] == "display_data"
     display_id = answer[0]["content"]["transient"]["display_id"]
     assert all(d["content"]["transient"]["display_id"] == display_id for d in answer)
