@@ -35,10 +35,10 @@ async def measure(path: Path, blas: str | None, repeats: int, max_tokens: int) -
         for i in range(repeats + 1):  # the first run warms up and is not counted
             params = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 1.0,
                       "top_p": 1.0, "seed": i, "stop": []}
-            async for event in proxy.generate(f"bench-{i}", params):
-                if event["event"] == "done" and i > 0:
-                    prompt_tps.append(event["worker_timings"]["prompt_tokens_per_second"])
-                    decode_tps.append(event["worker_timings"]["tokens_per_second"])
+            async for message in proxy.generate(f"bench-{i}", params):
+                if "done" in message and i > 0:
+                    prompt_tps.append(message["timings"]["prompt_tokens_per_second"])
+                    decode_tps.append(message["timings"]["tokens_per_second"])
     finally:
         await proxy.stop()
     return {"load_s": (proxy.load_ms or 0) / 1000, "prompt": median(prompt_tps),

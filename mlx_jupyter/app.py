@@ -98,9 +98,11 @@ class MlxApp(ExtensionApp):
         300.0, config=True,
         help="Unload a model nobody used for this long (pinned models stay). 0: never.")
     memory_overheads = Dict(
-        dict(KIND_OVERHEADS), config=True,
-        help="Estimated memory of a loaded model = weight bytes x this factor, by model kind "
-             "(kinds not given keep their defaults).")
+        default_value=dict(KIND_OVERHEADS), key_trait=Unicode(), value_trait=Float(min=1.0),
+        config=True,
+        help="Estimated memory of a loaded model = weight bytes x this factor (at least 1), "
+             "by model kind (kinds not given keep their defaults); on the command line "
+             "--MlxApp.memory_overheads=text=1.5.")
     worker_base_memory = Int(
         DEFAULT_WORKER_BASE_BYTES, min=0, config=True,
         help="Bytes a model worker holds beyond its model (Python, mlx, mlx-lm; ~86 MiB "
@@ -261,9 +263,9 @@ class MlxApp(ExtensionApp):
         if self.preload_openblas and sys.platform == "linux":
             if Path(self.openblas_library).is_file():
                 return self.openblas_library
-            self.log.info("mlx_jupyter: %s not found; model workers use mlx's bundled BLAS "
-                          "(install libopenblas0-pthread for much faster CPU generation)",
-                          self.openblas_library)
+            self.log.warning("mlx_jupyter: %s not found; model workers use mlx's bundled "
+                             "BLAS (install libopenblas0-pthread for much faster CPU "
+                             "generation)", self.openblas_library)
         return None
 
     async def stop_extension(self) -> None:

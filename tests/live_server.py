@@ -83,15 +83,17 @@ def database_url_for(root: Path, args: tuple[str, ...]) -> tuple[str, tuple[str,
 
 
 def start_server(root: Path, log_path: Path, timeout: float = 90.0, *,
-                 lab: bool = False, args: tuple[str, ...] = ()) -> LiveServer:
-    """A Jupyter server with the extension; with `lab`, JupyterLab (for the browser tests)."""
+                 lab: bool = False, args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> LiveServer:
+    """A Jupyter server with the extension; with `lab`, JupyterLab (for the browser tests);
+    `env` adds to its environment."""
     runtime_dir, root_dir = root / "runtime", root / "notebooks"
     root_dir.mkdir(parents=True, exist_ok=True)
     token, port = secrets.token_hex(16), free_port()
     database_url, args = database_url_for(root, args)
     # Its own runtime and data folders: kernels find it there, and its database is a new one.
     env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime_dir),
-           "JUPYTER_DATA_DIR": str(root / "data"), "HF_HUB_OFFLINE": "1"}
+           "JUPYTER_DATA_DIR": str(root / "data"), "HF_HUB_OFFLINE": "1", **(env or {})}
     app = ["jupyter_server"]
     if lab:
         # No news pop-up, no update check: nothing of JupyterLab's own over the page.
@@ -115,10 +117,14 @@ def start_server(root: Path, log_path: Path, timeout: float = 90.0, *,
         if process.poll() is not None:
             raise RuntimeError(f"jupyter server exited with {process.returncode}; see {log_path}")
         try:
-            if server.get("mlx/api/status").status_code == 200:
-                return server
+            code = server.get("mlx/api/status").status_code
         except httpx.TransportError:
-            pass
+            code = None
+        if code == 200:
+            return server
+        if code == 404:  # the server runs without our routes: the extension did not load
+            stop_server(server)
+            raise RuntimeError(f"the mlx_jupyter extension did not load; see {log_path}")
         time.sleep(0.2)
     process.kill()
     raise RuntimeError(f"jupyter server did not answer within {timeout} s; see {log_path}")

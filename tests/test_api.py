@@ -8,6 +8,8 @@ import signal
 import pytest
 from tornado.httpclient import HTTPClientError
 
+from mlx_jupyter.limits import MAX_SEED
+
 CHAT = [{"role": "user", "content": "What is a notebook?"}]
 
 
@@ -104,6 +106,34 @@ async def test_max_tokens_seed_and_stop_strings_shape_the_answer(jp_fetch):
                                       {**base, "max_tokens": 40, "stop": [stop]})).body)
     assert cut["finish_reason"] == "stop"
     assert stop not in cut["text"] and first["text"].startswith(cut["text"])
+
+
+async def test_the_server_picks_reports_and_records_the_seed_of_a_sampled_request(jp_fetch):
+    body = {"model": "demo", "prompt": "The weather today", "max_tokens": 24, "temperature": 1.0}
+    first = json.loads((await post_json(jp_fetch, "generate", body)).body)
+    seed = first["seed"]
+    assert isinstance(seed, int) and 0 <= seed <= MAX_SEED  # none given: the server chose one
+    recorded = await history(jp_fetch, first["request_id"])
+    assert recorded["parameters"]["seed"] == seed
+
+    # That seed again gives the same answer, whole and streamed; the stream's end reports it.
+    again = json.loads((await post_json(jp_fetch, "generate", {**body, "seed": seed})).body)
+    assert again["text"] == first["text"] and again["seed"] == seed
+    response = await post_json(jp_fetch, "generate", {**body, "seed": seed, "stream": True})
+    *texts, done = ndjson(response)
+    assert "".join(event["text"] for event in texts) == first["text"] and done["seed"] == seed
+    # The stream's figures are the ones stored with it.
+    assert (await history(jp_fetch, done["request_id"]))["timings"] == done["timings"]
+
+    # Greedy decoding samples nothing: no seed, given or not, in the answer or the history.
+    greedy = json.loads((await post_json(jp_fetch, "generate",
+                                         {**body, "temperature": 0, "seed": 5})).body)
+    assert greedy["seed"] is None
+    assert (await history(jp_fetch, greedy["request_id"]))["parameters"]["seed"] is None
+
+
+async def history(jp_fetch, request_id):
+    return json.loads((await jp_fetch("mlx", "api", "requests", request_id)).body)
 
 
 @pytest.mark.parametrize("body, field", [

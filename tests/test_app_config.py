@@ -25,3 +25,12 @@ def test_blas_threads_must_not_be_negative():
     assert app.blas_threads == 3
     with pytest.raises(TraitError, match="'blas_threads'.*should not be less than 0"):
         app.blas_threads = -1
+
+
+def test_memory_overheads_are_factors_of_at_least_1_also_from_the_command_line():
+    app = MlxApp()
+    app.parse_command_line(["--MlxApp.memory_overheads=text=3.0"])
+    assert app.memory_overheads["text"] == 3.0  # a number, not the text "3.0"
+    for wrong in ({"text": "3.0"}, {"text": 0.5}):
+        with pytest.raises(TraitError, match="memory_overheads"):
+            MlxApp().memory_overheads = wrong

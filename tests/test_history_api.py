@@ -37,12 +37,17 @@ async def test_every_generation_is_recorded_with_its_notebook_and_outcome(jp_fet
     row = history["requests"][0]
     assert row["model"] == "demo" and row["status"] == "completed"
     assert row["completion_tokens"] == answers[-1]["usage"]["completion_tokens"]
+    # The figures the answer reported are the ones stored, in the list and in the detail.
+    assert row["timings"] == answers[-1]["timings"] and row["timings"]["ttft_ms"] > 0
 
     one = await call(jp_fetch, "requests", answers[0]["request_id"])
     assert one["output_text"] == answers[0]["text"]
     assert one["messages"] == CHAT and one["notebook"] == "work/a.ipynb"
     assert one["parameters"]["max_tokens"] == 12 and one["finish_reason"] in ("stop", "length")
-    assert one["finished_at"] >= one["created_at"] and one["ttft_ms"] > 0
+    assert one["finished_at"] >= one["created_at"]
+    assert one["timings"] == answers[0]["timings"]
+    assert set(one["timings"]) == {"queue_ms", "ttft_ms", "total_ms", "tokens_per_second",
+                                   "prompt_tokens_per_second"}
 
     only_a = await call(jp_fetch, "requests", params={"notebook": "work/a.ipynb"})
     assert only_a["total"] == 2

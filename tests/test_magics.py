@@ -123,7 +123,7 @@ def test_a_sampled_answer_records_the_seed_that_reproduces_it(mlx, capsys, live_
         mlx.run_cell_magic("mlx", "demo --max-tokens 16 --temperature 1.0 -o first", prompt)
         [row] = client.history(1)
         seed = client.request(row["id"])["parameters"]["seed"]
-        assert isinstance(seed, int)  # chosen by the magic: no --seed was given
+        assert isinstance(seed, int)  # chosen by the server: no --seed was given
         mlx.run_cell_magic("mlx", f"demo --max-tokens 16 --temperature 1.0 --seed {seed} "
                                   f"-o again", prompt)
         assert mlx.user_ns["again"] == mlx.user_ns["first"] and mlx.user_ns["first"]
@@ -168,6 +168,21 @@ def test_history_shows_what_a_chat_cell_asked_at_local_time(mlx, capsys):
     header, rule, row = capsys.readouterr().out.splitlines()
     assert 'Where is the "harbour"?' in row and '"role"' not in row  # not the messages' JSON
     assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d  demo ", row)  # no microseconds, no zone
+
+
+def test_the_footer_and_the_history_show_the_stored_decode_speed(mlx, capsys, live_server):
+    from mlx_jupyter import Client
+
+    mlx.run_cell_magic("mlx", "demo --max-tokens 24 --temperature 0", "Tell me about the sea.")
+    footer = capsys.readouterr().out.splitlines()[-1]
+    with Client(live_server.url, live_server.token) as client:
+        [row] = client.history(1)
+    stored = f"{row['timings']['tokens_per_second']:.1f}"
+    assert footer.startswith("[demo · ") and f" · {stored} tok/s" in footer
+    mlx.run_line_magic("mlx", "history 1")
+    header, rule, line = capsys.readouterr().out.splitlines()
+    assert header.split()[:5] == ["created", "model", "status", "tokens", "tok/s"]
+    assert line.split()[3:6] == ["completed", str(row["completion_tokens"]), stored]
 
 
 def test_resetting_an_unknown_conversation_says_so(mlx, capsys):

@@ -85,6 +85,27 @@ def test_streamed_chat_equals_the_whole_answer_and_reports_cached_tokens(client)
     assert chunks[0].object == "chat.completion.chunk"
 
 
+def test_answers_carry_the_seed_the_server_sampled_with(client, live_server):
+    """`seed` is an extension field: in the whole answer and in the chunks that end a
+    stream; null at temperature 0."""
+    sampled = client.chat.completions.create(model="demo", messages=CHAT, max_tokens=16,
+                                             temperature=1)
+    seed = sampled.model_extra["seed"]
+    assert isinstance(seed, int)  # none given: the server picked it
+    assert history_row(live_server, sampled.id.removeprefix("chatcmpl-"))["parameters"][
+        "seed"] == seed
+    chunks = list(client.chat.completions.create(
+        model="demo", messages=CHAT, max_tokens=16, temperature=1, seed=seed, stream=True,
+        stream_options={"include_usage": True}))
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) \
+        == sampled.choices[0].message.content
+    assert chunks[-1].model_extra["seed"] == seed and chunks[-1].usage is not None
+    assert [chunk.model_extra.get("seed") for chunk in chunks if chunk.choices][-1] == seed
+    greedy = client.completions.create(model="demo", prompt="The sea", max_tokens=4,
+                                       temperature=0, seed=3)
+    assert greedy.model_extra["seed"] is None
+
+
 def test_text_completion_whole_and_streamed(client, live_server):
     whole = client.completions.create(model="demo", prompt="Once upon a time", max_tokens=16,
                                       temperature=0, stop=["\n\n"])

@@ -49,8 +49,8 @@ def test_the_playground_streams_an_answer_equal_to_the_api(control, client):
     playground = control.playground
     playground.model.value = "demo"
     playground.prompt.value = "Tell me about the sea."
-    playground.max_tokens.value = 16
-    playground.temperature.value = 0.0
+    playground.max_tokens.value = "16"
+    playground.temperature.value = "0"
     playground.generate.click()
     playground.wait(120)
     expected = client.generate(messages=[{"role": "user", "content": "Tell me about the sea."}],
@@ -62,12 +62,41 @@ def test_the_playground_streams_an_answer_equal_to_the_api(control, client):
     control.refresh()
     assert "Tell me about the sea." in control.history_tab.table.value
 
-    playground.temperature.value = 1.0  # sampled: the footer shows the seed it was made with
+    playground.temperature.value = "1.0"  # sampled: the footer shows the seed the server used
     playground.generate.click()
     playground.wait(120)
     seed = int(playground.footer.value.rsplit("· seed ", 1)[1])
     [row] = client.history(1)
     assert client.request(row["id"])["parameters"]["seed"] == seed
+    sampled = playground.answer.value
+    playground.seed.value = str(seed)  # that seed again: the same answer
+    playground.generate.click()
+    playground.wait(120)
+    assert playground.answer.value == sampled and f"· seed {seed}" in playground.footer.value
+    # The history shows the decode speed as stored, the one the footer showed.
+    stored = client.history(1)[0]["timings"]["tokens_per_second"]
+    assert f"{stored:.1f} tok/s" in playground.footer.value
+    control.refresh()
+    assert f"<td>{stored:.1f}</td>" in control.history_tab.table.value
+
+
+def test_the_playground_sends_only_what_is_filled_in(control, client):
+    playground = control.playground
+    playground.prompt.value = "The sea"
+    playground.max_tokens.value = "many"
+    playground.generate.click()
+    assert control.message.value == "max tokens must be a whole number from 1 to 32768, not 'many'"
+    before = client.settings()["default_max_tokens"]["value"]
+    client.set_setting("default_max_tokens", 3)
+    try:
+        playground.max_tokens.value = ""  # the server's default_max_tokens, and its model
+        playground.generate.click()
+        playground.wait(120)
+        [row] = client.history(1)
+        assert row["model"] == "demo" and row["completion_tokens"] <= 3
+        assert client.request(row["id"])["parameters"]["max_tokens"] == 3
+    finally:
+        client.set_setting("default_max_tokens", before)
 
 
 def test_stop_cancels_the_generation_on_the_server(control, client):
@@ -75,7 +104,7 @@ def test_stop_cancels_the_generation_on_the_server(control, client):
     pid = client.model("demo")["pid"]
     playground = control.playground
     playground.model.value, playground.prompt.value = "demo", "The sea"
-    playground.max_tokens.value = 4000
+    playground.max_tokens.value = "4000"
     os.kill(pid, signal.SIGSTOP)  # nothing is generated until the stop has happened
     try:
         playground.generate.click()

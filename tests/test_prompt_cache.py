@@ -35,11 +35,11 @@ def chat(question, *, system=None, max_tokens=40, stop=()):
 
 async def run(proxy, request_params):
     pieces, done = [], None
-    async for event in proxy.generate(uuid.uuid4().hex, request_params):
-        if event["event"] == "text":
-            pieces.append(event["text"])
-        elif event["event"] == "done":
-            done = event
+    async for message in proxy.generate(uuid.uuid4().hex, request_params):
+        if "text" in message:
+            pieces.append(message["text"])
+        else:
+            done = message
     assert done is not None and done["finish_reason"] in ("stop", "length")
     return "".join(pieces), done["usage"]
 

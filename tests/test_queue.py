@@ -9,7 +9,7 @@ import time
 import pytest
 from tornado.httpclient import HTTPClientError
 
-from mlx_jupyter.queue import Generation, InferenceQueue
+from mlx_jupyter.queue import Admission, Ticket
 
 BODY = {"model": "demo", "prompt": "The sea", "max_tokens": 4, "temperature": 0}
 
@@ -92,13 +92,34 @@ async def _queued_is(jp_fetch, count):
 
 
 async def test_waiting_raises_priority_so_low_priorities_never_starve():
-    queue = InferenceQueue(manager=None, store=None, aging_seconds=1.0)
-    old_low = Generation("old-low", "m", 0, queue, {}, _seq=0)
-    new_high = Generation("new-high", "m", 5, queue, {}, _seq=1)
-    new_low = Generation("new-low", "m", 0, queue, {}, _seq=2)
-    old_low._submitted -= 10  # waited ten aging periods: now above a fresh priority 5
-    queue._waiting["m"] = [new_low, new_high, old_low]
-    assert [g.id for g in queue._admission_order("m")] == ["old-low", "new-high", "new-low"]
+    admitted = []
+    admission = Admission(max_active_per_model=1, aging_seconds=1.0, on_admit=admitted.append)
+    running = Ticket("running", "m", 0)
+    admission.enqueue(running)  # takes the only place: the others wait
+    now = time.perf_counter()
+    # old-low waited ten aging periods: now above a fresh priority 5.
+    for ticket in [Ticket("new-low", "m", 0, submitted=now),
+                   Ticket("new-high", "m", 5, submitted=now),
+                   Ticket("old-low", "m", 0, submitted=now - 10)]:
+        admission.enqueue(ticket)
+    assert [t.id for t in admission.order("m")] == ["old-low", "new-high", "new-low"]
+    snapshot = admission.snapshot()["models"]["m"]
+    assert [r["request_id"] for r in snapshot["queued"]] == ["old-low", "new-high", "new-low"]
+    assert [r["position"] for r in snapshot["queued"]] == [1, 2, 3]
+    for expected in ["old-low", "new-high", "new-low"]:  # each end admits the next in order
+        admission.finished(admitted[-1])
+        assert admitted[-1].id == expected and await admitted[-1].admitted is True
+    assert admission.model_counts("m") == {"queued_requests": 0, "active_requests": 1}
+
+
+async def test_a_withdrawn_request_leaves_the_line_and_is_told_so():
+    admission = Admission(max_active_per_model=1, aging_seconds=30.0)
+    running, waiting = Ticket("running", "m", 0), Ticket("waiting", "m", 0)
+    admission.enqueue(running)
+    admission.enqueue(waiting)
+    assert admission.withdraw(waiting) and await waiting.admitted is False
+    assert not admission.withdraw(running)  # admitted already: cancelled in its worker instead
+    assert admission.queued_count() == 0
 
 
 async def test_requests_that_outlive_their_timeout_end_with_timeout(jp_fetch):

@@ -39,6 +39,7 @@ HISTORY_INDEXES = {
 }
 REVISION_0002_INDEXES = {"ix_requests_notebook_created", "ix_requests_status_created",
                          "ix_requests_created"}
+REVISION_0003_COLUMNS = {"queue_ms", "total_ms", "tokens_per_second", "prompt_tokens_per_second"}
 
 
 def request_indexes(engine: Engine) -> dict[str, list[str]]:
@@ -195,9 +196,9 @@ def test_upgrade_an_empty_database(database_url):
     engine = create_engine_for(database_url)
     try:
         assert current_revision(engine) is None
-        assert upgrade_to_head(engine) == head_revision() == "0002"
-        assert current_revision(engine) == "0002"
-        assert upgrade_to_head(engine) == "0002"  # again: nothing to do
+        assert upgrade_to_head(engine) == head_revision() == "0003"
+        assert current_revision(engine) == "0003"
+        assert upgrade_to_head(engine) == "0003"  # again: nothing to do
         assert set(HISTORY_INDEXES) | {QUEUE_INDEX[0]} <= set(request_indexes(engine))
     finally:
         engine.dispose()
@@ -217,7 +218,7 @@ def test_upgrade_from_the_first_revision_keeps_the_rows(database_url):
                 {"id": f"r{i}", "model_id": model_id, "notebook": "nb.ipynb", "priority": i,
                  "status": "completed", "prompt": f"prompt {i}", "parameters": {"seed": i},
                  "created_at": created.replace(second=i)} for i in range(3)])
-        assert upgrade_to_head(engine) == "0002"
+        assert upgrade_to_head(engine) == "0003"
         assert REVISION_0002_INDEXES <= set(request_indexes(engine))
     finally:
         engine.dispose()
@@ -230,6 +231,48 @@ def test_upgrade_from_the_first_revision_keeps_the_rows(database_url):
         assert [m["metadata"] for m in store.list_models()] == [{"v": 1}]
 
 
+def test_upgrade_to_0003_keeps_the_old_figures_and_times_finished_requests(database_url):
+    engine = create_engine_for(database_url)
+    created = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    try:
+        assert upgrade_to(engine, "0002") == "0002"
+        assert not REVISION_0003_COLUMNS & request_columns(engine)
+        with immediate(engine).begin() as connection:  # rows as a 0002 server wrote them
+            model_id = connection.scalar(insert(Model.__table__).values(
+                name="old", path="/models/old", source="configured", metadata={},
+                created_at=created, updated_at=created).returning(Model.__table__.c.id))
+            connection.execute(insert(Request.__table__), [
+                {"id": "done", "model_id": model_id, "status": "completed", "prompt": "p",
+                 "parameters": {}, "created_at": created, "ttft_ms": 40.5,
+                 "finished_at": created.replace(second=7, microsecond=250000)},
+                {"id": "waiting", "model_id": model_id, "status": "queued", "prompt": "p",
+                 "parameters": {}, "created_at": created, "ttft_ms": None,
+                 "finished_at": None}])
+        assert upgrade_to_head(engine) == "0003"
+        assert REVISION_0003_COLUMNS <= request_columns(engine)
+    finally:
+        engine.dispose()
+    with Store.open(database_url) as store:
+        # What was stored stays; the total comes from the row's own times (2.25 s); the
+        # figures no server stored stay unknown.
+        assert store.get_request("done")["timings"] == {
+            "queue_ms": None, "ttft_ms": 40.5, "total_ms": 2250.0, "tokens_per_second": None,
+            "prompt_tokens_per_second": None}
+        assert store.get_request("waiting")["timings"] is None
+    engine = create_engine_for(database_url)
+    try:
+        downgrade_to(engine, "0002")
+        assert not REVISION_0003_COLUMNS & request_columns(engine)
+        assert "ttft_ms" in request_columns(engine)
+        assert set(HISTORY_INDEXES) | {QUEUE_INDEX[0]} <= set(request_indexes(engine))
+    finally:
+        engine.dispose()
+
+
+def request_columns(engine: Engine) -> set[str]:
+    return {column["name"] for column in inspect(engine).get_columns("requests")}
+
+
 def test_downgrade_to_base_and_upgrade_again(database_url):
     engine = create_engine_for(database_url)
     try:
@@ -240,7 +283,7 @@ def test_downgrade_to_base_and_upgrade_again(database_url):
         downgrade_to(engine, "base")
         assert current_revision(engine) is None
         assert not {"models", "requests", "settings"} & set(inspect(engine).get_table_names())
-        assert upgrade_to_head(engine) == "0002"
+        assert upgrade_to_head(engine) == "0003"
     finally:
         engine.dispose()
 
@@ -265,7 +308,7 @@ def test_database_info(store):
     store.settings.set("default_max_tokens", 64)
     info = store.get_database_info()
     assert info["dialect"] == store.engine.dialect.name
-    assert info["schema_revision"] == info["schema_head"] == "0002"
+    assert info["schema_revision"] == info["schema_head"] == "0003"
     assert info["row_counts"] == {"models": 1, "requests": 3, "settings": 1}
     assert info["connection_pool_class"] == "QueuePool"
     assert info["connection_pool_size"] == 10

@@ -123,18 +123,23 @@ def test_add_get_and_update_a_request(store):
     assert store.add_request(record) == record.id and len(record.id) == 32
     got = store.get_request(record.id)
     assert got["model"] == "demo" and got["status"] == "queued" and got["priority"] == 5
+    assert got["timings"] is None  # not measured until it ends
     assert got["messages"] == [{"role": "user", "content": "Hi"}] and got["prompt"] is None
     assert got["parameters"] == {"max_tokens": 32, "temperature": 0.2, "stop": ["\n"]}
     assert got["created_at"] == at(0) and got["started_at"] is None
 
     assert store.update_request(record.id, status=RequestStatus.RUNNING, started_at=at(1))
+    figures = {"queue_ms": 0.125, "ttft_ms": 12.5, "total_ms": 40.1,
+               "tokens_per_second": 131.07, "prompt_tokens_per_second": 812.5}
     assert store.update_request(record.id, status="completed", finished_at=at(3),
                                 output_text="Hello!", finish_reason="stop", prompt_tokens=7,
-                                completion_tokens=3, ttft_ms=12.5)
+                                completion_tokens=3, **figures)
     got = store.get_request(record.id)
     assert (got["status"], got["started_at"], got["finished_at"], got["output_text"],
             got["finish_reason"], got["prompt_tokens"], got["completion_tokens"],
-            got["ttft_ms"]) == ("completed", at(1), at(3), "Hello!", "stop", 7, 3, 12.5)
+            got["timings"]) == ("completed", at(1), at(3), "Hello!", "stop", 7, 3, figures)
+    [row], _ = store.list_requests(model="demo")
+    assert row["timings"] == figures and "ttft_ms" not in row  # one object, as stored
 
     assert store.get_request("0" * 32) is None
     assert store.update_request("0" * 32, status="failed") is False

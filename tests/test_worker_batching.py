@@ -24,24 +24,26 @@ def params(question, *, max_tokens=48, temperature=0.0, top_p=1.0, seed=None, st
             "seed": seed, "stop": list(stop)}
 
 
-async def start_worker(max_batch_size=8):
+async def start_worker(max_batch_size=8, **options):
     worker = WorkerProxy("demo", DEMO, env=worker_environment(OPENBLAS),
-                         max_batch_size=max_batch_size)
+                         max_batch_size=max_batch_size, **options)
     await worker.start()
     return worker
 
 
 async def run(worker, request_params, *, request_id=None, on_event=None):
-    """One request: (its text, its done event)."""
+    """One request: (its text, its done message)."""
     request_id = request_id or uuid.uuid4().hex
     pieces, done = [], None
-    async for event in worker.generate(request_id, request_params):
+    async for message in worker.generate(request_id, request_params):
+        assert message["id"] == request_id
         if on_event is not None:
-            await on_event(request_id, event)
-        if event["event"] == "text":
-            pieces.append(event["text"])
-        elif event["event"] == "done":
-            done = event
+            await on_event(request_id, message)
+        if "text" in message:
+            pieces.append(message["text"])
+        else:
+            assert message["done"] is True
+            done = message
     assert done is not None
     return "".join(pieces), done
 
@@ -56,12 +58,14 @@ def check_done(done, finish_reasons=("stop", "length")):
     assert set(done["usage"]) == {"prompt_tokens", "completion_tokens", "cached_tokens"}
     assert 0 <= done["usage"]["cached_tokens"] < done["usage"]["prompt_tokens"]
     assert done["usage"]["prompt_tokens"] > 0
-    assert set(done["worker_timings"]) <= {"prompt_tokens_per_second", "tokens_per_second"}
+    assert set(done["timings"]) <= {"prompt_tokens_per_second", "tokens_per_second"}
+    if done["usage"]["completion_tokens"] > 1:  # a decode speed needs a token after the first
+        assert done["timings"]["tokens_per_second"] > 0
 
 
 @contextlib.asynccontextmanager
-async def demo_worker(max_batch_size=8):
-    proxy = await start_worker(max_batch_size)
+async def demo_worker(max_batch_size=8, **options):
+    proxy = await start_worker(max_batch_size, **options)
     try:
         yield proxy
     finally:
@@ -93,8 +97,8 @@ async def test_a_cancel_ends_only_its_request():
                         temperature=1.0, seed=7)
         cancelled = asyncio.Event()
 
-        async def cancel_after_first_text(request_id, event):
-            if event["event"] == "text" and not cancelled.is_set():
+        async def cancel_after_first_text(request_id, message):
+            if "text" in message and not cancelled.is_set():
                 cancelled.set()
                 await worker.cancel(request_id)
 
@@ -109,7 +113,8 @@ async def test_a_cancel_ends_only_its_request():
 
 
 async def test_cancelling_a_request_that_waits_for_a_slot():
-    async with demo_worker(max_batch_size=1) as worker:
+    # 100 KV positions: the first request (6 + 64) leaves no room for a second beside it.
+    async with demo_worker(max_batch_size=1, kv_reserve_tokens=100) as worker:
         first = asyncio.create_task(run(worker, params(QUESTIONS[0], max_tokens=64)))
         waiting = worker.generate("waiting", params(QUESTIONS[1]))
         # The generate command is written at once; the cancel follows it while the only slot
@@ -118,7 +123,7 @@ async def test_cancelling_a_request_that_waits_for_a_slot():
         await asyncio.sleep(0)
         await worker.cancel("waiting")
         event = await first_event
-        while event["event"] != "done":
+        while "done" not in event:
             event = await waiting.__anext__()
         await waiting.aclose()
         assert event["finish_reason"] == "cancelled"
@@ -159,22 +164,42 @@ async def test_a_seeded_request_is_reproducible_alone_and_in_a_batch():
         others = [params(q, max_tokens=40, temperature=1.0, seed=i)
                   for i, q in enumerate(QUESTIONS[:5])]
         batched = await asyncio.gather(run(worker, seeded), *(run(worker, p) for p in others),
-                                       run(worker, params(QUESTIONS[6], temperature=0.9)))
+                                       run(worker, params(QUESTIONS[6], temperature=0.9,
+                                                          seed=99)))
         assert batched[0][0] == first
         other_seed, _ = await run(worker, {**seeded, "seed": 4321})
-        _, unseeded_done = await run(worker, {**seeded, "seed": None})
-        check_done(unseeded_done)  # unseeded sampling runs; its output is not pinned
         assert other_seed != first or len(first) == 0
 
 
-async def test_requests_beyond_the_batch_size_wait_and_then_complete():
-    async with demo_worker(max_batch_size=2) as worker:
+async def test_the_worker_checks_the_resolved_parameters_and_supplies_none():
+    """The server resolves every parameter (defaults, the seed of a sampled request): a
+    command that lacks one, or has one out of range, fails alone with the parameter named."""
+    async with demo_worker() as worker:
+        good = params(QUESTIONS[0], max_tokens=8)
+        for broken, named in [({"seed": None, "temperature": 1.0}, "seed"),
+                              ({"top_p": None}, "top_p"), ({"max_tokens": 0}, "max_tokens"),
+                              ({"stop": [""]}, "stop"), ({"prompt": "Hi"}, "prompt")]:
+            try:
+                await run(worker, {**good, **broken})
+            except WorkerError as exc:
+                assert "invalid generate command" in str(exc) and named in str(exc)
+            else:
+                raise AssertionError(f"{broken} was not refused")
+        _, done = await run(worker, {**good, "seed": None})  # greedy: no seed needed
+        check_done(done)
+
+
+async def test_requests_beyond_the_kv_reservation_wait_and_then_complete():
+    # How many requests a worker holds is the server's queue's to cap (max_batch_size); the
+    # worker's own check is its KV reservation: 2 x 48 positions here, and each request needs
+    # its prompt (6 to 10 tokens) + 32, so only two fit the batch at once.
+    async with demo_worker(max_batch_size=2, kv_reserve_tokens=48) as worker:
         requests = [params(q, max_tokens=32) for q in QUESTIONS[:5]]
         alone = await solo_answers(worker, requests)
         log = []
 
-        async def record(request_id, event):  # the order the events arrive in
-            log.append((event["event"], request_id))
+        async def record(request_id, message):  # the order the messages arrive in
+            log.append(("text" if "text" in message else "done", request_id))
 
         ids = [f"r{i}" for i in range(len(requests))]
         together = await asyncio.gather(*(run(worker, p, request_id=i, on_event=record)
@@ -196,8 +221,9 @@ async def test_requests_beyond_the_batch_size_wait_and_then_complete():
 
 async def test_shutdown_ends_a_running_batch():
     worker = await start_worker()
-    tasks = [asyncio.create_task(run(worker, params(q, max_tokens=200, temperature=1.0)))
-             for q in QUESTIONS[:3]]
+    tasks = [asyncio.create_task(run(worker, params(q, max_tokens=200, temperature=1.0,
+                                                    seed=i)))
+             for i, q in enumerate(QUESTIONS[:3])]
     await asyncio.sleep(0.5)
     await worker.stop()
     assert not worker.alive

@@ -17,6 +17,7 @@ from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado.iostream import StreamClosedError
 
 from .._version import __version__
+from ..contracts.generation import DoneEvent, GenerationAnswer, TextEvent
 from ..errors import MlxJupyterError
 from ..queue import Generation
 from .openapi import operation
@@ -109,22 +110,22 @@ class StatusHandler(MlxHandler):
 
 
 class NdjsonRenderer:
-    """Our own answer shapes: one JSON object, or NDJSON events, the last with done: true."""
+    """Our own answer shapes (contracts.generation): a GenerationAnswer, or NDJSON events
+    (TextEvent, then a DoneEvent or an ErrorEvent: done: true)."""
 
     content_type = "application/x-ndjson"
 
     def bind(self, generation: Generation) -> None:
         pass  # events carry the request id themselves
 
-    def whole(self, result: dict[str, Any]) -> dict[str, Any]:
-        return result
+    def whole(self, result: GenerationAnswer) -> dict[str, Any]:
+        return result.model_dump(mode="json")
 
-    def event(self, event: dict[str, Any]) -> str:
-        return to_json(event) + "\n"
+    def event(self, event: TextEvent | DoneEvent) -> str:
+        return event.model_dump_json() + "\n"
 
     def error(self, generation: Generation, exc: MlxJupyterError) -> str:
-        return to_json({"done": True, "request_id": generation.id, "finish_reason": "error",
-                        "error": str(exc)}) + "\n"
+        return generation.failed(exc).model_dump_json() + "\n"
 
     def end(self) -> str:
         return ""

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .._version import __version__
+from ..contracts.generation import DoneEvent, GenerationAnswer, TextEvent, Usage
 from ..errors import MlxJupyterError
 from ..limits import (
     MAX_MESSAGES,
@@ -179,15 +180,17 @@ class CompletionRequest(_Completion):
 # -- answers ------------------------------------------------------------------------------
 
 
-def usage(counts: dict[str, int]) -> dict[str, Any]:
-    prompt, completion = counts.get("prompt_tokens", 0), counts.get("completion_tokens", 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": counts.get("cached_tokens", 0)}}
+def usage(counts: Usage) -> dict[str, Any]:
+    return {"prompt_tokens": counts.prompt_tokens, "completion_tokens": counts.completion_tokens,
+            "total_tokens": counts.prompt_tokens + counts.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": counts.cached_tokens}}
 
 
 class _Renderer:
-    """Answers of one request, whole or as server-sent events ending with [DONE]."""
+    """Answers of one request, whole or as server-sent events ending with [DONE].
+
+    `seed` is our extension: the seed sampling used (the server picks one when the request
+    gives none; null at temperature 0), in the whole answer and in the chunks that end it."""
 
     content_type = "text/event-stream"
     object_name = ""
@@ -206,20 +209,20 @@ class _Renderer:
     def choice(self, text: str | None, finish_reason: str | None, *, whole: bool) -> dict:
         raise NotImplementedError
 
-    def whole(self, result: dict[str, Any]) -> dict[str, Any]:
-        return {**self._head(result["request_id"], result["model"], chunk=False),
-                "choices": [self.choice(result["text"], result["finish_reason"], whole=True)],
-                "usage": usage(result["usage"])}
+    def whole(self, result: GenerationAnswer) -> dict[str, Any]:
+        return {**self._head(result.request_id, result.model, chunk=False),
+                "choices": [self.choice(result.text, result.finish_reason, whole=True)],
+                "usage": usage(result.usage), "seed": result.seed}
 
-    def event(self, event: dict[str, Any]) -> str:
+    def event(self, event: TextEvent | DoneEvent) -> str:
         head = self._head(self.request_id, self.model)
-        if "text" in event:
-            return self._sse({**head, "choices": [self.choice(event["text"], None,
-                                                               whole=False)]})
-        out = self._sse({**head, "choices": [self.choice(None, event["finish_reason"],
-                                                          whole=False)]})
+        if isinstance(event, TextEvent):
+            return self._sse({**head, "choices": [self.choice(event.text, None, whole=False)]})
+        out = self._sse({**head, "choices": [self.choice(None, event.finish_reason,
+                                                          whole=False)], "seed": event.seed})
         if self.include_usage:  # OpenAI's last chunk: no choices, the usage
-            out += self._sse({**head, "choices": [], "usage": usage(event["usage"])})
+            out += self._sse({**head, "choices": [], "usage": usage(event.usage),
+                              "seed": event.seed})
         return out
 
     def error(self, generation: Any, exc: MlxJupyterError) -> str:

@@ -1,13 +1,26 @@
 """What a generation answers: whole (`GenerationAnswer`), or streamed as `TextEvent`s then one
-`DoneEvent` (NDJSON on mlx/api/generate). The same figures are stored with the request."""
+`DoneEvent` (NDJSON on mlx/api/generate), or an `ErrorEvent` where it failed after its status
+line was sent. The model worker speaks the same vocabulary (`engine.protocol`): a piece of text
+is {"text"}, the end is {"done": true, "finish_reason", ...}. The same figures are stored with
+the request, and the history shows them as stored."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..limits import MAX_SEED
+
+# How an answer ended; "timeout": its `timeout` passed first (it was cancelled then).
+Ending = Literal["stop", "length", "cancelled", "timeout"]
+# What the history records: an answer's ending, or "error" for a request that failed.
 FinishReason = Literal["stop", "length", "cancelled", "timeout", "error"]
+
+Seed = Annotated[int | None, Field(
+    ge=0, le=MAX_SEED, description="the seed sampling used (the server picks one when the "
+                                   "request gives none); null for greedy decoding "
+                                   "(temperature 0)")]
 
 
 class Answer(BaseModel):
@@ -23,12 +36,17 @@ class Usage(Answer):
 class Timings(Answer):
     """Per-request figures, computed once by the server and stored with the request."""
 
-    queue_ms: float | None = Field(None, description="waiting in the queue, submit to admission")
-    ttft_ms: float | None = Field(None, description="submit to the first text")
+    queue_ms: float | None = Field(
+        None, description="waiting in the queue, submit to admission; null if never admitted")
+    ttft_ms: float | None = Field(
+        None, description="submit to the first text; null if no text came")
     total_ms: float = Field(description="submit to the end")
-    tokens_per_second: float | None = Field(None, description="decode speed, first token to end")
+    tokens_per_second: float | None = Field(
+        None, description="decode speed: the tokens after the first, over the time after it "
+                          "(measured in the worker); null with fewer than two tokens")
     prompt_tokens_per_second: float | None = Field(
-        None, description="prefill speed over the prompt tokens not taken from the cache")
+        None, description="prefill speed over the prompt tokens not taken from the cache "
+                          "(admission to the first token); null if no token came")
 
 
 class TextEvent(Answer):
@@ -39,19 +57,27 @@ class DoneEvent(Answer):
     done: Literal[True] = True
     request_id: str
     model: str
-    finish_reason: FinishReason
+    finish_reason: Ending
     usage: Usage
     timings: Timings
-    seed: int | None = Field(description="the seed sampling used (the server picks one when "
-                                         "none is given); null for greedy decoding")
-    error: str | None = None
+    seed: Seed
+
+
+class ErrorEvent(Answer):
+    """The last event of a stream whose generation failed (its status line was already 200)."""
+
+    done: Literal[True] = True
+    request_id: str
+    model: str
+    finish_reason: Literal["error"] = "error"
+    error: str
 
 
 class GenerationAnswer(Answer):
     request_id: str
     model: str
     text: str
-    finish_reason: FinishReason
+    finish_reason: Ending
     usage: Usage
     timings: Timings
-    seed: int | None
+    seed: Seed

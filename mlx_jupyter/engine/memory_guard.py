@@ -22,28 +22,15 @@ import ctypes
 import ctypes.util
 import sys
 import time
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import mlx.core as mx
 import psutil
 
+from .protocol import MemoryEvent, MemoryReport, TrimEvent, WorkerEvent
+
 # A report goes out at most this often while requests finish (a trim always reports at once).
 REPORT_INTERVAL_SECONDS = 0.5
-
-
-@dataclass(frozen=True)
-class LiveMemory:
-    rss_bytes: int
-    mlx_active_bytes: int
-    mlx_cache_bytes: int
-    mlx_peak_bytes: int
-    prompt_cache_bytes: int  # the prompt cache's own count of the bytes its entries hold
-    prompt_cache_entries: int
-    live_bytes: int  # what is compared with the estimate
-
-    def to_event(self) -> dict[str, Any]:
-        return {"event": "memory", **asdict(self)}
 
 
 def _buffers_outside_rss() -> bool:
@@ -79,26 +66,26 @@ class MemoryGuard:
         if mlx_cache_limit_bytes is not None:
             mx.set_cache_limit(mlx_cache_limit_bytes)
 
-    def measure(self) -> LiveMemory:
+    def measure(self) -> MemoryReport:
         rss = self._process.memory_info().rss
         active, cache = mx.get_active_memory(), mx.get_cache_memory()
         prompt_cache = self.prompt_cache
-        return LiveMemory(
+        return MemoryReport(
             rss_bytes=rss, mlx_active_bytes=active, mlx_cache_bytes=cache,
             mlx_peak_bytes=mx.get_peak_memory(),
             prompt_cache_bytes=prompt_cache.nbytes if prompt_cache is not None else 0,
             prompt_cache_entries=len(prompt_cache) if prompt_cache is not None else 0,
             live_bytes=rss + (active + cache if self._outside_rss else 0))
 
-    def check(self, *, force_report: bool = False) -> list[dict[str, Any]]:
+    def check(self, *, force_report: bool = False) -> list[WorkerEvent]:
         """The events to send now: a trim (when over the limit even after giving back free
         memory), and a memory report (at most every REPORT_INTERVAL_SECONDS, unless forced).
         Memory is given back at most that often too: a worker counted for too little would
         otherwise empty its caches after every request."""
-        events: list[dict[str, Any]] = []
+        events: list[WorkerEvent] = []
         now = self._clock()
         live = self.measure()
-        if (self.limit_bytes and live.live_bytes > self.limit_bytes
+        if (self.limit_bytes and live["live_bytes"] > self.limit_bytes
                 and now - self._last_release >= REPORT_INTERVAL_SECONDS):
             self._last_release = now
             trim, live = self._give_back(live)
@@ -107,27 +94,29 @@ class MemoryGuard:
                 force_report = True
         if force_report or now - self._last_report >= REPORT_INTERVAL_SECONDS:
             self._last_report = now
-            events.append(live.to_event())
+            events.append(MemoryEvent(event="memory", **live))
         return events
 
-    def _release_free_memory(self) -> LiveMemory:
+    def _release_free_memory(self) -> MemoryReport:
         """Hands back what holds no data: MLX's buffer cache and the allocator's free pages."""
         mx.clear_cache()
         if self._malloc_trim is not None:
             self._malloc_trim(0)
         return self.measure()
 
-    def _give_back(self, before: LiveMemory) -> tuple[dict[str, Any] | None, LiveMemory]:
+    def _give_back(self, before: MemoryReport) -> tuple[TrimEvent | None, MemoryReport]:
         """Free memory first; then, if still over, the least recently used prompt-cache
         entries worth the excess. A trim event only when entries had to go."""
         after = self._release_free_memory()
-        excess = after.live_bytes - self.limit_bytes
-        if excess <= 0 or self.prompt_cache is None or not after.prompt_cache_entries:
+        excess = after["live_bytes"] - self.limit_bytes
+        if excess <= 0 or self.prompt_cache is None or not after["prompt_cache_entries"]:
             return None, after
-        self.prompt_cache.trim_to(n_bytes=max(0, after.prompt_cache_bytes - excess))
+        self.prompt_cache.trim_to(n_bytes=max(0, after["prompt_cache_bytes"] - excess))
         after = self._release_free_memory()
-        return ({"event": "trim", "limit_bytes": self.limit_bytes,
-                 "live_bytes_before": before.live_bytes, "live_bytes_after": after.live_bytes,
-                 "prompt_cache_bytes_freed": before.prompt_cache_bytes - after.prompt_cache_bytes,
-                 "prompt_cache_entries_freed": (before.prompt_cache_entries
-                                                - after.prompt_cache_entries)}, after)
+        return (TrimEvent(event="trim", limit_bytes=self.limit_bytes,
+                          live_bytes_before=before["live_bytes"],
+                          live_bytes_after=after["live_bytes"],
+                          prompt_cache_bytes_freed=(before["prompt_cache_bytes"]
+                                                    - after["prompt_cache_bytes"]),
+                          prompt_cache_entries_freed=(before["prompt_cache_entries"]
+                                                      - after["prompt_cache_entries"])), after)

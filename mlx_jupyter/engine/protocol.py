@@ -1,48 +1,233 @@
-"""The wire format between the server and a model worker: one JSON object per line.
+"""The messages between the server and a model worker, typed: one JSON object per line.
 
-Server -> worker (stdin):
-    {"op": "generate", "id": str, "prompt": str | null, "messages": [...] | null,
-     "max_tokens": int, "temperature": float, "top_p": float, "seed": int | null, "stop": [str]}
-    {"op": "cancel", "id": str}
-    {"op": "shutdown"}
+Server -> worker (stdin): commands, each naming its "op".
 
-Worker -> server (the protocol pipe, the worker's original stdout):
-    {"event": "ready", "pid": int, "load_ms": float}
-    {"event": "fatal", "message": str}                      model could not be loaded; worker exits
-    {"event": "text", "id": str, "text": str}               the next piece of a request's output
-    {"event": "done", "id": str, "finish_reason": str, "usage": {...}, "worker_timings": {...}}
-    {"event": "error", "id": str, "message": str, "kind"?: "invalid_request"}
-                                                            one request failed (or, with kind,
-                                                            was refused); the worker goes on
-    {"event": "memory", "rss_bytes": int, "mlx_active_bytes": int, "mlx_cache_bytes": int,
-     "mlx_peak_bytes": int, "prompt_cache_bytes": int, "prompt_cache_entries": int,
-     "live_bytes": int}                                     live memory, after requests end
-    {"event": "trim", "limit_bytes": int, "live_bytes_before": int, "live_bytes_after": int,
-     "prompt_cache_bytes_freed": int, "prompt_cache_entries_freed": int}
-                                                            live memory passed the estimate
+    GenerateCommand   {"op": "generate", "id", "prompt" | "messages", "max_tokens", "temperature",
+                       "top_p", "seed", "stop"}: every parameter resolved by the server (its
+                       defaults, its seed); the worker checks them (`check_generate`) and
+                       applies none of its own
+    CancelCommand     {"op": "cancel", "id"}
+    ShutdownCommand   {"op": "shutdown"}
 
-A generate command the worker cannot hold is answered at once by an error of kind
-invalid_request; otherwise by its text, then "done".
+Worker -> server (the protocol pipe, the worker's original stdout), two families:
+
+- About one request: the message carries its "id", and otherwise speaks the vocabulary of the
+  answers the HTTP clients get (`contracts.generation`): a piece of text is {"text"}, the end is
+  {"done": true, "finish_reason", ...}.
+
+    TextMessage       {"id", "text"}                       the next piece of its output
+    DoneMessage       {"id", "done": true, "finish_reason": "stop" | "length" | "cancelled",
+                       "usage", "timings"}                 its end; timings are the worker's own
+                                                           measurements (decode and prefill speed)
+    ErrorMessage      {"id", "done": true, "finish_reason": "error", "error", "refused"}
+                                                           it failed; refused: it cannot run here
+                                                           as asked (the client's to fix), e.g.
+                                                           its KV cache cannot fit
+
+  A generate command is answered by its text and then one DoneMessage, or by one ErrorMessage.
+
+- About the worker itself: the message names its "event".
+
+    ReadyEvent        {"event": "ready", "pid", "load_ms"}
+    FatalEvent        {"event": "fatal", "message"}        the model could not load; it exits
+    MemoryEvent       {"event": "memory", ...MemoryReport} live memory, after requests end
+    TrimEvent         {"event": "trim", ...}               live memory passed the estimate and
+                                                           the prompt cache was trimmed
+
+The worker imports this module: typing and json only, nothing of the server.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal, TypedDict, Union, cast
 
-# The kind of an error event for a request that cannot run here as asked (the client's to fix).
-INVALID_REQUEST = "invalid_request"
+from ..limits import MAX_SEED, MAX_TEMPERATURE, MAX_TOKENS
 
 # Lines can carry a whole prompt; asyncio's 64 KiB default line limit is too small for that.
 MAX_LINE_BYTES = 64 * 1024 * 1024
 
+# -- server -> worker -----------------------------------------------------------------------------
 
-def encode(message: dict[str, Any]) -> bytes:
+
+class ChatMessage(TypedDict):
+    role: str
+    content: str
+
+
+class GenerationParams(TypedDict):
+    """What a request generates with, every field resolved by the server."""
+
+    prompt: str | None
+    messages: list[ChatMessage] | None  # exactly one of prompt and messages
+    max_tokens: int
+    temperature: float  # 0: greedy
+    top_p: float
+    seed: int | None  # the sampling seed: given when temperature > 0, None when greedy
+    stop: list[str]
+
+
+class GenerateCommand(GenerationParams):
+    op: Literal["generate"]
+    id: str
+
+
+class CancelCommand(TypedDict):
+    op: Literal["cancel"]
+    id: str
+
+
+class ShutdownCommand(TypedDict):
+    op: Literal["shutdown"]
+
+
+Command = Union[GenerateCommand, CancelCommand, ShutdownCommand]
+
+# -- worker -> server: about one request ---------------------------------------------------------
+
+
+class Usage(TypedDict):
+    """contracts.generation.Usage"""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int  # prompt tokens taken from the prompt cache
+
+
+class WorkerTimings(TypedDict, total=False):
+    """The worker's part of contracts.generation.Timings; absent before a first token."""
+
+    tokens_per_second: float  # decode, first token to the end
+    prompt_tokens_per_second: float  # prefill, over the prompt tokens not taken from the cache
+
+
+class TextMessage(TypedDict):
+    id: str
+    text: str
+
+
+# How a request the worker ran to its end ended (the server turns a cancel past its timeout
+# into "timeout").
+Ending = Literal["stop", "length", "cancelled"]
+
+
+class DoneMessage(TypedDict):
+    id: str
+    done: Literal[True]
+    finish_reason: Ending
+    usage: Usage
+    timings: WorkerTimings
+
+
+class ErrorMessage(TypedDict):
+    id: str
+    done: Literal[True]
+    finish_reason: Literal["error"]
+    error: str
+    refused: bool  # the request cannot run here as asked: the client's to fix
+
+
+RequestMessage = Union[TextMessage, DoneMessage, ErrorMessage]
+
+# -- worker -> server: about the worker -----------------------------------------------------------
+
+
+class ReadyEvent(TypedDict):
+    event: Literal["ready"]
+    pid: int
+    load_ms: float
+
+
+class FatalEvent(TypedDict):
+    event: Literal["fatal"]
+    message: str
+
+
+class MemoryReport(TypedDict):
+    rss_bytes: int
+    mlx_active_bytes: int
+    mlx_cache_bytes: int
+    mlx_peak_bytes: int
+    prompt_cache_bytes: int  # the prompt cache's own count of the bytes its entries hold
+    prompt_cache_entries: int
+    live_bytes: int  # what is compared with the estimate
+
+
+class MemoryEvent(MemoryReport):
+    event: Literal["memory"]
+
+
+class TrimEvent(TypedDict):
+    event: Literal["trim"]
+    limit_bytes: int
+    live_bytes_before: int
+    live_bytes_after: int
+    prompt_cache_bytes_freed: int
+    prompt_cache_entries_freed: int
+
+
+WorkerEvent = Union[ReadyEvent, FatalEvent, MemoryEvent, TrimEvent]
+Message = Union[RequestMessage, WorkerEvent]
+
+
+def memory_report(event: MemoryEvent) -> MemoryReport:
+    return cast(MemoryReport, {key: value for key, value in event.items() if key != "event"})
+
+
+# -- the wire ------------------------------------------------------------------------------------
+
+
+def encode(message: Command | Message) -> bytes:
     return (json.dumps(message, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
 
 
-def decode(line: bytes | str) -> dict[str, Any]:
+def _object(line: bytes | str) -> dict[str, Any]:
     message = json.loads(line)
     if not isinstance(message, dict):
         raise ValueError(f"protocol message is not an object: {line!r:.200}")
     return message
+
+
+def decode_command(line: bytes | str) -> Command:
+    """A command from the server; ValueError for a line that is not one. A generate command's
+    parameters are checked where it is accepted (`check_generate`), so that its failure is
+    answered to its request."""
+    command = _object(line)
+    op = command.get("op")
+    if op not in ("generate", "cancel", "shutdown"):
+        raise ValueError(f"unknown op {op!r}")
+    if op != "shutdown" and not isinstance(command.get("id"), str):
+        raise ValueError(f"a {op} command needs a string id")
+    return cast(Command, command)
+
+
+def decode_message(line: bytes | str) -> Message:
+    """A message from a worker; ValueError for a line that is neither family's."""
+    message = _object(line)
+    if not isinstance(message.get("id"), str) and message.get("event") not in (
+            "ready", "fatal", "memory", "trim"):
+        raise ValueError(f"neither a request's message nor a worker event: {line!r:.200}")
+    return cast(Message, message)
+
+
+def check_generate(command: GenerateCommand) -> None:
+    """Raises ValueError naming the first parameter of a generate command that is missing or
+    out of range. The server resolved every one; a failure here is a bug on its side."""
+    def number(name: str, kind: type | tuple[type, ...], low: float, high: float,
+               *, low_open: bool = False) -> None:
+        value = command.get(name)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ValueError(f"{name} must be a number, not {value!r}")
+        if value > high or value < low or (low_open and value == low):
+            raise ValueError(f"{name} {value!r} is out of range")
+
+    if (command.get("prompt") is None) == (command.get("messages") is None):
+        raise ValueError("give exactly one of prompt and messages")
+    number("max_tokens", int, 1, MAX_TOKENS)
+    number("temperature", (int, float), 0.0, MAX_TEMPERATURE)
+    number("top_p", (int, float), 0.0, 1.0, low_open=True)
+    if command.get("seed") is not None or command["temperature"] > 0:
+        number("seed", int, 0, MAX_SEED)  # sampling needs its seed: the server picks one
+    stop = command.get("stop")
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise ValueError(f"stop must be a list of non-empty strings, not {stop!r}")

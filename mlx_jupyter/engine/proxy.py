@@ -1,9 +1,9 @@
 """The server's asynchronous handle on one model worker process.
 
 Never blocks the event loop: the worker is an asyncio subprocess, commands are written to its
-stdin and a reader task routes its events to per-request queues. When the process ends, the
-reader sees EOF at once and fails every open request with a `WorkerError` carrying the exit
-status and the last lines the worker wrote to stderr. The worker's memory reports are kept as
+stdin and a reader task routes its messages (`protocol`) to per-request queues. When the
+process ends, the reader sees EOF at once and fails every open request with a `WorkerError`
+carrying the exit status and the last lines the worker wrote to stderr. The worker's memory reports are kept as
 `memory` (the latest) and its trims are passed to `on_trim`.
 """
 
@@ -17,11 +17,28 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import cast
 
 from ..errors import InvalidRequest, WorkerError
 from ..limits import DEFAULT_KV_RESERVE_TOKENS, DEFAULT_MAX_BATCH_SIZE, DEFAULT_PROMPT_CACHE_BYTES
-from .protocol import INVALID_REQUEST, MAX_LINE_BYTES, decode, encode
+from .protocol import (
+    MAX_LINE_BYTES,
+    CancelCommand,
+    Command,
+    DoneMessage,
+    ErrorMessage,
+    GenerateCommand,
+    GenerationParams,
+    MemoryReport,
+    Message,
+    ReadyEvent,
+    RequestMessage,
+    ShutdownCommand,
+    TextMessage,
+    decode_message,
+    encode,
+    memory_report,
+)
 
 log = logging.getLogger(__name__)
 worker_log = logging.getLogger("mlx_jupyter.engine.worker")
@@ -55,15 +72,14 @@ class WorkerProxy:
                          "--mlx-cache-limit-bytes": mlx_cache_limit_bytes}
         self._on_exit = on_exit  # told when the process ends unasked (a crash, a kill)
         self._on_trim = on_trim
-        # The worker's latest memory report (a protocol "memory" event, less its name).
-        self.memory: dict[str, Any] | None = None
+        self.memory: MemoryReport | None = None  # the worker's latest report
         self.model_path = model_path
         self._env = env
         self._start_timeout = start_timeout
         self._stop_timeout = stop_timeout
         self._process: asyncio.subprocess.Process | None = None
-        self._ready: asyncio.Future[dict[str, Any]] | None = None
-        self._requests: dict[str, asyncio.Queue[dict[str, Any] | WorkerError]] = {}
+        self._ready: asyncio.Future[ReadyEvent] | None = None
+        self._requests: dict[str, asyncio.Queue[RequestMessage | WorkerError]] = {}
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -112,7 +128,7 @@ class WorkerProxy:
             await self.stop()
             raise
         self.started_at = time.time()
-        self.load_ms = ready.get("load_ms")
+        self.load_ms = ready["load_ms"]
         log.info("model %s ready in worker pid %s after %.1f s", self.model_name,
                  self._process.pid, time.monotonic() - started)
 
@@ -124,7 +140,7 @@ class WorkerProxy:
         self._stopping = True
         if process.returncode is None:
             try:
-                process.stdin.write(encode({"op": "shutdown"}))
+                process.stdin.write(encode(ShutdownCommand(op="shutdown")))
                 await process.stdin.drain()
                 process.stdin.close()
             except (BrokenPipeError, ConnectionResetError):
@@ -141,33 +157,35 @@ class WorkerProxy:
 
     # -- requests -------------------------------------------------------------------------
 
-    async def generate(self, request_id: str, params: dict[str, Any]
-                       ) -> AsyncIterator[dict[str, Any]]:
-        """Yields the worker's events for one request: its text, ending with its "done" event.
-        A request the worker refuses raises InvalidRequest before any event; one that fails
+    async def generate(self, request_id: str, params: GenerationParams
+                       ) -> AsyncIterator[TextMessage | DoneMessage]:
+        """Yields the worker's messages for one request: its text, then its DoneMessage.
+        A request the worker refuses raises InvalidRequest before any message; one that fails
         raises WorkerError.
 
         Leaving the iteration early (a client that went away) cancels the request in the worker.
         """
-        events: asyncio.Queue[dict[str, Any] | WorkerError] = asyncio.Queue()
-        self._requests[request_id] = events
+        messages: asyncio.Queue[RequestMessage | WorkerError] = asyncio.Queue()
+        self._requests[request_id] = messages
         finished = False
         try:
-            await self._send({"op": "generate", "id": request_id, **params})
+            await self._send(GenerateCommand(op="generate", id=request_id, **params))
             while True:
-                event = await events.get()
-                if isinstance(event, WorkerError):
-                    raise event
-                if event["event"] == "error":
-                    finished = True  # the worker has forgotten it: nothing to cancel
-                    if event.get("kind") == INVALID_REQUEST:
-                        raise InvalidRequest(str(event.get("message")))
+                message = await messages.get()
+                if isinstance(message, WorkerError):
+                    raise message
+                if "text" in message:
+                    yield cast(TextMessage, message)
+                    continue
+                finished = True  # done or failed: the worker has forgotten it
+                if message["finish_reason"] == "error":
+                    error = cast(ErrorMessage, message)
+                    if error["refused"]:
+                        raise InvalidRequest(error["error"])
                     raise WorkerError(f"generation failed in model {self.model_name!r}: "
-                                      f"{event.get('message')}")
-                finished = event["event"] == "done"
-                yield event
-                if finished:
-                    return
+                                      f"{error['error']}")
+                yield cast(DoneMessage, message)
+                return
         finally:
             self._requests.pop(request_id, None)
             if not finished and self.alive:
@@ -175,11 +193,11 @@ class WorkerProxy:
 
     async def cancel(self, request_id: str) -> None:
         try:
-            await self._send({"op": "cancel", "id": request_id})
+            await self._send(CancelCommand(op="cancel", id=request_id))
         except WorkerError:
             pass  # a dead worker has nothing left to cancel
 
-    async def _send(self, message: dict[str, Any]) -> None:
+    async def _send(self, message: Command) -> None:
         if not self.alive:
             raise self._death_error()
         try:
@@ -194,7 +212,7 @@ class WorkerProxy:
         stdout = self._process.stdout
         while line := await stdout.readline():
             try:
-                self._dispatch(decode(line))
+                self._dispatch(decode_message(line))
             except ValueError:
                 log.warning("worker %s sent a malformed line: %r", self.model_name, line[:200])
         # EOF: the process is gone (or going). Wait for its status so the error can say why.
@@ -209,17 +227,21 @@ class WorkerProxy:
             if self._on_exit is not None:
                 self._on_exit(self)
 
-    def _dispatch(self, event: dict[str, Any]) -> None:
-        kind = event.get("event")
+    def _dispatch(self, event: Message) -> None:
+        if "id" in event:  # about one request
+            if (messages := self._requests.get(event["id"])) is not None:
+                messages.put_nowait(event)
+            return
+        kind = event["event"]
         if kind == "ready":
             if not self._ready.done():
                 self._ready.set_result(event)
         elif kind == "fatal":
             if not self._ready.done():
                 self._ready.set_exception(WorkerError(
-                    f"model {self.model_name!r} failed to load: {event.get('message')}"))
+                    f"model {self.model_name!r} failed to load: {event['message']}"))
         elif kind == "memory":
-            self.memory = {key: value for key, value in event.items() if key != "event"}
+            self.memory = memory_report(event)
         elif kind == "trim":
             log.warning("model %s: worker pid %s held %d bytes, past its estimate of %d; "
                         "trimmed %d prompt cache entries (%d bytes), now %d bytes",
@@ -228,8 +250,6 @@ class WorkerProxy:
                         event["prompt_cache_bytes_freed"], event["live_bytes_after"])
             if self._on_trim is not None:
                 self._on_trim(self)
-        elif (events := self._requests.get(str(event.get("id")))) is not None:
-            events.put_nowait(event)
 
     async def _read_stderr(self) -> None:
         while line := await self._process.stderr.readline():

@@ -3,8 +3,10 @@
 Started by the server as
 ``python -m mlx_jupyter.engine.worker MODEL_PATH [--max-batch-size N] [--prompt-cache-bytes N] ...``
 (``--help`` lists the options).
-Commands arrive as JSON lines on stdin (see `protocol`); events leave on the process's original
-stdout. fd 1 is then pointed at stderr, so a library that prints cannot corrupt the protocol.
+Commands arrive as JSON lines on stdin; messages leave on the process's original stdout (see
+`protocol`, which types both). fd 1 is then pointed at stderr, so a library that prints cannot
+corrupt the protocol. A generate command carries every parameter resolved by the server (its
+defaults, its seed): the worker checks them and applies none of its own.
 
 Threads: a reader thread only parses commands and queues them; every MLX computation runs on
 the main thread (MLX streams are thread-local).
@@ -12,27 +14,29 @@ the main thread (MLX streams are thread-local).
 Continuous batching: the main thread runs one `mlx_lm.generate.BatchGenerator` (the
 `batching.JoiningBatchGenerator` variant, whose joiners share the batch's next decode step
 instead of paying a forward pass of their own). Requests that arrive while others are
-generating join the running batch between two decode steps, up to ``--max-batch-size``
-(default 8) at once; the rest wait in arrival order and are admitted as slots free up. Each
-request keeps its own max_tokens, sampler, streaming detokenizer and `StopMatcher`. A cancel
+generating join the running batch between two decode steps. How many a worker holds at once is
+the server's to decide: its queue admits at most ``--max-batch-size`` requests per model (the
+same figure sizes the batch and the KV reservation here); the worker itself only checks that
+the KV reservation holds them (below). Each request keeps its own max_tokens, sampler,
+streaming detokenizer and `StopMatcher`. A cancel
 is handled between two decode steps and removes only its request; shutdown ends every request
 (as "cancelled") at the next step. When no request is active the main thread blocks on the
 command queue; while generating it drains the queue without blocking.
 
 Sampling: temperature 0 is argmax. Otherwise each request samples with its own PRNG key chain,
-started from its seed (or from a fresh random seed when it has none), so a request's random
-draws never depend on which other requests share the batch. Same seed, same parameters and same
-prompt therefore give the same text, alone or batched, up to floating-point differences in the
-logits caused by the batch's composition (which can only change a token at a near tie; the same
-caveat applies to temperature 0).
+started from its seed (the server picks one for a request that gives none), so a request's
+random draws never depend on which other requests share the batch. Same seed, same parameters
+and same prompt therefore give the same text, alone or batched, up to floating-point
+differences in the logits caused by the batch's composition (which can only change a token at
+a near tie; the same caveat applies to temperature 0).
 
 Prompt cache: the KV cache of every request that finishes on its own ("stop" or "length",
 including a stop string) is kept in mlx-lm's `LRUPromptCache`, keyed by the tokens it holds
 (the prompt and the completion). A new request starts from a copy of the cached state for the
 longest prefix of its prompt (a longer cached sequence is trimmed back to the shared prefix where
-the cache type allows) and only the rest of its prompt is prefilled; its ``done`` usage reports
-that prefix as ``cached_tokens``. At least the last prompt token is always computed afresh, as
-its logits give the first completion token. The stored caches together hold at most
+the cache type allows) and only the rest of its prompt is prefilled; its done message's
+usage reports that prefix as ``cached_tokens``. At least the last prompt token is always
+computed afresh, as its logits give the first completion token. The stored caches together hold at most
 ``--prompt-cache-bytes`` (default 256 MiB; 0 turns the cache off): least recently stored
 entries are evicted first. An entry is evaluated when it is stored, so it owns exactly the bytes
 it counts: a lazy slice of the batch's KV buffer would keep the whole buffer alive.
@@ -55,7 +59,6 @@ import argparse
 import collections
 import os
 import queue
-import random
 import sys
 import threading
 import time
@@ -70,12 +73,25 @@ from ..limits import (
     kv_capacity,
     kv_refusal,
 )
-from .protocol import INVALID_REQUEST, decode, encode
+from .protocol import (
+    CancelCommand,
+    DoneMessage,
+    Ending,
+    ErrorMessage,
+    FatalEvent,
+    GenerateCommand,
+    Message,
+    ReadyEvent,
+    TextMessage,
+    WorkerTimings,
+    check_generate,
+    decode_command,
+    encode,
+)
 from .stops import StopMatcher
 
 _PROMPT_CACHE_ENTRIES = 1 << 30  # entries are bounded by bytes, not by count
 
-_SHUTDOWN = object()
 
 
 def _argmax_sampler(logprobs):
@@ -91,12 +107,12 @@ class _SeededSampler:
     whenever the batch's samplers differ, so each request draws from its own key sequence.
     """
 
-    def __init__(self, temperature: float, top_p: float, seed: int | None):
+    def __init__(self, temperature: float, top_p: float, seed: int):
         import mlx.core as mx
 
         self._inverse_temperature = 1.0 / temperature
         self._top_p = top_p
-        self._key = mx.random.key(random.getrandbits(63) if seed is None else int(seed))
+        self._key = mx.random.key(seed)
 
     def __call__(self, logprobs):
         import mlx.core as mx
@@ -109,16 +125,18 @@ class _SeededSampler:
         return mx.random.categorical(logprobs * self._inverse_temperature, key=keys[1])
 
 
-def make_sampler(temperature: float, top_p: float, seed: int | None):
-    if temperature <= 0.0:
+def make_sampler(command: GenerateCommand):
+    if command["temperature"] <= 0.0:
         return _argmax_sampler  # shared, so an all-greedy batch samples in one call
-    return _SeededSampler(temperature, top_p, seed)
+    seed = command["seed"]
+    assert seed is not None, "check_generate lets no sampled command without a seed through"
+    return _SeededSampler(float(command["temperature"]), float(command["top_p"]), seed)
 
 
 @dataclass
 class _Request:
     id: str
-    command: dict[str, Any]
+    command: GenerateCommand
     tokens: list[int] = field(default_factory=list)
     kv_tokens: int = 0  # KV positions it needs: prompt plus max_tokens
     uid: int | None = None
@@ -152,7 +170,8 @@ class Worker:
         self._prompt_cache = None  # an mlx_lm LRUPromptCache once the model is loaded, if enabled
         self._memory = None  # a MemoryGuard once the model is loaded
         self._events = events
-        self._commands: queue.Queue[Any] = queue.Queue()
+        # None stands for the shutdown (asked for, or the server's end of stdin closed).
+        self._commands: queue.Queue[GenerateCommand | CancelCommand | None] = queue.Queue()
         self._shutting_down = threading.Event()
         self.model = self.tokenizer = None
         self._generator = None
@@ -168,20 +187,18 @@ class Worker:
         """Reader thread: queue generate and cancel commands in order; stop on shutdown or EOF."""
         for line in stream:
             try:
-                command = decode(line)
+                command = decode_command(line)
             except ValueError as exc:
                 print(f"mlx-jupyter worker: ignoring malformed command: {exc}", file=sys.stderr)
                 continue
-            op = command.get("op")
-            if op in ("generate", "cancel"):
-                self._commands.put(command)
-            elif op == "shutdown":
+            if command["op"] == "shutdown":
                 break
+            self._commands.put(command)
         # EOF too: the server is gone or asked us to go.
         self._shutting_down.set()
-        self._commands.put(_SHUTDOWN)
+        self._commands.put(None)
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: Message) -> None:
         self._events.write(encode(message))
         if not self._in_step:  # a step's events leave together, in one write (see _step)
             self._events.flush()
@@ -202,8 +219,8 @@ class Worker:
 
         self._memory = MemoryGuard(self.memory_limit_bytes, self.mlx_cache_limit_bytes,
                                    self._prompt_cache)
-        self.send({"event": "ready", "pid": os.getpid(),
-                   "load_ms": round((time.perf_counter() - started) * 1000, 1)})
+        self.send(ReadyEvent(event="ready", pid=os.getpid(),
+                             load_ms=round((time.perf_counter() - started) * 1000, 1)))
         self._check_memory(force_report=True)
 
     # -- the main loop --------------------------------------------------------------------
@@ -234,31 +251,36 @@ class Worker:
             if not self._handle(command):
                 return False
 
-    def _handle(self, command: Any) -> bool:
-        if command is _SHUTDOWN:
+    def _handle(self, command: GenerateCommand | CancelCommand | None) -> bool:
+        """Handles one command; False for the shutdown."""
+        if command is None:
             return False
-        request_id = str(command.get("id"))
-        if command.get("op") == "cancel":
-            self._cancel(request_id)
+        if command["op"] == "cancel":
+            self._cancel(command["id"])
         else:
-            self._accept(_Request(request_id, command))
+            self._accept(_Request(command["id"], command))
         return True
 
     def _accept(self, request: _Request) -> None:
-        """Tokenizes a new request and refuses it at once (an invalid_request error) if the
-        KV reservation can never hold it; the others wait for a batch slot."""
+        """Checks and tokenizes a new request, and refuses it at once if the KV reservation
+        can never hold it; the others wait until the batch's KV reservation holds them."""
+        try:
+            check_generate(request.command)
+        except ValueError as exc:
+            self._error(request, message=f"invalid generate command: {exc}")
+            return
         try:
             request.tokens = self._prompt_tokens(request.command)
         except Exception as exc:
             traceback.print_exc()
             self._error(request, exc)
             return
-        max_tokens = int(request.command["max_tokens"])
+        max_tokens = request.command["max_tokens"]
         request.kv_tokens = len(request.tokens) + max_tokens
         refusal = kv_refusal(len(request.tokens), max_tokens, self.max_batch_size,
                              self.kv_reserve_tokens)
         if refusal:
-            self._error(request, message=refusal, kind=INVALID_REQUEST)
+            self._error(request, message=refusal, refused=True)
             return
         self._waiting.append(request)
 
@@ -282,9 +304,9 @@ class Worker:
         # Unknown: the request has already finished.
 
     def _admit(self) -> None:
-        """Moves waiting requests into the batch while there is room."""
-        while (self._waiting and len(self._active) < self.max_batch_size
-               and self._kv_fits(self._waiting[0])):
+        """Moves waiting requests into the batch, in arrival order, while its KV reservation
+        holds them. (Their number is the server's to cap: see the module's docstring.)"""
+        while self._waiting and self._kv_fits(self._waiting[0]):
             request = self._waiting.popleft()
             try:
                 self._insert(request)
@@ -294,12 +316,9 @@ class Worker:
 
     def _insert(self, request: _Request) -> None:
         command = request.command
-        max_tokens = int(command["max_tokens"])
-        seed = command.get("seed")
-        sampler = make_sampler(float(command.get("temperature") or 0.0),
-                               float(1.0 if command.get("top_p") is None else command["top_p"]),
-                               None if seed is None else int(seed))
-        request.stops = StopMatcher(list(command.get("stop") or []))
+        max_tokens = command["max_tokens"]
+        sampler = make_sampler(command)
+        request.stops = StopMatcher(command["stop"])
         request.detokenizer = self.tokenizer.detokenizer  # a fresh copy per request
         generator = self._batch_generator()
         cache, rest = self._cached_prefix(request.tokens)
@@ -366,12 +385,12 @@ class Worker:
         except Exception:  # the cache is an optimisation: never fail a request over it
             traceback.print_exc()
 
-    def _prompt_tokens(self, command: dict[str, Any]) -> list[int]:
-        if command.get("messages"):
+    def _prompt_tokens(self, command: GenerateCommand) -> list[int]:
+        if command["messages"] is not None:
             text = self.tokenizer.apply_chat_template(
                 command["messages"], add_generation_prompt=True, tokenize=False)
             return self.tokenizer.encode(text, add_special_tokens=False)
-        return self.tokenizer.encode(command.get("prompt") or "")
+        return self.tokenizer.encode(command["prompt"] or "")
 
     def _step(self) -> None:
         """One BatchGenerator step: a decode step for the batch and/or a prefill chunk. Its
@@ -462,38 +481,45 @@ class Worker:
 
     def _send_text(self, request: _Request, text: str) -> None:
         if text:
-            self.send({"event": "text", "id": request.id, "text": text})
+            self.send(TextMessage(id=request.id, text=text))
 
-    def _finish(self, request: _Request, finish_reason: str) -> None:
+    def _finish(self, request: _Request, finish_reason: Ending) -> None:
         self._memory_changed = True
         if request.stops is not None:
             self._send_text(request, request.stops.flush())  # nothing after a stop string
-        timings: dict[str, float] = {}
-        if request.first_token_at is not None:
-            now = time.perf_counter()
-            prompt_seconds = request.first_token_at - request.admitted_at
-            decode_seconds = now - request.first_token_at
-            computed = len(request.tokens) - request.cached_tokens  # prefilled, not cached
-            timings = {
-                "prompt_tokens_per_second": round(
-                    computed / prompt_seconds if prompt_seconds > 0 else 0.0, 2),
-                "tokens_per_second": round(
-                    request.completion_tokens / decode_seconds if decode_seconds > 0 else 0.0, 2),
-            }
-        self.send({"event": "done", "id": request.id, "finish_reason": finish_reason,
-                   "usage": {"prompt_tokens": len(request.tokens),
-                             "completion_tokens": request.completion_tokens,
-                             "cached_tokens": request.cached_tokens},
-                   "worker_timings": timings})
+        self.send(DoneMessage(
+            id=request.id, done=True, finish_reason=finish_reason,
+            usage={"prompt_tokens": len(request.tokens),
+                   "completion_tokens": request.completion_tokens,
+                   "cached_tokens": request.cached_tokens},
+            timings=self._timings(request)))
+
+    @staticmethod
+    def _timings(request: _Request) -> WorkerTimings:
+        """Prefill speed (admission to the first token, which the prefill's last step
+        yields) and decode speed (the tokens after the first, over the time after it), each
+        where it was measured: a request cancelled before its first token has neither, one of
+        a single token no decode speed."""
+        timings: WorkerTimings = {}
+        if request.first_token_at is None:
+            return timings
+        prompt_seconds = request.first_token_at - request.admitted_at
+        decode_seconds = time.perf_counter() - request.first_token_at
+        computed = len(request.tokens) - request.cached_tokens  # prefilled, not cached
+        if prompt_seconds > 0:
+            timings["prompt_tokens_per_second"] = round(computed / prompt_seconds, 2)
+        if request.completion_tokens > 1 and decode_seconds > 0:
+            timings["tokens_per_second"] = round(
+                (request.completion_tokens - 1) / decode_seconds, 2)
+        return timings
 
     def _error(self, request: _Request, exc: BaseException | None = None, *,
-               message: str | None = None, kind: str | None = None) -> None:
-        """One request failed (exc), or was refused (message, with kind INVALID_REQUEST)."""
-        event = {"event": "error", "id": request.id,
-                 "message": message or f"{type(exc).__name__}: {exc}"}
-        if kind:
-            event["kind"] = kind
-        self.send(event)
+               message: str | None = None, refused: bool = False) -> None:
+        """One request failed (exc, or message), or was refused (message, refused: it cannot
+        run here as asked)."""
+        self.send(ErrorMessage(id=request.id, done=True, finish_reason="error",
+                               error=message or f"{type(exc).__name__}: {exc}",
+                               refused=refused))
 
     def _check_memory(self, *, force_report: bool = False) -> None:
         """Reports live memory and trims the prompt cache when over the limit (see
@@ -561,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         worker.load()
     except Exception as exc:
         traceback.print_exc()
-        worker.send({"event": "fatal", "message": f"{type(exc).__name__}: {exc}"})
+        worker.send(FatalEvent(event="fatal", message=f"{type(exc).__name__}: {exc}"))
         return 1
     threading.Thread(target=worker.read_commands, args=(sys.stdin.buffer,),
                      name="commands", daemon=True).start()

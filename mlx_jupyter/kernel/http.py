@@ -39,6 +39,7 @@ class GenerationResult:
     finish_reason: str  # "stop", "length", "cancelled" or "timeout"
     usage: dict[str, int] = field(default_factory=dict)  # prompt_tokens, completion_tokens
     timings: dict[str, float] = field(default_factory=dict)  # ttft_ms, total_ms, tokens_per_second
+    seed: int | None = None  # the seed the server sampled with; None when greedy
 
 
 class StreamReader:
@@ -178,7 +179,7 @@ def result_from_json(body: dict[str, Any], model: str) -> GenerationResult:
         text=str(body.get("text", "")), request_id=str(body.get("request_id", "")),
         model=str(body.get("model") or model),
         finish_reason=str(body.get("finish_reason", "stop")),
-        usage=body.get("usage") or {}, timings=body.get("timings") or {})
+        usage=body.get("usage") or {}, timings=body.get("timings") or {}, seed=body.get("seed"))
 
 
 def one_line(text: str) -> str:

@@ -10,7 +10,6 @@ Errors are shown as one red line, never as a traceback, and do not raise.
 
 from __future__ import annotations
 
-import random
 import shlex
 import sys
 from typing import Any
@@ -47,7 +46,8 @@ HELP = f"""\
     --max-tokens N     most tokens to generate
     --temperature F    sampling temperature (0 = greedy)
     --top-p F          nucleus sampling threshold
-    --seed N           random seed, for reproducible sampling
+    --seed N           random seed, for reproducible sampling (without it, the server picks
+                       one and the output's metadata records it)
     --stop S           stop at S (repeatable)
     --system TEXT      a system message before the cell
     --priority N       higher runs first when the server is busy
@@ -58,7 +58,7 @@ HELP = f"""\
 {COMMANDS}
 From Python: `from mlx_jupyter import Client, panel`. Interrupt the kernel to cancel.
 `%config MlxMagics.default_model = "..."` (also default_format, default_max_tokens,
-default_temperature, system_prompt, interpolate, seed_every_answer)."""
+default_temperature, system_prompt, interpolate)."""
 
 # Errors after which the next call discovers the server again: it may have restarted.
 _STALE_CLIENT_ERRORS = (ServerNotFound, ConnectionFailed, AuthenticationError)
@@ -80,9 +80,6 @@ class MlxMagics(Magics):
                             ).tag(config=True)
     interpolate = Bool(True, help="Fill {var}, {In[n]} and {Out[n]} in cells (unless "
                                   "--no-interpolate).").tag(config=True)
-    seed_every_answer = Bool(True, help="Send a random seed with cells that sample without "
-                                        "--seed, so the output's metadata holds the seed that "
-                                        "reproduces the answer.").tag(config=True)
 
     def __init__(self, shell: Any = None, **kwargs: Any):
         super().__init__(shell=shell, **kwargs)
@@ -147,10 +144,6 @@ class MlxMagics(Magics):
             options["max_tokens"] = self.default_max_tokens
         if self.default_temperature is not None and "temperature" not in options:
             options["temperature"] = self.default_temperature
-        if self.seed_every_answer and "seed" not in options and options.get("temperature") != 0:
-            # A seed chosen here is recorded in the output's metadata: `--seed N` with it
-            # gives the same answer again, which a seed the server picked would not.
-            options["seed"] = random.randrange(2**31)
         messages = request.messages
         if self.system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
@@ -245,10 +238,10 @@ class MlxMagics(Magics):
 
     def _show_history(self, count: int) -> None:
         render.table(
-            ["created", "model", "status", "tokens", "prompt", "request"],
+            ["created", "model", "status", "tokens", "tok/s", "prompt", "request"],
             [[render.when(row.get("created_at")), row.get("model"), row.get("status"),
-              row.get("completion_tokens"), render.prompt_preview(row.get("prompt_preview"), 60),
-              row["id"]]
+              row.get("completion_tokens"), render.tokens_per_second(row.get("timings")),
+              render.prompt_preview(row.get("prompt_preview"), 60), row["id"]]
              for row in self.client().history(count)], empty="no requests yet")
 
     def _show_settings(self) -> None:
@@ -325,11 +318,13 @@ def _generate_to(output: render.Output, client: Client, request: CellRequest,
 
 def _metadata(request: CellRequest, result: GenerationResult | None,
               request_id: str | None = None) -> dict[str, Any]:
-    """What the notebook keeps of how the answer was made (or cancelled)."""
+    """What the notebook keeps of how the answer was made (or cancelled): the options the cell
+    gave, and the seed the server sampled with (`--seed` with it gives the same answer)."""
     return {"mlx_jupyter": {
         "model": (result.model if result else None) or request.model,
         "request_id": result.request_id if result else request_id,
-        "parameters": request.options, "seed": request.options.get("seed"),
+        "parameters": request.options,
+        "seed": result.seed if result else request.options.get("seed"),
         "format": request.format, "chat": request.chat,
         "finish_reason": result.finish_reason if result else "cancelled",
         "usage": result.usage if result else {}}}

@@ -11,14 +11,13 @@ stops when closed, and shows errors inside itself instead of raising.
 from __future__ import annotations
 
 import html
-import random
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import ipywidgets as widgets
 
-from ..limits import MAX_TEMPERATURE, MAX_TOKENS, MODEL_ACTIONS
+from ..limits import MAX_SEED, MAX_TEMPERATURE, MAX_TOKENS, MODEL_ACTIONS
 from .client import Client, EventStream
 from .errors import MlxError
 from .render import (
@@ -31,6 +30,7 @@ from .render import (
     prompt_preview,
     queue_rows,
     settings_rows,
+    tokens_per_second,
     when,
 )
 
@@ -206,16 +206,20 @@ class _QueueTab:
 
 
 class _Playground:
+    """Sends only what is filled in: the server applies its own defaults (its settings) to
+    the rest, and picks the seed of a sampled answer, which the footer then shows."""
+
     def __init__(self, panel: Panel):
         self.panel = panel
         self.model = widgets.Text(description="model", placeholder="the server's default")
         self.system = widgets.Text(description="system", placeholder="optional")
         self.prompt = widgets.Textarea(description="prompt", layout=widgets.Layout(width="95%"))
-        self.max_tokens = widgets.BoundedIntText(value=256, min=1, max=MAX_TOKENS,
-                                                 description="max tokens")
-        self.temperature = widgets.BoundedFloatText(value=0.7, min=0.0, max=MAX_TEMPERATURE, step=0.1,
-                                                    description="temperature")
-        self.seed = widgets.Text(description="seed", placeholder="random")
+        self.max_tokens = widgets.Text(description="max tokens",
+                                       placeholder=f"the server's default (1 to {MAX_TOKENS})")
+        self.temperature = widgets.Text(
+            description="temperature", placeholder=f"the server's default (0 to "
+                                                   f"{MAX_TEMPERATURE:g}; 0 is greedy)")
+        self.seed = widgets.Text(description="seed", placeholder="picked by the server")
         self.generate = widgets.Button(description="Generate", button_style="primary")
         self.stop_button = widgets.Button(description="Stop", disabled=True)
         self.answer = widgets.Textarea(layout=widgets.Layout(width="95%", height="12em"),
@@ -235,19 +239,27 @@ class _Playground:
         if not self.prompt.value.strip():
             self.panel.say("write a prompt first")
             return
-        seed = self.seed.value.strip()
-        if seed and not seed.isdigit():
-            self.panel.say(f"the seed must be a whole number, not {seed!r}")
-            return
+        options: dict[str, Any] = {}
+        for name, widget, kind, low, high in [
+                ("max_tokens", self.max_tokens, int, 1, MAX_TOKENS),
+                ("temperature", self.temperature, float, 0.0, MAX_TEMPERATURE),
+                ("seed", self.seed, int, 0, MAX_SEED)]:
+            text = widget.value.strip()
+            if not text:
+                continue  # the server's to choose
+            value = _number(text, kind, low, high)
+            if value is None:
+                what = "a whole number" if kind is int else "a number"
+                self.panel.say(f"{widget.description} must be {what} from {low} to {high}, "
+                               f"not {text!r}")
+                return
+            options[name] = value
         messages = ([{"role": "system", "content": self.system.value}]
                     if self.system.value.strip() else [])
         messages.append({"role": "user", "content": self.prompt.value})
-        if not seed and self.temperature.value > 0:
-            # As in %%mlx: a seed chosen here and shown in the footer reproduces the answer.
-            seed = str(random.randrange(2**31))
-        options = {"model": self.model.value.strip() or None, "messages": messages,
-                   "max_tokens": self.max_tokens.value, "temperature": self.temperature.value,
-                   "seed": int(seed) if seed else None}
+        if model := self.model.value.strip():
+            options["model"] = model
+        options["messages"] = messages
         self.answer.value, self.footer.value = "", "…"
         self.generate.disabled, self.stop_button.disabled = True, False
         self._thread = threading.Thread(target=self._run, args=(options,), daemon=True,
@@ -278,8 +290,9 @@ class _Playground:
                 for event in self._events:
                     if "text" in event:
                         self.answer.value = self._events.text
-                seed = f" · seed {options['seed']}" if options["seed"] is not None else ""
-                self.footer.value = footer(options["model"] or "", self._events.result) + seed
+                result = self._events.result
+                seed = f" · seed {result.seed}" if result and result.seed is not None else ""
+                self.footer.value = footer(options.get("model", ""), result) + seed
                 self.panel.say("")
 
             self.panel.attempt(stream)
@@ -299,9 +312,10 @@ class _HistoryTab:
 
     def show(self, rows: list[dict[str, Any]]) -> None:
         self.table.value = html_table(
-            ["created", "model", "notebook", "status", "tokens", "prompt"],
+            ["created", "model", "notebook", "status", "tokens", "tok/s", "prompt"],
             [[when(r.get("created_at")), r.get("model"), r.get("notebook"), r.get("status"),
-              r.get("completion_tokens"), prompt_preview(r.get("prompt_preview"), 80)]
+              r.get("completion_tokens"), tokens_per_second(r.get("timings")),
+              prompt_preview(r.get("prompt_preview"), 80)]
              for r in rows],
             "No requests yet.")
 
@@ -344,6 +358,15 @@ class _SettingsTab:
 
 
 _INVALID = object()
+
+
+def _number(text: str, kind: type, low: float, high: float) -> Any:
+    """text as a number of `kind` within [low, high], or None."""
+    try:
+        value = kind(text)
+    except ValueError:
+        return None
+    return value if low <= value <= high else None
 
 
 def _typed(text: str, kind: str) -> Any:

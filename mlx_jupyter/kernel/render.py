@@ -118,6 +118,13 @@ def code_of(text: str) -> str:
     return (match.group(1) if match else text).strip("\n")
 
 
+def tokens_per_second(timings: Mapping[str, Any] | None) -> str:
+    """The decode speed the server computed for a request, to a tenth (an answer's figure is
+    the one its history row stores); "" where it has none."""
+    value = (timings or {}).get("tokens_per_second")
+    return f"{value:.1f}" if isinstance(value, int | float) else ""
+
+
 def footer(model: str, result: GenerationResult | None) -> str:
     """E.g. "demo · 42 tokens · 31.5 tok/s", plus the finish reason unless "stop"."""
     if result is None:
@@ -126,9 +133,8 @@ def footer(model: str, result: GenerationResult | None) -> str:
     tokens = result.usage.get("completion_tokens")
     if tokens is not None:
         parts.append(f"{tokens} token{'' if tokens == 1 else 's'}")
-    speed = result.timings.get("tokens_per_second")
-    if speed is not None:
-        parts.append(f"{speed:.1f} tok/s")
+    if speed := tokens_per_second(result.timings):
+        parts.append(f"{speed} tok/s")
     if result.finish_reason != "stop":
         parts.append(result.finish_reason)
     return " · ".join(part for part in parts if part)

@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Select, Text, cast, func, select
 
+from .records import TIMING_COLUMNS
 from .schema import models_table, requests_table
 
 requests = requests_table.c
@@ -24,8 +25,8 @@ MODEL_NAME = (select(models.name).where(models.id == requests.model_id)
 # History pages leave out the big columns; previews of the first characters stand in for them.
 LIST_COLUMNS = (requests.id, MODEL_NAME, requests.notebook, requests.priority, requests.status,
                 requests.finish_reason, requests.prompt_tokens, requests.completion_tokens,
-                requests.created_at, requests.started_at, requests.finished_at,
-                requests.ttft_ms, requests.error)
+                requests.created_at, requests.started_at, requests.finished_at, requests.error,
+                *(requests[name] for name in TIMING_COLUMNS))
 
 
 def history_filters(model_id: int | None = None, notebook: str | None = None,

@@ -75,6 +75,10 @@ class RequestRecord:
     finished_at: datetime | None = None
     ttft_ms: float | None = None
     error: str | None = None
+    queue_ms: float | None = None
+    total_ms: float | None = None
+    tokens_per_second: float | None = None
+    prompt_tokens_per_second: float | None = None
 
     def to_row(self, model_id: int) -> dict[str, Any]:
         # A shallow copy: dataclasses.asdict deep-copies and was most of a bulk insert's time.
@@ -85,3 +89,15 @@ class RequestRecord:
 
 
 _COLUMNS = tuple(f.name for f in fields(RequestRecord) if f.name != "model")
+
+# A request's figures (contracts.generation.Timings), each a column of its own.
+TIMING_COLUMNS = ("queue_ms", "ttft_ms", "total_ms", "tokens_per_second",
+                  "prompt_tokens_per_second")
+
+
+def with_timings(row: dict[str, Any]) -> dict[str, Any]:
+    """A request's row as the history shows it: its figures as one `timings` object, null
+    until the server measured the request to its end (its total_ms)."""
+    figures = {name: row.pop(name) for name in TIMING_COLUMNS if name in row}
+    row["timings"] = figures if figures.get("total_ms") is not None else None
+    return row

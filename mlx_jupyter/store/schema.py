@@ -114,6 +114,11 @@ class Request(Base):
     finished_at: Mapped[datetime | None]
     ttft_ms: Mapped[float | None]
     error: Mapped[str | None] = mapped_column(Text)
+    # Revision 0003: the rest of the figures the server computes once, when the request ends.
+    queue_ms: Mapped[float | None]
+    total_ms: Mapped[float | None]
+    tokens_per_second: Mapped[float | None]
+    prompt_tokens_per_second: Mapped[float | None]
 
 
 class Setting(Base):

@@ -34,12 +34,14 @@ from .errors import InvalidField, UnknownModel
 from .migrations import current_revision, head_revision, upgrade_to_head
 from .records import (
     FINISHED,
+    TIMING_COLUMNS,
     UNFINISHED,
     ModelStatus,
     RequestRecord,
     RequestStatus,
     check_status,
     utcnow,
+    with_timings,
 )
 from .schema import Base, models_table, requests_table
 from .settings import DEFAULT_TTL_SECONDS, SettingsService
@@ -52,7 +54,7 @@ requests = requests_table.c
 # Columns update_request may change; the rest are fixed once the request is added.
 UPDATABLE_REQUEST_FIELDS = frozenset({
     "status", "priority", "started_at", "finished_at", "output_text", "finish_reason",
-    "prompt_tokens", "completion_tokens", "ttft_ms", "error"})
+    "prompt_tokens", "completion_tokens", "error", *TIMING_COLUMNS})
 UPDATABLE_MODEL_FIELDS = frozenset({
     "path", "source", "kind", "size_bytes", "memory_estimate_bytes", "status", "pinned",
     "last_error", "metadata"})
@@ -240,7 +242,7 @@ class Store:
             row = connection.execute(
                 select(requests_table, queries.MODEL_NAME).where(requests.id == request_id)
             ).mappings().first()
-        return dict(row) if row is not None else None
+        return with_timings(dict(row)) if row is not None else None
 
     def list_requests(self, model: str | None = None, notebook: str | None = None,
                       status: str | Iterable[str] | None = None, limit: int = 50,
@@ -268,7 +270,7 @@ class Store:
                 filters, limit=min(limit, MAX_PAGE), offset=offset,
                 preview_chars=preview_chars)).mappings().all()
             total = connection.scalar(queries.history_count(filters))
-        return [dict(row) for row in rows], int(total or 0)
+        return [with_timings(dict(row)) for row in rows], int(total or 0)
 
     def recover_unfinished(self) -> tuple[list[dict[str, Any]], int]:
         """Start-up recovery after a stop or a crash: background jobs left queued or running

@@ -1,0 +1,249 @@
+"""One request's life: its turn, its model's worker, its events, its end.
+
+A `Generation` waits for admission (its `Ticket`), takes its model's worker (`Workers`: the model
+manager), turns the worker's messages into the answer's events (`contracts.generation`) and ends
+exactly once, however it ends: it then gives its model back and tells the queue (`Lifecycle`)
+its `Outcome`, which the queue records and counts. The figures of the answer (`Timings`) are
+computed here, once, and are the ones the history stores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..contracts.generation import (
+    DoneEvent,
+    ErrorEvent,
+    FinishReason,
+    GenerationAnswer,
+    TextEvent,
+    Timings,
+    Usage,
+)
+from ..engine.protocol import GenerationParams, WorkerTimings
+from ..engine.proxy import WorkerProxy
+from ..errors import MlxJupyterError
+from ..store.records import RequestStatus, utcnow
+from .admission import Ticket
+
+log = logging.getLogger("mlx_jupyter.queue")
+
+STATUS_OF: dict[str, RequestStatus] = {
+    "stop": RequestStatus.COMPLETED, "length": RequestStatus.COMPLETED,
+    "cancelled": RequestStatus.CANCELLED, "timeout": RequestStatus.FAILED,
+    "error": RequestStatus.FAILED}
+TIMEOUT_ERROR = "the request's timeout passed before it finished"
+NO_TOKENS = Usage(prompt_tokens=0, completion_tokens=0)
+
+
+class Workers(Protocol):
+    """Where a generation gets its model's worker (the model manager)."""
+
+    async def acquire(self, model: str) -> WorkerProxy: ...
+
+    def release(self, model: str) -> None: ...
+
+
+class Lifecycle(Protocol):
+    """What a generation tells the queue that runs it."""
+
+    def withdraw(self, generation: Generation) -> bool:
+        """Takes a waiting generation out of line; False once it was admitted."""
+
+    def started(self, generation: Generation) -> None:
+        """It was admitted and now takes its model."""
+
+    def ended(self, generation: Generation, outcome: Outcome) -> None:
+        """It ended (once): its place goes to the next, its outcome is recorded."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a request ended, as its history records it."""
+
+    status: RequestStatus
+    finish_reason: FinishReason
+    text: str
+    timings: Timings
+    usage: Usage | None = None  # None when no worker answered for it
+    error: str | None = None
+
+    def columns(self) -> dict[str, Any]:
+        """Its columns in the `requests` table."""
+        return {"status": self.status, "finish_reason": self.finish_reason,
+                "error": self.error, "output_text": self.text, "finished_at": utcnow(),
+                "prompt_tokens": self.usage.prompt_tokens if self.usage else None,
+                "completion_tokens": self.usage.completion_tokens if self.usage else None,
+                **self.timings.model_dump()}
+
+
+class Generation:
+    """One submitted request: wait for `start()`, then read `events()` or `result()`."""
+
+    def __init__(self, ticket: Ticket, params: GenerationParams, *, workers: Workers,
+                 lifecycle: Lifecycle, background: bool = False):
+        self.ticket = ticket
+        self.params = params  # resolved by the queue: defaults applied, seed picked
+        self.background = background  # it outlives its client
+        self._workers = workers
+        self._lifecycle = lifecycle
+        self._worker: WorkerProxy | None = None
+        self._first_text: float | None = None  # perf_counter
+        self._outcome: Outcome | None = None  # once it ended
+        self._deadline: asyncio.TimerHandle | None = None  # the per-request timeout, if any
+        self._expiry: asyncio.Task[str] | None = None
+        self._timed_out = False
+        self._cancel_requested = False
+
+    @property
+    def id(self) -> str:
+        return self.ticket.id
+
+    @property
+    def model(self) -> str:
+        return self.ticket.model
+
+    @property
+    def priority(self) -> int:
+        return self.ticket.priority
+
+    @property
+    def seed(self) -> int | None:
+        return self.params["seed"]
+
+    @property
+    def state(self) -> str:
+        if self._outcome is not None:
+            return "finished"
+        return "active" if self.ticket.admitted.done() else "queued"
+
+    async def start(self) -> None:
+        """Waits for admission, then for the model (loading it if needed). Raises a domain
+        error (ModelDoesNotFit, WorkerError, ...) before any output exists."""
+        if not await self.ticket.admitted:
+            return  # withdrawn while it waited: events() reports it
+        self._lifecycle.started(self)
+        try:
+            self._worker = await self._workers.acquire(self.model)
+        except MlxJupyterError as exc:
+            self._end(self._outcome_now("error", error=str(exc)), model_acquired=False)
+            raise
+
+    async def events(self) -> AsyncIterator[TextEvent | DoneEvent]:
+        """Yields TextEvents, then one DoneEvent.
+
+        Closing this iterator early cancels the request in the worker. A request its worker
+        refuses (InvalidRequest: it cannot hold its KV cache) raises before any event; one
+        that fails raises (a domain error) after the events so far.
+        """
+        if self._outcome is None and (self._worker is None or self._cancel_requested):
+            # Cancelled before it reached its worker (while loading its model, say).
+            self._end(self._outcome_now("cancelled"), model_acquired=self._worker is not None)
+        if self._outcome is not None:  # withdrawn while it waited, or just above
+            yield self._done_event(self._outcome)
+            return
+        assert self._worker is not None
+        messages = self._worker.generate(self.id, self.params)
+        pieces: list[str] = []
+        outcome: Outcome | None = None
+        try:
+            async for message in messages:
+                if "text" in message:
+                    if self._first_text is None:
+                        self._first_text = time.perf_counter()
+                    pieces.append(message["text"])
+                    yield TextEvent(text=message["text"])
+                else:
+                    outcome = self._outcome_now(
+                        message["finish_reason"], text="".join(pieces),
+                        usage=Usage(**message["usage"]), worker=message["timings"])
+                    yield self._done_event(outcome)
+        except MlxJupyterError as exc:
+            outcome = self._outcome_now("error", text="".join(pieces), error=str(exc))
+            raise
+        finally:
+            await messages.aclose()
+            # Closed before the end: the client went away, and the worker was told.
+            self._end(outcome or self._outcome_now("cancelled", text="".join(pieces)))
+
+    async def result(self) -> GenerationAnswer:
+        pieces: list[str] = []
+        async with contextlib.aclosing(self.events()) as events:
+            async for event in events:
+                if isinstance(event, TextEvent):
+                    pieces.append(event.text)
+                else:
+                    done = event
+        return GenerationAnswer(request_id=self.id, model=self.model, text="".join(pieces),
+                                finish_reason=done.finish_reason, usage=done.usage,
+                                timings=done.timings, seed=done.seed)
+
+    def failed(self, exc: MlxJupyterError) -> ErrorEvent:
+        """The last event of a stream that `events()` ended with this error."""
+        return ErrorEvent(request_id=self.id, model=self.model, error=str(exc))
+
+    async def cancel(self) -> str:
+        """Cancels the request: a waiting one leaves the queue at once, a running one stops at
+        its worker's next decode step. Returns the state it was in."""
+        state = self.state
+        if state == "queued" and self._lifecycle.withdraw(self):
+            self._end(self._outcome_now("cancelled"), model_acquired=False)
+        elif state != "finished":
+            self._cancel_requested = True  # seen by events() if the model is still loading
+            if self._worker is not None:
+                await self._worker.cancel(self.id)
+        return state
+
+    def set_timeout(self, seconds: float) -> None:
+        """Cancels the request, queued or running, once `seconds` have passed since submit."""
+        def expire() -> None:
+            self._timed_out = True
+            log.info("request %s timed out after %g s", self.id, seconds)
+            self._expiry = asyncio.ensure_future(self.cancel())
+
+        self._deadline = asyncio.get_running_loop().call_later(seconds, expire)
+
+    # -- the end --------------------------------------------------------------------------
+
+    def _outcome_now(self, finish_reason: FinishReason, *, text: str = "",
+                     usage: Usage | None = None, worker: WorkerTimings | None = None,
+                     error: str | None = None) -> Outcome:
+        """The outcome of a request ending now, with its figures."""
+        if finish_reason == "cancelled" and self._timed_out:
+            finish_reason, error = "timeout", TIMEOUT_ERROR
+        submitted, admitted_at = self.ticket.submitted, self.ticket.admitted_at
+        worker = worker or {}
+        timings = Timings(
+            queue_ms=None if admitted_at is None else round((admitted_at - submitted) * 1000, 3),
+            ttft_ms=(None if self._first_text is None
+                     else round((self._first_text - submitted) * 1000, 1)),
+            total_ms=round((time.perf_counter() - submitted) * 1000, 1),
+            tokens_per_second=worker.get("tokens_per_second"),
+            prompt_tokens_per_second=worker.get("prompt_tokens_per_second"))
+        return Outcome(STATUS_OF[finish_reason], finish_reason, text, timings, usage, error)
+
+    def _done_event(self, outcome: Outcome) -> DoneEvent:
+        return DoneEvent(request_id=self.id, model=self.model,
+                         finish_reason=outcome.finish_reason,
+                         usage=outcome.usage or NO_TOKENS, timings=outcome.timings,
+                         seed=self.seed)
+
+    def _end(self, outcome: Outcome, *, model_acquired: bool = True) -> None:
+        """Once per request: gives its model back and tells the queue how it ended."""
+        if self._outcome is not None:
+            return
+        self._outcome = outcome
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if model_acquired:
+            self._workers.release(self.model)
+        log.info("request %s on %s: %s, %s tokens, %.0f ms", self.id, self.model,
+                 outcome.finish_reason, outcome.usage.completion_tokens if outcome.usage else 0,
+                 outcome.timings.total_ms)
+        self._lifecycle.ended(self, outcome)

@@ -1,0 +1,220 @@
+"""The way in for every generation: parameters resolved, admission, history, cancellation.
+
+`submit` is the one place where a request's parameters are resolved: a model or sampling field
+left out takes its stored setting (default_model, default_max_tokens, default_temperature,
+default_top_p), and a sampled request without a seed gets one picked here (0 to MAX_SEED); a
+greedy one (temperature 0) has none. The worker gets them as they are resolved, the history
+records them, and the answer reports the seed.
+
+Every request is recorded in the store from the moment it is submitted until it ends, however it
+ends: `Admission` decides when it runs, its `Generation` lives its life and tells this queue
+(its `Lifecycle`) when it starts and how it ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from ..engine.protocol import GenerationParams
+from ..errors import InvalidRequest, MlxJupyterError
+from ..limits import DEFAULT_MAX_BATCH_SIZE, MAX_SEED
+from ..metrics import Metrics
+from ..models.manager import ModelManager
+from ..services import StoreService
+from ..store.records import RequestRecord, RequestStatus, utcnow
+from .admission import Admission, Ticket
+from .generation import Generation, Outcome
+
+log = logging.getLogger("mlx_jupyter.queue")
+
+# Request fields that take a stored setting's value when the client leaves them out.
+SETTING_DEFAULTS = {"model": "default_model", "max_tokens": "default_max_tokens",
+                    "temperature": "default_temperature", "top_p": "default_top_p"}
+
+
+class QueueFull(MlxJupyterError):
+    status = 429
+
+    def __init__(self, limit: int, retry_after: int):
+        super().__init__(f"the inference queue is full ({limit} requests waiting); "
+                         f"retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class RequestFinished(MlxJupyterError):
+    status = 409
+
+
+def with_seed(params: GenerationParams) -> GenerationParams:
+    """A sampled request keeps its seed or gets one; a greedy one samples nothing, so has
+    none."""
+    if params["temperature"] <= 0:
+        return {**params, "seed": None}
+    if params["seed"] is None:
+        return {**params, "seed": random.randint(0, MAX_SEED)}
+    return params
+
+
+def generation_params(fields: dict[str, Any]) -> GenerationParams:
+    """What a worker generates with, from a request's fields once every default is applied
+    (a new request's, or a background job's stored parameters)."""
+    return with_seed(GenerationParams(
+        prompt=fields.get("prompt"), messages=fields.get("messages"),
+        max_tokens=int(fields["max_tokens"]), temperature=float(fields["temperature"]),
+        top_p=float(fields["top_p"]), seed=fields.get("seed"),
+        stop=list(fields.get("stop") or [])))
+
+
+class InferenceQueue:
+    def __init__(self, manager: ModelManager, store: StoreService, *,
+                 max_active_per_model: int = DEFAULT_MAX_BATCH_SIZE, max_queued: int = 256,
+                 aging_seconds: float = 30.0, metrics: Metrics | None = None):
+        """max_active_per_model: the requests a model's worker holds at once (the server's
+        max_batch_size: its queue is what caps a worker's batch)."""
+        self.manager = manager
+        self.store = store
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.max_queued = max_queued
+        self.admission = Admission(max_active_per_model=max_active_per_model,
+                                   aging_seconds=aging_seconds, on_admit=self._count_admission)
+        self._by_id: dict[str, Generation] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def submit(self, params: dict[str, Any], *, notebook: str | None = None,
+                     priority: int = 0, timeout: float | None = None,
+                     background: bool = False) -> Generation:
+        """Records and enqueues a request; `start()` on the result waits for its turn. A
+        background request runs by itself (its result is read from the history later) and
+        is run again after a server restart if it had not finished.
+
+        `params` holds model, prompt or messages and the sampling fields as the client gave
+        them (None: left out). Raises ModelNotFound for an unknown model and QueueFull when
+        `max_queued` requests already wait.
+        """
+        if self.admission.queued_count() >= self.max_queued:
+            raise QueueFull(self.max_queued, self.admission.retry_after())
+        submitted = time.perf_counter()  # the request's clock starts before its defaults
+        fields = await self._with_defaults(params)
+        model = fields["model"]
+        await self.store.ready()  # the remembered models are registered again by then
+        self.manager.registry.get(model)  # an unknown model is refused before it is recorded
+        generation_fields = generation_params(fields)
+        # Refused before it is recorded, stream or not; the prompt's part is the worker's to
+        # check once it has tokenized it.
+        if refusal := self.manager.kv_refusal(0, generation_fields["max_tokens"]):
+            raise InvalidRequest(refusal, param="max_tokens")
+        record = RequestRecord(
+            model=model, notebook=notebook, priority=priority, status=RequestStatus.QUEUED,
+            prompt=generation_fields["prompt"], messages=generation_fields["messages"],
+            parameters={**_parameters(generation_fields),
+                        **({"background": True, "timeout": timeout} if background else {})})
+        recorded = self.store.add_request(record)
+        if background:  # its record must be durable before the client is told it is queued
+            await recorded
+        ticket = Ticket(record.id, model, priority, submitted=submitted)
+        return self._enqueue(Generation(ticket, generation_fields, workers=self.manager,
+                                        lifecycle=self, background=background), timeout)
+
+    def resume(self, jobs: list[dict[str, Any]]) -> None:
+        """Runs again the background jobs a previous server process left unfinished (rows of
+        the store's `recover_unfinished`), with the parameters they were recorded with."""
+        for job in jobs:
+            stored = job["parameters"] or {}
+            params = generation_params({**stored, "prompt": job["prompt"],
+                                        "messages": job["messages"]})
+            ticket = Ticket(job["id"], job["model"], job["priority"])
+            self._enqueue(Generation(ticket, params, workers=self.manager, lifecycle=self,
+                                     background=True), stored.get("timeout"))
+
+    def _enqueue(self, generation: Generation, timeout: float | None) -> Generation:
+        if timeout is not None:
+            generation.set_timeout(timeout)
+        self._by_id[generation.id] = generation
+        self.admission.enqueue(generation.ticket)
+        if generation.background:
+            self.spawn(self._run_in_background(generation))
+        return generation
+
+    @staticmethod
+    async def _run_in_background(generation: Generation) -> None:
+        try:
+            await generation.start()
+            await generation.result()
+        except MlxJupyterError as exc:  # the generation recorded it as failed, with the error
+            log.warning("background request %s failed: %s", generation.id, exc)
+
+    async def cancel(self, request_id: str) -> dict[str, str]:
+        generation = self._by_id.get(request_id)
+        if generation is None:
+            row = await self.store.get_request(request_id)  # RequestNotFound when unknown
+            raise RequestFinished(f"request {request_id!r} is not running: it is "
+                                  f"{row['status']}")
+        was = await generation.cancel()
+        return {"request_id": request_id, "was": was, "status": "cancelled"
+                if was == "queued" else "cancelling"}
+
+    def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Runs a coroutine in the background, keeping a reference until it ends."""
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _with_defaults(self, params: dict[str, Any]) -> dict[str, Any]:
+        missing = [key for key in SETTING_DEFAULTS if params.get(key) is None]
+        if not missing:
+            return params
+        settings = await self.store.setting_values()
+        return {**params, **{key: settings[SETTING_DEFAULTS[key]] for key in missing}}
+
+    # -- what a generation tells the queue (generation.Lifecycle) ---------------------------
+
+    def withdraw(self, generation: Generation) -> bool:
+        return self.admission.withdraw(generation.ticket)
+
+    def started(self, generation: Generation) -> None:
+        self.store.update_request(generation.id, status=RequestStatus.RUNNING,
+                                  started_at=utcnow())
+
+    def ended(self, generation: Generation, outcome: Outcome) -> None:
+        self._by_id.pop(generation.id, None)
+        self.admission.finished(generation.ticket)
+        timings = outcome.timings
+        self.metrics.request_ended(
+            generation.model, str(outcome.status), duration_seconds=timings.total_ms / 1000,
+            ttft_seconds=None if timings.ttft_ms is None else timings.ttft_ms / 1000,
+            usage=outcome.usage.model_dump() if outcome.usage else None)
+        # Written behind: the answer is out; its history must not delay it (a failed write is
+        # logged by the store service).
+        self.store.update_request(generation.id, **outcome.columns())
+
+    def _count_admission(self, ticket: Ticket) -> None:
+        self.metrics.request_admitted(ticket.model, ticket.waited_seconds())
+
+    # -- status ---------------------------------------------------------------------------
+
+    def queued_count(self) -> int:
+        return self.admission.queued_count()
+
+    def counts_by_priority(self) -> dict[str, Any]:
+        return self.admission.counts_by_priority()
+
+    def get_queue_status(self, model: str) -> dict[str, int]:
+        return self.admission.model_counts(model)
+
+    def summary(self) -> dict[str, Any]:
+        return self.admission.summary()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {**self.admission.snapshot(), "max_queued": self.max_queued}
+
+
+def _parameters(params: GenerationParams) -> dict[str, Any]:
+    """What the history records as a request's parameters: all it generates with but its
+    prompt or messages, which have their own columns."""
+    return {key: value for key, value in params.items() if key not in ("prompt", "messages")}
