@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import time
 
@@ -33,6 +34,14 @@ def history_row(live_server, request_id):
     return response.json()
 
 
+def request_id_of(openai_id, prefix):
+    """The native request id an OpenAI id carries: `{prefix}-` and the 32 lowercase hex
+    digits of every request id."""
+    match = re.fullmatch(rf"{prefix}-([0-9a-f]{{32}})", openai_id)
+    assert match, f"{openai_id!r} is not {prefix}- and a request id"
+    return match.group(1)
+
+
 def test_models_are_listed_and_retrieved(client):
     assert "demo" in [model.id for model in client.models.list()]
     demo = client.models.retrieve("demo")
@@ -57,7 +66,7 @@ def test_chat_completion_is_the_native_answer_recorded_with_user_and_priority(
     assert answer.usage.completion_tokens == expected["usage"]["completion_tokens"]
     assert answer.usage.total_tokens == (answer.usage.prompt_tokens
                                          + answer.usage.completion_tokens)
-    row = history_row(live_server, answer.id.removeprefix("chatcmpl-"))
+    row = history_row(live_server, request_id_of(answer.id, "chatcmpl"))
     assert row["notebook"] == USER and row["priority"] == 7 and row["status"] == "completed"
     assert row["messages"] == CHAT and row["output_text"] == choice.message.content
 
@@ -92,7 +101,7 @@ def test_answers_carry_the_seed_the_server_sampled_with(client, live_server):
                                              temperature=1)
     seed = sampled.model_extra["seed"]
     assert isinstance(seed, int)  # none given: the server picked it
-    assert history_row(live_server, sampled.id.removeprefix("chatcmpl-"))["parameters"][
+    assert history_row(live_server, request_id_of(sampled.id, "chatcmpl"))["parameters"][
         "seed"] == seed
     chunks = list(client.chat.completions.create(
         model="demo", messages=CHAT, max_tokens=16, temperature=1, seed=seed, stream=True,
@@ -112,6 +121,8 @@ def test_text_completion_whole_and_streamed(client, live_server):
     expected = native(live_server, model="demo", prompt="Once upon a time", max_tokens=16,
                       temperature=0, stop=["\n\n"])
     assert whole.object == "text_completion" and whole.choices[0].text == expected["text"]
+    assert history_row(live_server, request_id_of(whole.id, "cmpl"))["output_text"] == \
+        expected["text"]
     pieces = [chunk.choices[0].text for chunk in client.completions.create(
         model="demo", prompt=["Once upon a time"], max_tokens=16, temperature=0,
         stop="\n\n", stream=True)]
