@@ -61,6 +61,15 @@ export interface Queue {
   models: Record<string, { active: QueuedRequest[]; queued: QueuedRequest[] }>;
 }
 
+/** A request's figures, computed once by the server when it ended (contracts.generation.Timings). */
+export interface Timings {
+  queue_ms: number | null;
+  ttft_ms: number | null;
+  total_ms: number;
+  tokens_per_second: number | null;
+  prompt_tokens_per_second: number | null;
+}
+
 export interface HistoryRow {
   id: string;
   model: string;
@@ -70,6 +79,7 @@ export interface HistoryRow {
   started_at: string | null;
   finished_at: string | null;
   created_at: string;
+  timings: Timings | null;
 }
 
 export class ApiError extends Error {

@@ -35,12 +35,11 @@ function ago(iso: string | null): string {
   return seconds < 3600 ? `${Math.round(seconds / 60)} min ago` : `${Math.round(seconds / 3600)} h ago`;
 }
 
+// The decode speed as the server stored it when the request ended: the figure its answer
+// reported (and the cell's footer showed), not one recomputed here.
 function tokensPerSecond(row: HistoryRow): string {
-  if (!row.completion_tokens || !row.started_at || !row.finished_at) {
-    return '';
-  }
-  const seconds = (Date.parse(row.finished_at) - Date.parse(row.started_at)) / 1000;
-  return seconds > 0 ? (row.completion_tokens / seconds).toFixed(1) : '';
+  const speed = row.timings?.tokens_per_second;
+  return speed === null || speed === undefined ? '' : speed.toFixed(1);
 }
 
 function basename(path: string | null): string {

@@ -139,7 +139,11 @@ def test_a_generation_from_a_notebook_appears_in_the_recent_list(page, lab):
     recent = page.inner_text('[data-testid="mlx-recent"]')
     assert "sea.ipynb" in recent and "demo" in recent and "completed" in recent
     history = lab.get("mlx/api/requests", params={"model": "demo"}).json()["requests"]
-    assert any((r["notebook"] or "").endswith("sea.ipynb") for r in history)
+    row = next(r for r in history if (r["notebook"] or "").endswith("sea.ipynb"))
+    # The decode speed as stored: the recent list and the cell's footer show the same figure.
+    stored = f"{row['timings']['tokens_per_second']:.1f} tok/s"
+    assert stored in page.inner_text(f'[data-testid="mlx-recent-{row["id"]}"]')
+    page.wait_for_selector(f'.jp-OutputArea-output:has-text("{stored}")')
     shot(page, "4-generated")
 
 
