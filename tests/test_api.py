@@ -3,11 +3,15 @@
 import asyncio
 import json
 import os
+import re
 import signal
 
 import pytest
+import tornado.web
 from tornado.httpclient import HTTPClientError
 
+from mlx_jupyter.api.openapi import METHODS, path_template
+from mlx_jupyter.api.routes import ROUTES
 from mlx_jupyter.limits import MAX_SEED
 
 CHAT = [{"role": "user", "content": "What is a notebook?"}]
@@ -34,15 +38,34 @@ async def loaded(jp_fetch):
     return (await status(jp_fetch))["models"]["loaded"]
 
 
-@pytest.mark.parametrize("method, path", [("GET", "status"), ("POST", "generate")])
+def route_table_requests():
+    """(method, path) for every method of every route in the route table, the path filled in
+    with sample values; the catch-alls (no method of their own) with a GET of a missing path."""
+    samples = {"name": "demo", "key": "default_model", "request_id": "0123abcd",
+               "action": "load"}
+    requests = []
+    for pattern, handler in ROUTES:
+        path = re.sub(r"\{(\w+)\}", lambda group: samples[group.group(1)],
+                      path_template(pattern)).replace(".*", "no-such-route").lstrip("/")
+        methods = [m for m in METHODS
+                   if getattr(handler, m) is not getattr(tornado.web.RequestHandler, m)]
+        requests += [(method.upper(), path) for method in methods or ["get"]]
+    return requests
+
+
 @pytest.mark.parametrize("authorization", ["", "token not-the-token"])
-async def test_every_route_refuses_requests_without_the_token(jp_fetch, method, path,
-                                                              authorization):
-    body = json.dumps({"model": "demo", "prompt": "hi"}) if method == "POST" else None
-    with pytest.raises(HTTPClientError) as excinfo:
-        await jp_fetch("mlx", "api", path, method=method, body=body,
-                       headers={"Authorization": authorization})
-    assert excinfo.value.code == 403
+async def test_every_route_refuses_requests_without_the_token(jp_fetch, authorization):
+    answered = {}
+    for method, path in route_table_requests():
+        try:
+            response = await jp_fetch(path, method=method, allow_nonstandard_methods=True,
+                                      body="{}" if method in ("POST", "PUT") else None,
+                                      headers={"Authorization": authorization})
+            answered[method, path] = response.code
+        except HTTPClientError as error:
+            answered[method, path] = error.code
+    assert len(answered) >= len(ROUTES)
+    assert {request: code for request, code in answered.items() if code != 403} == {}
 
 
 async def test_status_before_any_generation_has_no_worker(jp_fetch):
