@@ -35,12 +35,24 @@ async def opened(store, pool) -> StoreService:
     return service
 
 
-def test_writes_run_in_call_order_in_batches_and_a_failure_stops_nothing(pool):
+class TripCountingPool(BlockingPool):
+    """The real pool, counting the trips made to it."""
+
+    trips = 0
+
+    async def run(self, function, /, *args, **kwargs):
+        self.trips += 1
+        return await super().run(function, *args, **kwargs)
+
+
+def test_writes_run_in_call_order_in_batches_and_a_failure_stops_nothing():
     done: list[int] = []
-    gate = threading.Event()
+    started, gate = threading.Event(), threading.Event()
+    pool = TripCountingPool(4)
 
     def write(n: int) -> int:
         if n == 0:
+            started.set()
             gate.wait(10)  # holds the first batch so that the next writes pile up behind it
         if n == 3:
             raise ValueError("write 3 fails")
@@ -53,7 +65,8 @@ def test_writes_run_in_call_order_in_batches_and_a_failure_stops_nothing(pool):
     async def main():
         writes = WriteBehind(pool, target)
         futures = [writes.write(lambda target: write(0))]
-        await asyncio.sleep(0.05)  # the first batch (write 0) is on the pool, waiting
+        while not started.is_set():  # the first batch (write 0 alone) is on the pool
+            await asyncio.sleep(0.01)
         futures += [writes.write(lambda target, n=n: write(n)) for n in range(1, 6)]
         futures.append(writes.write(lambda target: target))
         gate.set()
@@ -61,6 +74,8 @@ def test_writes_run_in_call_order_in_batches_and_a_failure_stops_nothing(pool):
         return futures
 
     futures = asyncio.run(main())
+    pool.shutdown()
+    assert pool.trips == 2  # write 0, then the six queued behind it in one batch
     assert done == [0, 1, 2, 4, 5]
     assert [f.result() for i, f in enumerate(futures) if i != 3] == \
         [0, 10, 20, 40, 50, "the target"]
