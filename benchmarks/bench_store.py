@@ -41,9 +41,8 @@ MODELS = 10
 NOTEBOOKS = 50
 QUEUED_SHARE = 0.05
 RARE_EVERY = 500
-ALL_REQUEST_INDEXES = ("ix_requests_queue", "ix_requests_model_created",
-                       "ix_requests_notebook_created", "ix_requests_status_created",
-                       "ix_requests_created")
+ALL_REQUEST_INDEXES = ("ix_requests_model_created", "ix_requests_notebook_created",
+                       "ix_requests_status_created", "ix_requests_created")
 
 
 # -- timing -------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from mlx_jupyter.store.schema import Base, Model, Request
 
 pytest_plugins = ["store_fixtures"]  # database_url, store, postgres_server
 
-QUEUE_INDEX = ("ix_requests_queue", ["model_id", "status", "priority", "created_at"])
+QUEUE_INDEX = "ix_requests_queue"  # the database queue claim's, until revision 0004
 HISTORY_INDEXES = {
     "ix_requests_model_created": ["model_id", "created_at"],
     "ix_requests_notebook_created": ["notebook", "created_at"],
@@ -174,10 +174,9 @@ def test_schema_has_the_tables_and_indexes(store):
     inspector = inspect(store.engine)
     assert {"models", "requests", "settings", "alembic_version"} <= set(inspector.get_table_names())
     indexes = request_indexes(store.engine)
-    assert indexes[QUEUE_INDEX[0]] == QUEUE_INDEX[1]
+    assert set(indexes) == set(HISTORY_INDEXES)
     for name, columns in HISTORY_INDEXES.items():
         assert indexes[name] == columns
-    assert descending_columns(store.engine, "ix_requests_queue") == {"priority"}
     assert descending_columns(store.engine, "ix_requests_model_created") == {"created_at"}
     foreign_keys = inspector.get_foreign_keys("requests")
     assert [(fk["referred_table"], fk["options"].get("ondelete")) for fk in foreign_keys] == \
@@ -196,10 +195,10 @@ def test_upgrade_an_empty_database(database_url):
     engine = create_engine_for(database_url)
     try:
         assert current_revision(engine) is None
-        assert upgrade_to_head(engine) == head_revision() == "0003"
-        assert current_revision(engine) == "0003"
-        assert upgrade_to_head(engine) == "0003"  # again: nothing to do
-        assert set(HISTORY_INDEXES) | {QUEUE_INDEX[0]} <= set(request_indexes(engine))
+        assert upgrade_to_head(engine) == head_revision() == "0004"
+        assert current_revision(engine) == "0004"
+        assert upgrade_to_head(engine) == "0004"  # again: nothing to do
+        assert set(request_indexes(engine)) == set(HISTORY_INDEXES)
     finally:
         engine.dispose()
 
@@ -218,7 +217,7 @@ def test_upgrade_from_the_first_revision_keeps_the_rows(database_url):
                 {"id": f"r{i}", "model_id": model_id, "notebook": "nb.ipynb", "priority": i,
                  "status": "completed", "prompt": f"prompt {i}", "parameters": {"seed": i},
                  "created_at": created.replace(second=i)} for i in range(3)])
-        assert upgrade_to_head(engine) == "0003"
+        assert upgrade_to_head(engine) == "0004"
         assert REVISION_0002_INDEXES <= set(request_indexes(engine))
     finally:
         engine.dispose()
@@ -248,7 +247,7 @@ def test_upgrade_to_0003_keeps_the_old_figures_and_times_finished_requests(datab
                 {"id": "waiting", "model_id": model_id, "status": "queued", "prompt": "p",
                  "parameters": {}, "created_at": created, "ttft_ms": None,
                  "finished_at": None}])
-        assert upgrade_to_head(engine) == "0003"
+        assert upgrade_to(engine, "0003") == "0003"
         assert REVISION_0003_COLUMNS <= request_columns(engine)
     finally:
         engine.dispose()
@@ -264,7 +263,7 @@ def test_upgrade_to_0003_keeps_the_old_figures_and_times_finished_requests(datab
         downgrade_to(engine, "0002")
         assert not REVISION_0003_COLUMNS & request_columns(engine)
         assert "ttft_ms" in request_columns(engine)
-        assert set(HISTORY_INDEXES) | {QUEUE_INDEX[0]} <= set(request_indexes(engine))
+        assert set(HISTORY_INDEXES) | {QUEUE_INDEX} <= set(request_indexes(engine))
     finally:
         engine.dispose()
 
@@ -277,13 +276,17 @@ def test_downgrade_to_base_and_upgrade_again(database_url):
     engine = create_engine_for(database_url)
     try:
         upgrade_to_head(engine)
+        downgrade_to(engine, "0003")  # the queue claim's index is back, as 0001 made it
+        assert request_indexes(engine)[QUEUE_INDEX] == ["model_id", "status", "priority",
+                                                        "created_at"]
+        assert descending_columns(engine, QUEUE_INDEX) == {"priority"}
         downgrade_to(engine, "0001")
         assert current_revision(engine) == "0001"
         assert not REVISION_0002_INDEXES & set(request_indexes(engine))
         downgrade_to(engine, "base")
         assert current_revision(engine) is None
         assert not {"models", "requests", "settings"} & set(inspect(engine).get_table_names())
-        assert upgrade_to_head(engine) == "0003"
+        assert upgrade_to_head(engine) == "0004"
     finally:
         engine.dispose()
 
@@ -308,7 +311,7 @@ def test_database_info(store):
     store.settings.set("default_max_tokens", 64)
     info = store.get_database_info()
     assert info["dialect"] == store.engine.dialect.name
-    assert info["schema_revision"] == info["schema_head"] == "0003"
+    assert info["schema_revision"] == info["schema_head"] == "0004"
     assert info["row_counts"] == {"models": 1, "requests": 3, "settings": 1}
     assert info["connection_pool_class"] == "QueuePool"
     assert info["connection_pool_size"] == 10

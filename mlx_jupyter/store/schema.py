@@ -129,11 +129,8 @@ class Setting(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
-# The indexes reference column expressions (priority DESC), so they are declared after the class.
-# The queue claim: one model's queued requests, highest priority first, then FIFO.
-Index("ix_requests_queue",
-      Request.model_id, Request.status, Request.priority.desc(), Request.created_at)
-# History of one model, newest first.
+# The indexes reference column expressions (created_at DESC), so they are declared after the
+# class. History of one model, newest first.
 Index("ix_requests_model_created", Request.model_id, Request.created_at.desc())
 # Revision 0002: the other history filters, and the unfiltered newest-first list.
 Index("ix_requests_notebook_created", Request.notebook, Request.created_at)

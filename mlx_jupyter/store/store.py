@@ -2,7 +2,7 @@
 
 Synchronous and thread-safe: the server calls it from a thread pool, never on the event loop.
 Hot paths use Core statements that select only the columns they need; writes that touch many
-rows go out as one executemany. Every write transaction starts with BEGIN IMMEDIATE on SQLite
+rows are one statement each. Every write transaction starts with BEGIN IMMEDIATE on SQLite
 (see database.py); reads use deferred transactions and never wait for a writer.
 """
 
