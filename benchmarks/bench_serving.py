@@ -1,14 +1,20 @@
 """Serving under concurrency: our Jupyter extension vs mlx_lm.server vs in-process mlx-lm.
 
 One run, on two models (the bundled demo, and a random-weight Llama of about 100M parameters
-made here), with the same fixed chat prompts (temperature 0):
+made here), with the same chat prompts (temperature 0):
 
-1. our server: a real Jupyter server with the extension (started here, own runtime/data dirs,
-   a token, loopback only), N streaming clients at once (async httpx, NDJSON);
+1. our server: a real Jupyter server with the extension as the product runs it (default
+   settings: its model worker gets OpenBLAS and the BLAS thread count `blas_threads` picks, and
+   keeps a prompt cache), N streaming clients at once (async httpx, NDJSON);
 2. the in-process limit: ``mlx_lm.stream_generate`` on the same prompts, one at a time, in a
-   subprocess with OpenBLAS preloaded;
-3. ``mlx_lm.server`` (OpenBLAS preloaded; it batches continuously too), the same clients through
-   its OpenAI-compatible ``/v1/chat/completions`` streaming (SSE);
+   subprocess;
+3. ``mlx_lm.server`` (it batches continuously too, and keeps a prompt cache of its own), the
+   same clients through its OpenAI-compatible ``/v1/chat/completions`` streaming (SSE);
+
+so that a ratio measures serving alone, the baselines get what our worker gets: the BLAS
+library and thread count read from our worker's environment (LD_PRELOAD, OPENBLAS_NUM_THREADS)
+for each model, and every request's prompt is new (a unique number first, then one of 8 texts),
+so that no prompt cache saves anyone a prefill (our answers' cached_tokens are reported);
 4. ``GET mlx/api/status`` latency on our server, idle and while 4 streams of the demo generate
    (the streams come from another process, so the poller's own loop is not the one parsing
    them);
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import math
 import os
@@ -58,7 +65,7 @@ class BenchModel:
 
 # The random Llama: hidden 1024, 8 layers, the demo's 2048-token vocabulary (about 105M).
 LLAMA_100M = (1024, 8)
-PROMPTS = [
+TEXTS = [
     "Tell me a short story about a lighthouse keeper.",
     "What are three good habits for writing clean code?",
     "Describe the water cycle in simple words.",
@@ -68,6 +75,19 @@ PROMPTS = [
     "Explain what a priority queue is.",
     "List some fun things to do on a rainy day.",
 ]
+BLAS_VARIABLES = ("LD_PRELOAD", "OPENBLAS_NUM_THREADS")
+
+
+def unique_prompts(tag: str, count: int) -> list[str]:
+    """`count` prompts no server has seen: a number made from the tag first (so that prompts
+    share no prefix beyond the chat template's), then the texts in turn."""
+    return [f"{hashlib.sha256(f'{tag} {i}'.encode()).hexdigest()[:8]}: {TEXTS[i % len(TEXTS)]}"
+            for i in range(count)]
+
+
+def level_tag(round_number: int, concurrency: int) -> str:
+    """The prompts of one level of one round: the same for every side, new to each."""
+    return f"round {round_number}, {concurrency} clients"
 
 IN_PROCESS = r"""
 import json, sys, time
@@ -131,7 +151,8 @@ async def ours_one(client: httpx.AsyncClient, url: str, model: str, text: str, m
     usage, timings = final["usage"], final["timings"]
     return {"ttft_ms": ((first or end) - start) * 1000, "e2e_ms": (end - start) * 1000,
             "tokens": usage["completion_tokens"], "queue_ms": timings["queue_ms"],
-            "server_ttft_ms": timings["ttft_ms"]}
+            "server_ttft_ms": timings["ttft_ms"], "prompt_tokens": usage["prompt_tokens"],
+            "cached_tokens": usage["cached_tokens"]}
 
 
 async def mlx_lm_one(client: httpx.AsyncClient, url: str, model: str, text: str,
@@ -161,21 +182,20 @@ async def mlx_lm_one(client: httpx.AsyncClient, url: str, model: str, text: str,
     end = time.perf_counter()
     return {"ttft_ms": ((first or end) - start) * 1000, "e2e_ms": (end - start) * 1000,
             "tokens": tokens if tokens is not None else chunks, "queue_ms": None,
-            "server_ttft_ms": None}
+            "server_ttft_ms": None, "prompt_tokens": None, "cached_tokens": None}
 
 
 async def run_level(one, client: httpx.AsyncClient, url: str, model: BenchModel,
-                    concurrency: int, cpu_seconds=None) -> dict:
-    """`model.requests` requests, at most `concurrency` in flight (each client takes the next).
-    With cpu_seconds (a function giving CPU seconds used so far), also the CPU those used per
+                    concurrency: int, prompts: list[str], cpu_seconds=None) -> dict:
+    """The prompts, at most `concurrency` in flight (each client takes the next). With
+    cpu_seconds (a function giving CPU seconds used so far), also the CPU those used per
     second of the level, in cores."""
-    todo = iter(range(model.requests))
+    todo = iter(prompts)
     results: list[dict] = []
 
     async def worker() -> None:
-        for i in todo:
-            results.append(await one(client, url, model.name, PROMPTS[i % len(PROMPTS)],
-                                     model.max_tokens))
+        for text in todo:
+            results.append(await one(client, url, model.name, text, model.max_tokens))
 
     cpu_before = cpu_seconds() if cpu_seconds else 0.0
     start = time.perf_counter()
@@ -190,18 +210,26 @@ async def run_level(one, client: httpx.AsyncClient, url: str, model: BenchModel,
             "e2e95": pct(e2e, 95), "tps": sum(r["tokens"] for r in results) / wall,
             "queue50": p50(queue) if queue else None, "queue95": pct(queue, 95) if queue else None,
             "server_ttft50": p50(server_ttft) if server_ttft else None,
-            "tokens": sum(r["tokens"] for r in results), "cpu_share": cpu_share}
+            "tokens": sum(r["tokens"] for r in results), "cpu_share": cpu_share,
+            "prompt_tokens": _sum_of(results, "prompt_tokens"),
+            "cached_tokens": _sum_of(results, "cached_tokens")}
 
 
-async def bench_server(one, url: str, headers: dict, levels: list[int],
-                       model: BenchModel, cpu_seconds=None) -> dict[int, dict]:
+def _sum_of(results: list[dict], key: str) -> int | None:
+    return None if results[0][key] is None else sum(r[key] for r in results)
+
+
+async def bench_server(one, url: str, headers: dict, levels: list[int], model: BenchModel,
+                       round_number: int, cpu_seconds=None) -> dict[int, dict]:
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     async with httpx.AsyncClient(headers=headers, timeout=600, limits=limits) as client:
-        for text in PROMPTS[:2]:  # warm-up: loads the model, compiles; not counted
+        # Warm-up: loads the model, compiles; not counted.
+        for text in unique_prompts(f"round {round_number}, warm-up", 2):
             await one(client, url, model.name, text, model.max_tokens)
         out = {}
         for n in levels:
-            out[n] = await run_level(one, client, url, model, n, cpu_seconds)
+            prompts = unique_prompts(level_tag(round_number, n), model.requests)
+            out[n] = await run_level(one, client, url, model, n, prompts, cpu_seconds)
             print(json.dumps({"url": url, "model": model.name, "concurrency": n, **out[n]}),
                   flush=True)
         return out
@@ -218,7 +246,7 @@ def keep_streams_running(url: str, headers: dict, streams: int, ready, stop) -> 
                 nonlocal started
                 while not stop.is_set():
                     started += 1
-                    await ours_one(client, url, "demo", PROMPTS[started % len(PROMPTS)], 512,
+                    await ours_one(client, url, "demo", TEXTS[started % len(TEXTS)], 512,
                                    1.0, started)
                     ready.set()
 
@@ -257,11 +285,11 @@ def status_latency(url: str, headers: dict, polls: int) -> dict:
     return {"idle": idle, "busy": busy}
 
 
-def in_process(model: BenchModel, neighbour_share: float = 0.0) -> list[dict]:
-    """The in-process limit; with neighbour_share, while another process keeps that share of a
-    core busy (see `CPU_NEIGHBOUR`)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LD_PRELOAD": OPENBLAS}
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(model.requests)]
+def in_process(model: BenchModel, blas: dict[str, str | None], prompts: list[str],
+               neighbour_share: float = 0.0) -> list[dict]:
+    """The in-process limit, with our worker's BLAS; with neighbour_share, while another
+    process keeps that share of a core busy (see `CPU_NEIGHBOUR`)."""
+    env = with_blas({**os.environ, "HF_HUB_OFFLINE": "1"}, blas)
     neighbour = (subprocess.Popen([sys.executable, "-c", CPU_NEIGHBOUR, str(neighbour_share)])
                  if neighbour_share > 0 else None)
     try:
@@ -301,10 +329,30 @@ def server_and_client_cpu(server_pid: int):
     return seconds
 
 
-def start_mlx_lm_server(model_path: Path, log_path: Path,
+def worker_blas(url: str, headers: dict, model: str) -> dict[str, str | None]:
+    """The BLAS our server's worker for the model runs with: it loads the model and reads the
+    worker's environment."""
+    httpx.post(url + f"mlx/api/models/{model}/load", headers=headers, json={},
+               timeout=600).raise_for_status()
+    loaded = httpx.get(url + "mlx/api/status", headers=headers, timeout=60).json()
+    [pid] = [m["pid"] for m in loaded["models"]["loaded"] if m["name"] == model]
+    with open(f"/proc/{pid}/environ", "rb") as environ:
+        variables = dict(item.split(b"=", 1) for item in environ.read().split(b"\0")
+                         if b"=" in item)
+    return {name: variables[name.encode()].decode() if name.encode() in variables else None
+            for name in BLAS_VARIABLES}
+
+
+def with_blas(env: dict[str, str], blas: dict[str, str | None]) -> dict[str, str]:
+    """The environment with exactly our worker's BLAS variables (set, or absent)."""
+    env = {key: value for key, value in env.items() if key not in blas}
+    return {**env, **{key: value for key, value in blas.items() if value is not None}}
+
+
+def start_mlx_lm_server(model_path: Path, log_path: Path, blas: dict[str, str | None],
                         timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LD_PRELOAD": OPENBLAS}
+    env = with_blas({**os.environ, "HF_HUB_OFFLINE": "1"}, blas)
     log = open(log_path, "wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "mlx_lm", "server", "--model", str(model_path),
@@ -423,6 +471,7 @@ def main() -> None:
     status = None
     server = None
     mlx_servers: dict[str, tuple[subprocess.Popen, str]] = {}
+    blas: dict[str, dict[str, str | None]] = {}  # our worker's, per model: the baselines' too
     try:
         server = start_server(scratch / "server", scratch / "jupyter.log")
         headers = {"Authorization": f"token {server.token}"}
@@ -431,24 +480,29 @@ def main() -> None:
                 httpx.post(server.url + "mlx/api/models", headers=headers, timeout=60,
                            json={"name": model.name, "path": str(model.path)}
                            ).raise_for_status()
+            blas[model.name] = worker_blas(server.url, headers, model.name)
+            print(json.dumps({"model": model.name, "worker_blas": blas[model.name]}), flush=True)
             mlx_servers[model.name] = start_mlx_lm_server(
-                model.path, scratch / f"mlx_lm_server-{model.name}.log")
+                model.path, scratch / f"mlx_lm_server-{model.name}.log", blas[model.name])
         # Rounds interleave the three, so that a busy spell on this shared machine hits all
         # of them alike; each figure is the median over the rounds.
         for round_number in range(args.rounds):
             for model in models:
-                local_runs[model.name].append(in_process_summary(in_process(model)))
+                # The prompts ours and mlx_lm.server get at their first level.
+                prompts = unique_prompts(level_tag(round_number, levels[0]), model.requests)
+                local_runs[model.name].append(in_process_summary(
+                    in_process(model, blas[model.name], prompts)))
                 print(json.dumps({"round": round_number, "in_process": model.name,
                                   **local_runs[model.name][-1]}), flush=True)
                 ours_runs[model.name].append(asyncio.run(bench_server(
-                    ours_one, server.url, headers, levels, model,
+                    ours_one, server.url, headers, levels, model, round_number,
                     server_and_client_cpu(server.process.pid))))
                 theirs_runs[model.name].append(asyncio.run(bench_server(
-                    mlx_lm_one, mlx_servers[model.name][1], {}, levels, model)))
+                    mlx_lm_one, mlx_servers[model.name][1], {}, levels, model, round_number)))
                 if 1 in levels:
                     share = ours_runs[model.name][-1][1]["cpu_share"]
-                    beside_runs[model.name].append(
-                        {**in_process_summary(in_process(model, share)), "share": share})
+                    beside_runs[model.name].append({**in_process_summary(
+                        in_process(model, blas[model.name], prompts, share)), "share": share})
                     print(json.dumps({"round": round_number, "in_process_beside": model.name,
                                       **beside_runs[model.name][-1]}), flush=True)
         if "demo" in wanted:
@@ -467,6 +521,12 @@ def main() -> None:
               for name, runs in theirs_runs.items()}
 
     body = "All times in ms; tok/s = output tokens per second; ratio = ours / other.\n\n"
+    body += "What each side gets (the baselines get our worker's BLAS environment):\n\n" + table(
+        ["model", "LD_PRELOAD", "OPENBLAS_NUM_THREADS", "prompt cache"],
+        [[model.name, blas[model.name]["LD_PRELOAD"] or "(none)",
+          blas[model.name]["OPENBLAS_NUM_THREADS"] or "(library default)",
+          "ours and mlx_lm.server: on; in-process: none; every prompt new to all three"]
+         for model in models]) + "\n\n"
     targets = []
     for model in models:
         mine, other, limit = ours[model.name], theirs[model.name], local[model.name]
@@ -475,7 +535,9 @@ def main() -> None:
         body += table(LEVEL_HEADERS, level_rows(mine, other, levels))
         body += "\n\nOutput tokens per level: " + ", ".join(
             f"{n} clients ours {mine[n]['tokens']} / mlx_lm.server {other[n]['tokens']}"
-            for n in levels) + "."
+            for n in levels) + ". Prompt tokens ours took from its prompt cache: " + ", ".join(
+            f"{mine[n]['cached_tokens']:.0f} of {mine[n]['prompt_tokens']:.0f}"
+            for n in levels) + " (the chat template's opening, shared by every prompt)."
         body += ("\n\nIn-process limit, `mlx_lm.stream_generate`, one request at a time:\n\n"
                  + table(["requests", "TTFT p50", "TTFT p95", "e2e p50", "e2e p95", "tok/s",
                           "output tokens"],
@@ -524,9 +586,11 @@ def main() -> None:
 - {args.rounds} rounds, each running the in-process limit, our server and mlx_lm.server one
   after the other on each model (all servers started once, before the first round); every
   figure in the tables is the median over the rounds, and ratios are ratios of medians.
-- Prompts: {len(PROMPTS)} fixed chat prompts cycled, temperature 0; a closed loop of N clients,
-  each sending its next request when its last one ends; 2 warm-up requests per server, model
-  and round not counted.
+- Prompts: each request's is new, an 8-hex-digit number (from the round, the level and the
+  request) then one of {len(TEXTS)} texts in turn; every side gets the same prompts for the same
+  round and level (the in-process run those of the first level), temperature 0; a closed loop
+  of N clients, each sending its next request when its last one ends; 2 warm-up requests per
+  server, model and round not counted.
 - TTFT and e2e are client-side: from sending the POST to the first non-empty text piece, and to
   the end of the stream (our NDJSON `done` line; mlx_lm.server's `data: [DONE]`). p50 is the
   median, p95/p99 nearest-rank.
@@ -550,8 +614,11 @@ def main() -> None:
   and of this client process during our 1-client level, per second of it, then burnt by a
   busy-loop process (busy that share of every millisecond) beside a second in-process run. It
   shows how much of the one-stream gap is the two processes' CPU rather than their latency.
-- Both servers run workers with OpenBLAS preloaded (ours by its `preload_openblas` setting); the
-  clients run on the same 2-core machine and compete with the servers for CPU.
+- BLAS: our server runs with its defaults; the BLAS variables of its worker for each model
+  (LD_PRELOAD from `preload_openblas`, OPENBLAS_NUM_THREADS from `blas_threads`: one thread for
+  the demo, the library's default for the larger model) are read from the worker's
+  /proc/PID/environ and given to the in-process run and to mlx_lm.server. The clients run on
+  the same 2-core machine and compete with the servers for CPU.
 - Small samples on 2 shared cores: repeated runs differ by tens of percent (tok/s, p50s) and
   p95s/p99s are set by one or two requests; read the ratios as rough.
 - Total benchmark wall time: {time.perf_counter() - began:.0f} s.
