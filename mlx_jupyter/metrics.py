@@ -152,16 +152,16 @@ class LiveCollector(Collector):
 
     def _memory(self) -> Iterator[Metric]:
         status = self.manager.get_system_status()
-        memory, models = status["memory"], status["models"]
+        memory, models = status.memory, status.models
         yield GaugeMetricFamily(f"{PREFIX}models_loaded", "Models loaded now.",
-                                value=models["loaded_count"])
+                                value=models.loaded_count)
         for key, name, documentation in (
                 ("total", "memory_total_bytes", "Physical memory of the machine."),
                 ("available", "memory_available_bytes", "Memory available to new processes."),
                 ("budget", "memory_budget_bytes", "Memory the loaded models may use together."),
                 ("used_by_models", "memory_used_by_models_bytes",
                  "Memory counted against the budget by loaded and loading models (estimates).")):
-            yield GaugeMetricFamily(PREFIX + name, documentation, value=memory[key])
+            yield GaugeMetricFamily(PREFIX + name, documentation, value=getattr(memory, key))
         estimate = GaugeMetricFamily(
             f"{PREFIX}model_memory_estimate_bytes",
             "A loaded model's memory estimate, its worker's own cost included.", labels=["model"])
@@ -171,12 +171,12 @@ class LiveCollector(Collector):
         prompt_cache = GaugeMetricFamily(
             f"{PREFIX}prompt_cache_bytes", "Bytes a loaded model's prompt cache holds, by its "
             "worker's latest report.", labels=["model"])
-        for model in models["loaded"]:
-            estimate.add_metric([model["name"]], model["budget_bytes"])
-            if model["rss_bytes"] is not None:
-                rss.add_metric([model["name"]], model["rss_bytes"])
-            if model["live"] is not None:
-                prompt_cache.add_metric([model["name"]], model["live"]["prompt_cache_bytes"])
+        for model in models.loaded:
+            estimate.add_metric([model.name], model.budget_bytes)
+            if model.rss_bytes is not None:
+                rss.add_metric([model.name], model.rss_bytes)
+            if model.live is not None:
+                prompt_cache.add_metric([model.name], model.live.prompt_cache_bytes)
         yield estimate
         yield rss
         yield prompt_cache

@@ -152,7 +152,7 @@ async def test_unload_ends_the_worker_and_returns_its_memory(tmp_path):
         private = psutil.Process(pid).memory_full_info().uss
         # "used" leaves out the page cache, where the weights file stays after the unload.
         used_loaded = psutil.virtual_memory().used
-        assert manager.get_system_status()["models"]["loaded"][0]["rss_bytes"] >= rss * 0.9
+        assert manager.get_system_status().models.loaded[0].rss_bytes >= rss * 0.9
 
         await manager.unload("big")
         assert not psutil.pid_exists(pid)
@@ -161,7 +161,7 @@ async def test_unload_ends_the_worker_and_returns_its_memory(tmp_path):
                and time.monotonic() < deadline):
             await asyncio.sleep(0.1)
         assert used_loaded - psutil.virtual_memory().used >= 0.4 * private
-        assert manager.get_system_status()["models"]["loaded_count"] == 0
+        assert manager.get_system_status().models.loaded_count == 0
     finally:
         await manager.shutdown()
 

@@ -25,6 +25,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ..contracts.models import ModelState
+from ..contracts.status import LoadedModels, Memory, SystemStatus
 from ..engine.proxy import WorkerProxy
 from ..errors import MlxJupyterError, ModelBusy, ModelDoesNotFit
 from ..limits import (
@@ -164,30 +166,31 @@ class ModelManager:
                               * estimate.kv_bytes_per_token),
             worker_bytes=self.limits.worker_base_bytes)
 
-    def describe(self, slot: ModelSlot) -> dict[str, Any]:
+    def describe(self, slot: ModelSlot) -> ModelState:
         """A slot's state, with its memory: the estimate it is counted for beside what its
         worker really holds (`live`: the worker's latest report; None while not loaded)."""
         worker = slot.worker
         alive = worker is not None and worker.alive
-        return {"name": slot.name, "status": slot.status.value,
-                "pid": worker.pid if worker else None,
-                "budget_bytes": slot.budget_bytes,
-                "footprint": slot.footprint.to_dict() if slot.footprint else None,
-                "rss_bytes": self._rss(worker.pid) if alive else None,
-                "live": worker.memory if alive else None,
-                "pinned": slot.pinned, "active_requests": slot.active_requests,
-                "last_used_at": slot.last_used_at, "error": slot.error}
+        return ModelState(
+            name=slot.name, status=slot.status.value, pid=worker.pid if worker else None,
+            budget_bytes=slot.budget_bytes,
+            footprint=slot.footprint.to_dict() if slot.footprint else None,
+            rss_bytes=self._rss(worker.pid) if alive else None,
+            live=worker.memory if alive else None, pinned=slot.pinned,
+            active_requests=slot.active_requests, last_used_at=slot.last_used_at,
+            error=slot.error)
 
-    def get_system_status(self) -> dict[str, Any]:
+    def get_system_status(self) -> SystemStatus:
         """Memory and loaded models; cheap (a /proc read, RSS sampled every 2 s, no database)."""
         memory = system_memory()
         loaded = [self.describe(slot) for slot in self.loaded()]
         used = self.used_bytes()
-        return {"memory": {"total": memory.total, "available": memory.available,
-                           "budget": self.limits.budget_bytes, "used_by_models": used,
-                           "rss_of_models": sum(m["rss_bytes"] or 0 for m in loaded)},
-                "models": {"loaded_count": len(loaded), "total_memory_gb": round(used / GB, 3),
-                           "max_loaded": self.limits.max_loaded_models, "loaded": loaded}}
+        return SystemStatus(
+            memory=Memory(total=memory.total, available=memory.available,
+                          budget=self.limits.budget_bytes, used_by_models=used,
+                          rss_of_models=sum(m.rss_bytes or 0 for m in loaded)),
+            models=LoadedModels(loaded_count=len(loaded), total_memory_gb=round(used / GB, 3),
+                                max_loaded=self.limits.max_loaded_models, loaded=loaded))
 
     # -- requests' use of a model ---------------------------------------------------------
 

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
+from ..contracts.models import Footprint, ForgottenModel, ModelDescription, ModelState
 from ..services import BlockingPool, StoreService
 from ..store.records import ModelStatus
 from .manager import ModelManager
@@ -46,7 +47,7 @@ class ModelService:
         self._run = pool.run
 
     @_after_restore
-    async def list(self) -> list[dict[str, Any]]:
+    async def list(self) -> list[ModelDescription]:
         """Every model: where it is from, its size and estimate, whether and how it is loaded,
         how often it was used."""
         await self._run(self.registry.refresh)
@@ -55,18 +56,18 @@ class ModelService:
         return [self._describe(info, remembered.get(info.entry.name)) for info in infos]
 
     @_after_restore
-    async def get(self, name: str) -> dict[str, Any]:
+    async def get(self, name: str) -> ModelDescription:
         info = await self._run(self.registry.info, name)
         return self._describe(info, await self.store.get_model(name))
 
     @_after_restore
-    async def register(self, name: str, path: str) -> dict[str, Any]:
+    async def register(self, name: str, path: str) -> ModelDescription:
         entry = await self._run(self.registry.register, name, path)
         await self._remember(entry)
         return await self.get(name)
 
     @_after_restore
-    async def forget(self, name: str, *, delete_files: bool = False) -> dict[str, Any]:
+    async def forget(self, name: str, *, delete_files: bool = False) -> ForgottenModel:
         """Unloads (refused while requests are in flight) and forgets a model, for good: its
         row stays in the database with its history, marked forgotten, so the next start does
         not register it again."""
@@ -75,20 +76,20 @@ class ModelService:
         await self._run(self.registry.forget, name, delete_files=delete_files)
         self.manager.forget(name)
         await self.store.update_model(name, source=FORGOTTEN, pinned=False)
-        return {"name": name, "source": entry.source, "deleted_files": delete_files}
+        return ForgottenModel(name=name, source=entry.source, deleted_files=delete_files)
 
     @_after_restore
-    async def load(self, name: str) -> dict[str, Any]:
+    async def load(self, name: str) -> ModelDescription:
         await self.manager.load(name)
         return await self.get(name)
 
     @_after_restore
-    async def unload(self, name: str) -> dict[str, Any]:
+    async def unload(self, name: str) -> ModelDescription:
         await self.manager.unload(name)
         return await self.get(name)
 
     @_after_restore
-    async def pin(self, name: str, pinned: bool) -> dict[str, Any]:
+    async def pin(self, name: str, pinned: bool) -> ModelDescription:
         self.manager.pin(name, pinned)
         await self.store.update_model(name, pinned=pinned)
         return await self.get(name)
@@ -123,20 +124,23 @@ class ModelService:
     async def _remember(self, entry: ModelEntry) -> None:
         await self.store.ensure_model(entry.name, str(entry.path), entry.source, entry.kind)
 
-    def _describe(self, info: ModelInfo, row: dict[str, Any] | None) -> dict[str, Any]:
+    def _describe(self, info: ModelInfo, row: dict[str, Any] | None) -> ModelDescription:
         name = info.entry.name
         slot = self.manager.slots().get(name)
-        state = self.manager.describe(slot) if slot is not None else {
-            "status": "unloaded", "pid": None, "rss_bytes": None, "live": None,
-            "pinned": False, "active_requests": 0, "last_used_at": None, "error": None}
-        row = row or {}
-        if state["status"] not in (ModelStatus.LOADED, ModelStatus.LOADING):
+        state = (self.manager.describe(slot) if slot is not None
+                 else ModelState(name=name, status=ModelStatus.UNLOADED.value, pid=None,
+                                 budget_bytes=None, footprint=None, rss_bytes=None, live=None,
+                                 pinned=False, active_requests=0, last_used_at=None,
+                                 error=None))
+        if state.status not in (ModelStatus.LOADED, ModelStatus.LOADING):
             # Not counted now: what a load would count, from the folder as it is.
             footprint = self.manager.footprint(info.estimate) if info.estimate else None
-            state = {**state, "footprint": footprint.to_dict() if footprint else None,
-                     "budget_bytes": footprint.total_bytes if footprint else None}
-        return {**info.to_dict(), **state,
-                "use_count": row.get("use_count", 0),
-                "registered_at": row.get("created_at"),
-                "last_used_at": state["last_used_at"] or row.get("last_used_at"),
-                "error": state["error"] or row.get("last_error")}
+            state = state.model_copy(update={
+                "footprint": Footprint(**footprint.to_dict()) if footprint else None,
+                "budget_bytes": footprint.total_bytes if footprint else None})
+        row = row or {}
+        return ModelDescription(
+            **info.to_dict(), **state.model_dump(exclude={"name", "last_used_at", "error"}),
+            use_count=row.get("use_count", 0), registered_at=row.get("created_at"),
+            last_used_at=state.last_used_at or row.get("last_used_at"),
+            error=state.error or row.get("last_error"))

@@ -1,0 +1,10 @@
+"""The base of every answer: exact, so a key the server adds without a schema fails the tests
+(and the handler) instead of reaching clients undocumented."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Answer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
