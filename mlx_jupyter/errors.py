@@ -42,6 +42,17 @@ class ModelDoesNotFit(MlxJupyterError):
     status = 409
 
 
+class RequestDoesNotFit(MlxJupyterError):
+    """A request whose prompt and max_tokens need more KV cache than its model reserves: what
+    the server is configured to hold refuses it (c.MlxApp.kv_reserve_tokens), not its form."""
+
+    status = 409
+
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
 class ModelBusy(MlxJupyterError):
     """The model has requests in flight, so it cannot be unloaded now."""
 

@@ -165,7 +165,9 @@ def test_the_status_shows_the_estimate_beside_the_live_memory(server):
     assert re.search(r'mlx_jupyter_prompt_cache_bytes\{model="m256"\} [1-9]', metrics)
 
 
-def test_a_request_its_kv_reservation_cannot_hold_is_refused_with_a_400(server):
+def test_a_request_its_kv_reservation_cannot_hold_is_refused_with_a_409(server):
+    """A 409, not a 400: the request is well formed; the server's configuration (its KV
+    reservation, or a default_max_tokens setting above it) is what cannot hold it."""
     capacity = 8 * KV_RESERVE_TOKENS
 
     def generate(**body):
@@ -174,15 +176,15 @@ def test_a_request_its_kv_reservation_cannot_hold_is_refused_with_a_400(server):
 
     for stream in (False, True):  # max_tokens alone: refused before it is queued
         answer = generate(stream=stream, max_tokens=capacity + 10)
-        assert answer.status_code == 400, answer.text
+        assert answer.status_code == 409, answer.text
         message = answer.json()["message"]
         assert f"max_tokens {capacity + 10}" in message and f"{capacity} this model" in message
         assert "kv_reserve_tokens" in message
-    # The prompt's share counts too, once its worker has tokenized it: a 400 when whole, the
+    # The prompt's share counts too, once its worker has tokenized it: a 409 when whole, the
     # last event of a stream (whose status line left before the prompt was read).
     long_prompt = " ".join(["river stone"] * 60)
     answer = generate(prompt=long_prompt, max_tokens=capacity - 10)
-    assert answer.status_code == 400, answer.text
+    assert answer.status_code == 409, answer.text
     assert re.search(rf"needs KV cache for \d+ tokens \(\d+ of prompt \+ {capacity - 10} "
                      rf"max_tokens\), more than the {capacity}", answer.json()["message"])
     streamed = generate(prompt=long_prompt, max_tokens=capacity - 10, stream=True)

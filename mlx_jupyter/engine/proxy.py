@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import cast
 
-from ..errors import InvalidRequest, WorkerError
+from ..errors import RequestDoesNotFit, WorkerError
 from ..limits import DEFAULT_KV_RESERVE_TOKENS, DEFAULT_MAX_BATCH_SIZE, DEFAULT_PROMPT_CACHE_BYTES
 from .protocol import (
     MAX_LINE_BYTES,
@@ -160,7 +160,7 @@ class WorkerProxy:
     async def generate(self, request_id: str, params: GenerationParams
                        ) -> AsyncIterator[TextMessage | DoneMessage]:
         """Yields the worker's messages for one request: its text, then its DoneMessage.
-        A request the worker refuses raises InvalidRequest before any message; one that fails
+        A request the worker refuses raises RequestDoesNotFit before any message; one that fails
         raises WorkerError.
 
         Leaving the iteration early (a client that went away) cancels the request in the worker.
@@ -181,7 +181,7 @@ class WorkerProxy:
                 if message["finish_reason"] == "error":
                     error = cast(ErrorMessage, message)
                     if error["refused"]:
-                        raise InvalidRequest(error["error"])
+                        raise RequestDoesNotFit(error["error"])
                     raise WorkerError(f"generation failed in model {self.model_name!r}: "
                                       f"{error['error']}")
                 yield cast(DoneMessage, message)

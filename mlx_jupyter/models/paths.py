@@ -27,6 +27,18 @@ class InvalidModelPath(InvalidRequest):
     """A model path that is unsafe, outside the allowed roots, or not a loadable model."""
 
 
+class ModelPathForbidden(InvalidModelPath):
+    """A well-formed path the server's allowed roots keep out."""
+
+    status = 403
+
+
+class ModelPathMissing(InvalidModelPath):
+    """A well-formed path, under the roots, where there is nothing."""
+
+    status = 404
+
+
 @dataclass(frozen=True)
 class ModelFolder:
     path: Path  # resolved
@@ -70,16 +82,17 @@ def resolve_under_roots(raw: str | os.PathLike[str], roots: Sequence[str]) -> Pa
     """The resolved folder a request path names, if it lies under one of the (resolved) roots."""
     text = check_request_path(raw)
     if not roots:
-        raise InvalidModelPath("no folders are allowed for models: configure "
-                               "c.MlxApp.allowed_model_roots")
+        raise ModelPathForbidden("no folders are allowed for models: configure "
+                                 "c.MlxApp.allowed_model_roots")
     real = os.path.realpath(text)
     if not any(is_within(real, root) for root in roots):
         via = "" if real == text else f" resolves to {real}, which"
-        raise InvalidModelPath(f"{text}{via} is outside the allowed model roots "
-                               f"({', '.join(roots)})")
+        raise ModelPathForbidden(f"{text}{via} is outside the allowed model roots "
+                                 f"({', '.join(roots)})")
+    if not os.path.exists(real):
+        raise ModelPathMissing(f"{text} does not exist")
     if not os.path.isdir(real):
-        what = "does not exist" if not os.path.exists(real) else "is not a folder"
-        raise InvalidModelPath(f"{text} {what}")
+        raise InvalidModelPath(f"{text} is not a folder")
     return Path(real)
 
 
@@ -89,8 +102,9 @@ def check_links_inside(folder: Path, roots: Sequence[str]) -> None:
         if entry.is_symlink():
             target = os.path.realpath(entry.path)
             if not any(is_within(target, root) for root in roots):
-                raise InvalidModelPath(f"{folder}/{entry.name} is a link to {target}, outside "
-                                       f"the allowed model roots ({', '.join(roots)})")
+                raise ModelPathForbidden(f"{folder}/{entry.name} is a link to {target}, "
+                                         f"outside the allowed model roots "
+                                         f"({', '.join(roots)})")
 
 
 # -- what -----------------------------------------------------------------------------------

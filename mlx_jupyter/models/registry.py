@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidRequest, MlxJupyterError, ModelNotFound
-from ..limits import DEMO_MODEL_NAME
+from ..limits import DEMO_MODEL_NAME, MAX_MODEL_NAME_CHARS
 from .memory import (RACY_WINDOW_NS, InvalidModelFiles, MemoryEstimate, MemoryEstimator,
                      kind_of_config, read_config)
 from .paths import (InvalidModelPath, ModelFolder, check_links_inside, check_request_path,
@@ -43,11 +43,12 @@ BUNDLED, REGISTERED, FOLDER, HUGGINGFACE = "bundled", "registered", "folder", "h
 # registers it again at start-up.
 FORGOTTEN = "forgotten"
 
-MAX_NAME_LENGTH = 128
 # Segments separated by "/" (for repo ids such as mlx-community/Foo), each starting with a
-# letter or digit: no empty, "." or ".." segment can sneak into a URL or a path.
-RESERVED_LAST_PARTS = frozenset({"load", "unload"})  # actions under mlx/api/models/{name}/
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
+# letter or digit and holding no "..": no empty, "." or ".." segment can sneak into a URL or a
+# path. Written without lookarounds, so JSON Schema (the OpenAPI document) states it as is.
+_SEGMENT = r"[A-Za-z0-9](?:\.?[A-Za-z0-9_-])*\.?"
+NAME_PATTERN = rf"^{_SEGMENT}(?:/{_SEGMENT})*$"
+_NAME = re.compile(NAME_PATTERN)
 
 
 class InvalidModelName(InvalidRequest):
@@ -58,8 +59,11 @@ class ModelExists(MlxJupyterError):
     status = 409
 
 
-class ModelNotForgettable(InvalidRequest):
-    pass
+class ModelNotForgettable(MlxJupyterError):
+    """The model cannot be forgotten as asked: where it comes from (bundled, a configured
+    folder, the Hugging Face cache without deleting its files) decides, not the request."""
+
+    status = 409
 
 
 class ModelFilesMissing(MlxJupyterError):
@@ -120,15 +124,12 @@ class _Resolution:
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not name:
         raise InvalidModelName("a model name must be a non-empty string")
-    if len(name) > MAX_NAME_LENGTH:
-        raise InvalidModelName(f"model name is longer than {MAX_NAME_LENGTH} characters")
-    if ".." in name or not _NAME.match(name):
+    if len(name) > MAX_MODEL_NAME_CHARS:
+        raise InvalidModelName(f"model name is longer than {MAX_MODEL_NAME_CHARS} characters")
+    if not _NAME.match(name):
         raise InvalidModelName(f"model name {name!r} is not allowed: use letters, digits, "
                                f"'.', '_', '-' and '/' between parts, each part starting with "
                                f"a letter or digit, and no '..'")
-    if "/" in name and name.rsplit("/", 1)[1] in RESERVED_LAST_PARTS:
-        raise InvalidModelName(f"model name {name!r} is not allowed: it would read as the "
-                               f"route mlx/api/models/{{name}}/{name.rsplit('/', 1)[1]}")
     return name
 
 
@@ -142,7 +143,7 @@ def is_valid_name(name: str) -> bool:
 
 def name_from_folder(folder_name: str) -> str | None:
     """A model name for a folder name: unusual characters become '-'."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", folder_name).lstrip("._-")[:MAX_NAME_LENGTH]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", folder_name).lstrip("._-")[:MAX_MODEL_NAME_CHARS]
     name = re.sub(r"\.{2,}", ".", name)
     return name or None
 

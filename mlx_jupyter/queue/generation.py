@@ -139,7 +139,7 @@ class Generation:
         """Yields TextEvents, then one DoneEvent.
 
         Closing this iterator early cancels the request in the worker. A request its worker
-        refuses (InvalidRequest: it cannot hold its KV cache) raises before any event; one
+        refuses (RequestDoesNotFit: it cannot hold its KV cache) raises before any event; one
         that fails raises (a domain error) after the events so far.
         """
         if self._outcome is None and (self._worker is None or self._cancel_requested):

@@ -21,7 +21,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from ..engine.protocol import GenerationParams
-from ..errors import InvalidRequest, MlxJupyterError
+from ..errors import MlxJupyterError, RequestDoesNotFit
 from ..limits import DEFAULT_MAX_BATCH_SIZE, MAX_SEED
 from ..metrics import Metrics
 from ..models.manager import ModelManager
@@ -107,7 +107,7 @@ class InferenceQueue:
         # Refused before it is recorded, stream or not; the prompt's part is the worker's to
         # check once it has tokenized it.
         if refusal := self.manager.kv_refusal(0, generation_fields["max_tokens"]):
-            raise InvalidRequest(refusal, param="max_tokens")
+            raise RequestDoesNotFit(refusal, param="max_tokens")
         record = RequestRecord(
             model=model, notebook=notebook, priority=priority, status=RequestStatus.QUEUED,
             prompt=generation_fields["prompt"], messages=generation_fields["messages"],
