@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from ..limits import MAX_SEED
+from .base import Answer
 
 # How an answer ended; "timeout": its `timeout` passed first (it was cancelled then).
 Ending = Literal["stop", "length", "cancelled", "timeout"]
@@ -21,10 +22,6 @@ Seed = Annotated[int | None, Field(
     ge=0, le=MAX_SEED, description="the seed sampling used (the server picks one when the "
                                    "request gives none); null for greedy decoding "
                                    "(temperature 0)")]
-
-
-class Answer(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class Usage(Answer):
