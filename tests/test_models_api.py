@@ -86,11 +86,11 @@ async def test_a_folder_under_an_allowed_root_registers_and_serves(jp_fetch, mod
 
 
 @pytest.mark.parametrize("name, path, code, words", [
-    ("x", "{outside}/elsewhere", 400, ["allowed"]),
-    ("x", "{root}/../{outside_name}/elsewhere", 400, ["allowed"]),
-    ("x", "{root}/link-out", 400, ["allowed"]),
+    ("x", "{outside}/elsewhere", 403, ["allowed"]),
+    ("x", "{root}/../{outside_name}/elsewhere", 400, [".."]),
+    ("x", "{root}/link-out", 403, ["allowed"]),
     ("x", "{root}/no-tokenizer", 400, ["tokenizer"]),
-    ("x", "{root}/missing", 400, ["missing"]),
+    ("x", "{root}/missing", 404, ["missing"]),
     ("x", "mine", 400, ["absolute"]),
     ("../x", "{root}/mine", 400, ["not allowed"]),
     ("demo", "{root}/mine", 409, ["already exists"]),
@@ -104,11 +104,12 @@ async def test_unsafe_or_unloadable_folders_are_refused_saying_why(jp_fetch, mod
 
 
 async def test_forget_and_load_refusals(jp_fetch):
+    # 409: where the model comes from forbids it, not the request's form.
     code, message = await refused(jp_fetch, "demo", method="DELETE")
-    assert code == 400 and "bundled" in message
+    assert code == 409 and "bundled" in message
     code, message = await refused(jp_fetch, "demo", method="DELETE",
                                   params={"delete_files": "true"})
-    assert code == 400 and "cannot be deleted" in message
+    assert code == 409 and "cannot be deleted" in message
     code, message = await refused(jp_fetch, "nope", "load", method="POST", body={})
     assert code == 404 and "nope" in message
     code, message = await refused(jp_fetch, "nope", method="DELETE")
@@ -121,3 +122,28 @@ async def test_a_generation_loads_its_model_and_counts_the_use(jp_fetch):
     _, model = await call(jp_fetch, "scanned-one")
     assert model["status"] == "loaded" and model["active_requests"] == 0
     assert model["use_count"] == 1 and model["last_used_at"]
+
+
+async def test_names_may_hold_a_slash_and_end_in_an_action_word(jp_fetch, model_folders):
+    """The whole rest of the path is the name for GET and DELETE; only POST reads its last
+    segment as an action. org/pin and org/load are names like any other."""
+    for name in ("org/pin", "org/load"):
+        code, model = await call(jp_fetch, method="POST",
+                                 body={"name": name, "path": str(model_folders["root"] / "mine")})
+        assert code == 201 and model["name"] == name
+    for name in ("org/pin", "org/load"):
+        assert (await call(jp_fetch, *name.split("/")))[1]["name"] == name
+        v1 = json.loads((await jp_fetch("mlx", "v1", "models", *name.split("/"))).body)
+        assert v1["id"] == name
+        _, loaded = await call(jp_fetch, *name.split("/"), "load", method="POST", body={})
+        assert loaded["name"] == name and loaded["status"] == "loaded"
+    _, pinned = await call(jp_fetch, "org", "pin", "pin", method="POST", body={})
+    assert pinned["name"] == "org/pin" and pinned["pinned"] is True
+    # POST .../org/pin pins the model "org", which there is none of.
+    code, message = await refused(jp_fetch, "org", "pin", method="POST", body={})
+    assert code == 404 and "'org'" in message
+    for name in ("org/pin", "org/load"):
+        _, forgotten = await call(jp_fetch, *name.split("/"), method="DELETE")
+        assert forgotten == {"name": name, "source": "registered", "deleted_files": False}
+        code, _ = await refused(jp_fetch, *name.split("/"))
+        assert code == 404

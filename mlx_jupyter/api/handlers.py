@@ -7,6 +7,8 @@ import datetime
 import functools
 import json
 from collections.abc import Awaitable, Callable
+from http.client import responses
+from urllib.parse import unquote
 from typing import Any
 
 import tornado.ioloop
@@ -14,13 +16,21 @@ import tornado.web
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.extension.handler import ExtensionHandlerMixin
+from pydantic import BaseModel
 from tornado.iostream import StreamClosedError
 
 from .._version import __version__
-from ..contracts.generation import DoneEvent, GenerationAnswer, TextEvent
+from ..contracts.errors import ErrorAnswer
+from ..contracts.generation import DoneEvent, ErrorEvent, GenerationAnswer, TextEvent
+from ..contracts.models import ForgottenModel, ModelDescription, ModelList
+from ..contracts.requests import Accepted, Cancellation, HistoryPage, QueueSnapshot, RequestDetail
+from ..contracts.settings import Setting, Settings
+from ..contracts.status import ApiDocument, DatabaseInfo, Status
 from ..errors import MlxJupyterError
+from ..limits import MAX_MODEL_NAME_CHARS, MODEL_ACTIONS
+from ..models.registry import NAME_PATTERN
 from ..queue import Generation
-from .openapi import operation
+from .openapi import METHODS, NDJSON, Stream, implements, operation
 from .schemas import (
     ForgetQuery,
     GenerateRequest,
@@ -29,7 +39,14 @@ from .schemas import (
     SettingValue,
     parse_body,
     parse_query,
+    setting_bodies,
 )
+
+REQUEST_ID = {"X-Request-Id": "the request's id in the history"}  # a generation's header
+# A model name in a path: the whole rest of it, "/" included (Hub repo ids: org/name).
+MODEL_NAME_PARAM = {"type": "string", "minLength": 1, "maxLength": MAX_MODEL_NAME_CHARS,
+                    "pattern": NAME_PATTERN,
+                    "description": "a model name; it may hold '/' (org/name), sent as %2F"}
 
 
 def _json_default(value: Any) -> Any:
@@ -55,7 +72,8 @@ def maps_errors(method: Callable[..., Awaitable[None]]) -> Callable[..., Awaitab
             self.set_status(exc.status)
             if retry_after := getattr(exc, "retry_after", None):
                 self.set_header("Retry-After", str(retry_after))
-            self.write_json(self.error_body(exc))
+            self.write_json(self.error_answer(exc.status, str(exc), type(exc).__name__,
+                                              exc.param))
 
     return wrapper
 
@@ -84,16 +102,53 @@ class MlxHandler(ExtensionHandlerMixin, APIHandler):
     def store(self):
         return self.settings["mlx_jupyter.store"]
 
-    def write_json(self, payload: Any) -> None:
+    def write_json(self, payload: BaseModel | dict[str, Any]) -> None:
+        """Renders an answer: a contract's model (or, for the document, a plain dict)."""
         self.set_header("Content-Type", "application/json")
-        self.finish(to_json(payload))
+        self.finish(payload.model_dump_json() if isinstance(payload, BaseModel)
+                    else to_json(payload))
 
-    def error_body(self, exc: MlxJupyterError) -> dict[str, Any]:
-        return {"message": str(exc), "reason": type(exc).__name__}
+    def error_answer(self, status: int, message: str, reason: str | None = None,
+                     param: str | None = None) -> BaseModel:
+        return ErrorAnswer(message=message, reason=reason)
+
+    def allowed_methods(self) -> list[str]:
+        """What the 405 of this route's path lists in `Allow`."""
+        return [method.upper() for method in METHODS if implements(type(self), method)]
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Errors of Jupyter's and tornado's own (403 without a token, 405, ...) in our
+        shape; a 405 says in `Allow` what the path takes."""
+        if status_code == 405:
+            self.set_header("Allow", ", ".join(self.allowed_methods()))
+        self.set_status(status_code)
+        self.write_json(self.error_answer(status_code, *_http_error(status_code, kwargs)))
+
+
+def _http_error(status_code: int, kwargs: dict[str, Any]) -> tuple[str, str | None]:
+    """The message and reason of an error tornado or Jupyter raised."""
+    exc = (kwargs.get("exc_info") or (None, None, None))[1]
+    if isinstance(exc, tornado.web.HTTPError):
+        message = exc.log_message % exc.args if exc.log_message and exc.args else exc.log_message
+        return message or responses.get(status_code, "error"), exc.reason
+    return responses.get(status_code, "error"), None
+
+
+class NotFoundHandler(MlxHandler):
+    """Every path under mlx/ that no route matches: a JSON 404 (Jupyter's own is a page)."""
+
+    async def prepare(self) -> None:
+        await super().prepare()
+        if not self.current_user:
+            raise tornado.web.HTTPError(403)
+        raise tornado.web.HTTPError(404, "no such route: %s", self.request.path)
+
+    def allowed_methods(self) -> list[str]:
+        return []
 
 
 class OpenAPIHandler(MlxHandler):
-    @operation("This document: every mlx route, OpenAPI 3.1", tag="status")
+    @operation("This document: every mlx route, OpenAPI 3.1", tag="status", answer=ApiDocument)
     @endpoint
     async def get(self) -> None:
         from .routes import openapi_document  # the route table imports this module
@@ -102,11 +157,12 @@ class OpenAPIHandler(MlxHandler):
 
 
 class StatusHandler(MlxHandler):
-    @operation("Version, memory, loaded models and queue counts", tag="status")
+    @operation("Version, memory, loaded models and queue counts", tag="status", answer=Status)
     @endpoint
     async def get(self) -> None:
-        self.write_json({"version": __version__, **self.manager.get_system_status(),
-                         "queue": self.queue.summary()})
+        system = self.manager.get_system_status()
+        self.write_json(Status(version=__version__, memory=system.memory, models=system.models,
+                               queue=self.queue.summary()))
 
 
 class NdjsonRenderer:
@@ -179,9 +235,12 @@ class GenerationHandler(MlxHandler):
 
 class GenerateHandler(GenerationHandler):
     @operation("Generate text: whole, streamed as NDJSON, or as a background job", tag="generate",
-               body=GenerateRequest,
-               answer="the answer (stream false); 202 with the request id for a background job",
-               streams={"application/x-ndjson": "stream true: text events, the last done"},
+               body=GenerateRequest, answer=GenerationAnswer,
+               description="the answer (stream false), or its events (stream true)",
+               headers=REQUEST_ID,
+               streams=(Stream(NDJSON, "stream true: text events, then the end (or an error)",
+                               (TextEvent, DoneEvent, ErrorEvent)),),
+               also=((202, "background true: recorded and queued", Accepted),),
                errors=(404, 409, 429, 503))
     @endpoint
     async def post(self) -> None:
@@ -191,7 +250,7 @@ class GenerateHandler(GenerationHandler):
                 request.queue_params(), notebook=request.notebook, priority=request.priority,
                 timeout=request.timeout, background=True)
             self.set_status(202)
-            self.write_json({"request_id": generation.id, "status": "queued"})
+            self.write_json(Accepted(request_id=generation.id, status="queued"))
             return
         await self.generate(request.queue_params(), NdjsonRenderer(), stream=request.stream,
                             notebook=request.notebook, priority=request.priority,
@@ -199,70 +258,80 @@ class GenerateHandler(GenerationHandler):
 
 
 class SettingsHandler(MlxHandler):
-    @operation("Every setting: value, default, type, description", tag="settings")
+    @operation("Every setting: value, default, type, description", tag="settings",
+               answer=Settings)
     @endpoint
     async def get(self) -> None:
-        self.write_json({"settings": await self.store.settings()})
+        self.write_json(Settings(settings=await self.store.settings()))
 
 
 class SettingHandler(MlxHandler):
-    @operation("One setting", tag="settings", errors=(404,))
+    # The document has a path per setting: each takes its own type of value.
+    openapi_expand = ("key", lambda: setting_bodies())
+
+    @operation("One setting", tag="settings", answer=Setting, errors=(404,))
     @endpoint
     async def get(self, key: str) -> None:
-        self.write_json(await self.store.setting(key))
+        self.write_json(Setting.model_validate(await self.store.setting(key)))
 
-    @operation("Change one setting", tag="settings", body=SettingValue, errors=(404,))
+    @operation("Change one setting", tag="settings", answer=Setting,
+               body=lambda key: setting_bodies()[key], errors=(404,))
     @endpoint
     async def put(self, key: str) -> None:
         body = parse_body(SettingValue, self.request.body)
-        self.write_json(await self.store.set_setting(key, body.value))
+        self.write_json(Setting.model_validate(await self.store.set_setting(key, body.value)))
 
 
 class DatabaseHandler(MlxHandler):
-    @operation("The database: dialect, pool, pragmas, revision, size, row counts", tag="status")
+    @operation("The database: dialect, pool, pragmas, revision, size, row counts", tag="status",
+               answer=DatabaseInfo)
     @endpoint
     async def get(self) -> None:
-        self.write_json(await self.store.database_info())
+        self.write_json(DatabaseInfo.model_validate(await self.store.database_info()))
 
 
 class RequestsHandler(MlxHandler):
-    @operation("The history of requests, newest first", tag="requests", query=HistoryQuery)
+    @operation("The history of requests, newest first", tag="requests", query=HistoryQuery,
+               answer=HistoryPage)
     @endpoint
     async def get(self) -> None:
         query = parse_query(HistoryQuery, self.request.query_arguments)
         rows, total = await self.store.list_requests(**query.model_dump())
-        self.write_json({"requests": rows, "total": total, "limit": query.limit,
-                         "offset": query.offset})
+        self.write_json(HistoryPage(requests=rows, total=total, limit=query.limit,
+                                    offset=query.offset))
 
 
 class RequestHandler(MlxHandler):
     @operation("One request with its prompt, parameters, output and times", tag="requests",
-               errors=(404,))
+               answer=RequestDetail, errors=(404,))
     @endpoint
     async def get(self, request_id: str) -> None:
-        self.write_json(await self.store.get_request(request_id))
+        self.write_json(RequestDetail.model_validate(await self.store.get_request(request_id)))
 
-    @operation("Cancel a queued or running request", tag="requests", errors=(404, 409))
+    @operation("Cancel a queued or running request", tag="requests", answer=Cancellation,
+               errors=(404, 409))
     @endpoint
     async def delete(self, request_id: str) -> None:
-        self.write_json(await self.queue.cancel(request_id))
+        self.write_json(Cancellation.model_validate(await self.queue.cancel(request_id)))
 
 
 class QueueHandler(MlxHandler):
-    @operation("Active and waiting requests per model, with positions and ETAs", tag="requests")
+    @operation("Active and waiting requests per model, with positions and ETAs", tag="requests",
+               answer=QueueSnapshot)
     @endpoint
     async def get(self) -> None:
-        self.write_json(self.queue.snapshot())
+        self.write_json(QueueSnapshot.model_validate(self.queue.snapshot()))
 
 
 class ModelsHandler(MlxHandler):
-    @operation("Every known model with its status and memory estimate", tag="models")
+    @operation("Every known model with its status and memory estimate", tag="models",
+               answer=ModelList)
     @endpoint
     async def get(self) -> None:
-        self.write_json({"models": await self.models.list()})
+        self.write_json(ModelList(models=await self.models.list()))
 
     @operation("Register a model folder under a name", tag="models", body=RegisterModel, ok=201,
-               errors=(409,))
+               answer=ModelDescription, errors=(403, 404, 409))
     @endpoint
     async def post(self) -> None:
         body = parse_body(RegisterModel, self.request.body)
@@ -271,26 +340,45 @@ class ModelsHandler(MlxHandler):
 
 
 class ModelHandler(MlxHandler):
-    @operation("One model", tag="models", errors=(404,))
+    """models/{name}: the whole rest of the path is the name (it may hold "/"), for GET and
+    DELETE; POST takes its last segment as an action (models/{name}/load)."""
+
+    openapi_params = {"name": MODEL_NAME_PARAM}
+
+    @operation("One model", tag="models", answer=ModelDescription, errors=(404,))
     @endpoint
     async def get(self, name: str) -> None:
         self.write_json(await self.models.get(name))
 
     @operation("Forget a registered model (optionally deleting its files)", tag="models",
-               query=ForgetQuery, errors=(404, 409))
+               query=ForgetQuery, answer=ForgottenModel, errors=(404, 409))
     @endpoint
     async def delete(self, name: str) -> None:
         query = parse_query(ForgetQuery, self.request.query_arguments)
         self.write_json(await self.models.forget(name, delete_files=query.delete_files))
 
-
-class ModelActionHandler(MlxHandler):
-    """POST models/{name}/load | unload | pin | unpin."""
-
-    @operation("Load, unload, pin or unpin a model", tag="models", errors=(404, 409, 503))
+    @operation("Load, unload, pin or unpin a model", tag="models", answer=ModelDescription,
+               subpath="/{action}",
+               path_params={"action": {"type": "string", "enum": list(MODEL_ACTIONS)}},
+               errors=(404, 405, 409, 503))
     @endpoint
-    async def post(self, name: str, action: str) -> None:
+    async def post(self, name: str) -> None:
+        name, action = _action(name) or (name, None)
+        if action is None:  # a model name: GET and DELETE only
+            raise tornado.web.HTTPError(405)
         if action in ("pin", "unpin"):
             self.write_json(await self.models.pin(name, action == "pin"))
         else:
             self.write_json(await getattr(self.models, action)(name))
+
+    def allowed_methods(self) -> list[str]:
+        # A method tornado does not know (TRACE) is refused before the path is read.
+        path = (getattr(self, "path_kwargs", None) or {}).get("name") or unquote(
+            self.request.path.partition("/models/")[2])
+        return ["GET", "DELETE", *(["POST"] if _action(path) else [])]
+
+
+def _action(path: str) -> tuple[str, str] | None:
+    """models/{name}/{action}: the name and the action, when the path ends in one."""
+    name, _, last = path.rpartition("/")
+    return (name, last) if name and last in MODEL_ACTIONS else None

@@ -16,7 +16,7 @@ class MetricsHandler(MlxHandler):
         return self.settings["mlx_jupyter.metrics"]
 
     @operation("Prometheus metrics: requests, latencies, tokens, models, memory, database pool",
-               tag="status", answer="Prometheus' text exposition format",
+               tag="status", description="Prometheus' text exposition format",
                media_type="text/plain")
     @endpoint
     async def get(self) -> None:

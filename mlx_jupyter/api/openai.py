@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -21,13 +21,10 @@ from ..limits import (
     MAX_MESSAGES,
     MAX_MODEL_NAME_CHARS,
     MAX_NOTEBOOK_CHARS,
-    MAX_PRIORITY,
     MAX_PROMPT_CHARS,
-    MAX_SEED,
     MAX_TEMPERATURE,
-    MAX_TOKENS,
-    MIN_PRIORITY,
 )
+from .schemas import Integer, MaxTokens, Priority, Seed, Stops
 
 # Finish reasons of our own that OpenAI does not define keep their names ("cancelled",
 # "timeout"): clients treat an unknown reason as the end of the answer.
@@ -35,12 +32,17 @@ from ..limits import (
 ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
 ERROR_CODES = {"ModelNotFound": "model_not_found", "QueueFull": "rate_limit_exceeded",
                "InvalidRequest": "invalid_request", "ModelDoesNotFit": "model_does_not_fit",
-               "WorkerError": "worker_unavailable"}
+               "WorkerError": "worker_unavailable",
+               "RequestDoesNotFit": "context_length_exceeded"}
 
 
 class _OpenAIBody(BaseModel):
-    # Not strict: OpenAI's clients send 1 for 1.0. Unknown fields are still errors.
-    model_config = ConfigDict(extra="forbid")
+    # Strict as JSON Schema reads the document: 1 is a number and 5.0 an integer, "5" neither.
+    # Unknown fields are errors.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+PromptText = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
 
 
 class TextPart(_OpenAIBody):
@@ -72,22 +74,22 @@ class _Completion(_OpenAIBody):
     """What chat and text completions share."""
 
     model: str | None = Field(None, min_length=1, max_length=MAX_MODEL_NAME_CHARS)
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    max_tokens: MaxTokens | None = None
     temperature: float | None = Field(None, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stop: Stops | None = None
+    seed: Seed | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=MAX_NOTEBOOK_CHARS)  # recorded as the request's notebook
-    n: int | None = 1
-    priority: int = Field(0, ge=MIN_PRIORITY, le=MAX_PRIORITY)  # our extension: higher first
+    n: Integer | None = Field(1, json_schema_extra={"enum": [1, None]})
+    priority: Priority = 0  # our extension: higher first
     # Accepted at their neutral values only.
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     logprobs: Any = None
-    top_logprobs: int | None = None
+    top_logprobs: Integer | None = None
     metadata: dict[str, str] | None = None  # accepted and ignored
     store: bool | None = None  # accepted and ignored: everything is recorded anyway
     service_tier: str | None = None  # accepted and ignored
@@ -103,22 +105,21 @@ class _Completion(_OpenAIBody):
             raise ValueError("only n=1 is supported: one choice per request")
         return value
 
-    @field_validator("stop")
-    @classmethod
-    def _stop_strings(cls, value: str | list[str] | None) -> list[str]:
-        stops = [] if value is None else [value] if isinstance(value, str) else value
-        if len(stops) > 16:
-            raise ValueError("at most 16 stop strings")
-        if any(not stop for stop in stops):
-            raise ValueError("stop strings must not be empty")
-        return stops
-
     @model_validator(mode="after")
     def _neutral_values(self) -> _Completion:
         for name, allowed in self.NEUTRAL.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} is not supported here; leave it out")
         return self
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> dict[str, Any]:
+        """The document states the neutral values as the only ones allowed."""
+        schema = handler(core_schema)
+        properties = handler.resolve_ref_schema(schema)["properties"]
+        for name, allowed in cls.NEUTRAL.items():
+            properties[name]["enum"] = list(allowed)
+        return schema
 
     @property
     def include_usage(self) -> bool:
@@ -127,13 +128,14 @@ class _Completion(_OpenAIBody):
     def sampling(self) -> dict[str, Any]:
         return {"model": self.model, "max_tokens": self.max_tokens,
                 "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
-                "stop": self.stop}
+                "stop": self.stop or []}
 
 
 class ChatCompletionRequest(_Completion):
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
-    response_format: dict[str, Any] | None = None
+    max_completion_tokens: MaxTokens | None = None
+    response_format: dict[str, Any] | None = Field(None, json_schema_extra={
+        "required": ["type"], "properties": {"type": {"const": "text"}}})
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None  # accepted and ignored
@@ -156,10 +158,10 @@ class ChatCompletionRequest(_Completion):
 
 
 class CompletionRequest(_Completion):
-    prompt: str | list[str] = Field(max_length=MAX_PROMPT_CHARS)
+    prompt: PromptText | Annotated[list[PromptText], Field(min_length=1, max_length=1)]
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: Integer | None = None
 
     NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {
         **_Completion.NEUTRAL, "echo": (False,), "suffix": (None, ""), "best_of": (None, 1)}
@@ -167,11 +169,7 @@ class CompletionRequest(_Completion):
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, value: str | list[str]) -> str:
-        if isinstance(value, list):
-            if len(value) != 1:
-                raise ValueError("give one prompt: a string, or a list of exactly one string")
-            value = value[0]
-        return value
+        return value[0] if isinstance(value, list) else value
 
     def queue_params(self) -> dict[str, Any]:
         return {**self.sampling(), "prompt": self.prompt}
@@ -280,6 +278,3 @@ def error_body(status: int, message: str, reason: str | None = None,
                                               else "invalid_request_error"),
                       "param": param, "code": ERROR_CODES.get(reason or "", None)}}
 
-
-def model_entry(name: str, created: int) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": created, "owned_by": "mlx-jupyter"}

@@ -6,47 +6,52 @@ Authentication is Jupyter's: OpenAI clients send the Jupyter token as their API 
 
 from __future__ import annotations
 
-import json
-from http.client import responses
 from typing import Any
 
-import tornado.web
+from pydantic import BaseModel
 
-from .handlers import GenerationHandler, MlxHandler, endpoint
+from ..contracts.errors import OpenAIErrorAnswer
+from ..contracts.models import ModelDescription
+from ..contracts.openai import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    OpenAIModel,
+    OpenAIModelList,
+    TextCompletion,
+    TextCompletionChunk,
+)
+from .handlers import (
+    MODEL_NAME_PARAM,
+    REQUEST_ID,
+    GenerationHandler,
+    MlxHandler,
+    NotFoundHandler,
+    endpoint,
+)
 from .openai import (
     ChatCompletionRequest,
     ChatRenderer,
     CompletionRenderer,
     CompletionRequest,
     error_body as openai_error,
-    model_entry,
 )
-from .openapi import operation
+from .openapi import SSE, Stream, operation
 from .schemas import parse_body
 
-
-SSE = {"text/event-stream": "stream true: chunks as server-sent events, then data: [DONE]"}
+SSE_WHEN = "stream true: chunks as server-sent events (an error as the last), then [DONE]"
 
 
 class OpenAIHandler(MlxHandler):
     """Errors in OpenAI's shape: ours, and Jupyter's own (403 without a token, 405, ...)."""
 
-    error_schema = "OpenAIError"  # for the OpenAPI document
+    error_model = OpenAIErrorAnswer  # for the OpenAPI document
 
-    def error_body(self, exc: Exception) -> dict[str, Any]:
-        return openai_error(getattr(exc, "status", 500), str(exc), type(exc).__name__,
-                          getattr(exc, "param", None))
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        exc = (kwargs.get("exc_info") or (None, None, None))[1]
-        message = responses.get(status_code, "error")
-        if status_code == 403 and not self._authenticated():
+    def error_answer(self, status: int, message: str, reason: str | None = None,
+                     param: str | None = None) -> BaseModel:
+        if status == 403 and not self._authenticated():
             # Jupyter's own reason (a missing XSRF argument, ...) would only puzzle an API user.
             message = "a valid Jupyter token is required: pass it as the API key"
-        elif isinstance(exc, tornado.web.HTTPError) and exc.log_message:
-            message = exc.log_message % exc.args if exc.args else exc.log_message
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(openai_error(status_code, message)))
+        return OpenAIErrorAnswer.model_validate(openai_error(status, message, reason, param))
 
     def _authenticated(self) -> bool:
         try:
@@ -55,21 +60,26 @@ class OpenAIHandler(MlxHandler):
             return False
 
 
+class OpenAINotFoundHandler(OpenAIHandler, NotFoundHandler):
+    """Paths under mlx/v1 that no route matches: a 404 in OpenAI's shape."""
+
+
 class ModelsV1Handler(OpenAIHandler):
-    @operation("OpenAI: list models", tag="openai")
+    @operation("OpenAI: list models", tag="openai", answer=OpenAIModelList)
     @endpoint
     async def get(self) -> None:
         models = await self.models.list()
-        self.write_json({"object": "list",
-                         "data": [model_entry(m["name"], _created(m)) for m in models]})
+        self.write_json(OpenAIModelList(object="list", data=[_entry(m) for m in models]))
 
 
 class ModelV1Handler(OpenAIHandler):
-    @operation("OpenAI: one model", tag="openai", errors=(404,))
+    openapi_params = {"name": MODEL_NAME_PARAM}
+
+    @operation("OpenAI: one model", tag="openai", answer=OpenAIModel, errors=(404,))
     @endpoint
     async def get(self, name: str) -> None:
-        model = await self.models.get(name)  # ModelNotFound: a 404 in OpenAI's shape
-        self.write_json(model_entry(model["name"], _created(model)))
+        # ModelNotFound: a 404 in OpenAI's shape
+        self.write_json(_entry(await self.models.get(name)))
 
 
 class _CompletionHandler(OpenAIHandler, GenerationHandler):
@@ -89,7 +99,9 @@ class ChatCompletionsHandler(_CompletionHandler):
     schema, renderer = ChatCompletionRequest, ChatRenderer
 
     @operation("OpenAI: chat completion", tag="openai", body=ChatCompletionRequest,
-               streams=SSE, errors=(404, 409, 429, 503))
+               answer=ChatCompletion, headers=REQUEST_ID,
+               streams=(Stream(SSE, SSE_WHEN, (ChatCompletionChunk, OpenAIErrorAnswer)),),
+               errors=(404, 409, 429, 503))
     @endpoint
     async def post(self) -> None:
         await self.complete()
@@ -99,12 +111,15 @@ class CompletionsHandler(_CompletionHandler):
     schema, renderer = CompletionRequest, CompletionRenderer
 
     @operation("OpenAI: text completion", tag="openai", body=CompletionRequest,
-               streams=SSE, errors=(404, 409, 429, 503))
+               answer=TextCompletion, headers=REQUEST_ID,
+               streams=(Stream(SSE, SSE_WHEN, (TextCompletionChunk, OpenAIErrorAnswer)),),
+               errors=(404, 409, 429, 503))
     @endpoint
     async def post(self) -> None:
         await self.complete()
 
 
-def _created(model: dict[str, Any]) -> int:
-    registered = model.get("registered_at")
-    return int(registered.timestamp()) if registered is not None else 0
+def _entry(model: ModelDescription) -> OpenAIModel:
+    registered = model.registered_at
+    return OpenAIModel(id=model.name, object="model", owned_by="mlx-jupyter",
+                       created=int(registered.timestamp()) if registered is not None else 0)

@@ -5,9 +5,9 @@ import functools
 from .handlers import (
     DatabaseHandler,
     GenerateHandler,
-    ModelActionHandler,
     ModelHandler,
     ModelsHandler,
+    NotFoundHandler,
     OpenAPIHandler,
     QueueHandler,
     RequestHandler,
@@ -22,21 +22,22 @@ from .openai_handlers import (
     CompletionsHandler,
     ModelsV1Handler,
     ModelV1Handler,
+    OpenAINotFoundHandler,
 )
 from .openapi import document
 
 API = r"mlx/api"
 V1 = r"mlx/v1"
+# A model's name is the whole rest of the path: it may hold "/" (Hub repo ids such as
+# mlx-community/Llama-3.2-1B) and end in any word; only POST reads a last word as an action.
+MODEL = r"(?P<name>.+)"
 
 ROUTES = [
     (rf"{API}/status", StatusHandler),
     (rf"{API}/openapi.json", OpenAPIHandler),
     (rf"{API}/generate", GenerateHandler),
     (rf"{API}/models", ModelsHandler),
-    # Names may hold one "/" (Hugging Face repo ids such as mlx-community/Llama-3.2-1B).
-    (rf"{API}/models/(?P<name>[^/]+(?:/[^/]+)?)/(?P<action>load|unload|pin|unpin)",
-     ModelActionHandler),
-    (rf"{API}/models/(?P<name>[^/]+(?:/[^/]+)?)", ModelHandler),
+    (rf"{API}/models/{MODEL}", ModelHandler),
     (rf"{API}/settings", SettingsHandler),
     (rf"{API}/settings/(?P<key>[A-Za-z0-9_.-]+)", SettingHandler),
     (rf"{API}/database", DatabaseHandler),
@@ -44,10 +45,13 @@ ROUTES = [
     (rf"{API}/requests", RequestsHandler),
     (rf"{API}/requests/(?P<request_id>[A-Za-z0-9_-]+)", RequestHandler),
     (rf"{V1}/models", ModelsV1Handler),
-    (rf"{V1}/models/(?P<name>[^/]+(?:/[^/]+)?)", ModelV1Handler),
+    (rf"{V1}/models/{MODEL}", ModelV1Handler),
     (rf"{V1}/chat/completions", ChatCompletionsHandler),
     (rf"{V1}/completions", CompletionsHandler),
     (r"mlx/metrics", MetricsHandler),
+    # Last: whatever else is asked under mlx/ is a JSON 404, not Jupyter's page.
+    (rf"{V1}/.*", OpenAINotFoundHandler),
+    (r"mlx/.*", NotFoundHandler),
 ]
 
 

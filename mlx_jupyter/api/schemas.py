@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+import functools
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
+from ..contracts.requests import RequestStatusName
 from ..errors import InvalidRequest
 from ..limits import (
     MAX_MESSAGES,
@@ -21,6 +33,7 @@ from ..limits import (
     MAX_TOKENS,
     MIN_PRIORITY,
 )
+from ..models.registry import NAME_PATTERN
 
 
 class _Body(BaseModel):
@@ -31,6 +44,55 @@ class _Body(BaseModel):
 BodyT = TypeVar("BodyT", bound=BaseModel)
 
 
+def _integral(value: object) -> object:
+    """JSON has one kind of number: 5.0 is the integer 5, as JSON Schema reads it."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# What an integer field of a strict body takes: 5 and 5.0, not "5" or true. Last in its
+# Annotated, after the bounds (else pydantic cannot state them in the JSON Schema).
+INTEGRAL = BeforeValidator(_integral)
+Integer = Annotated[int, INTEGRAL]
+# An absolute path without ".." parts or NUL bytes: what models.paths.check_request_path lets
+# through.
+_PART = r"(?:[^/\x00.][^/\x00]*|\.(?:[^/\x00.][^/\x00]*)?|\.\.[^/\x00]+)?"
+ABSOLUTE_PATH = rf"^(?:/{_PART})+$"
+
+MaxTokens = Annotated[int, Field(ge=1, le=MAX_TOKENS), INTEGRAL]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED), INTEGRAL]
+Priority = Annotated[int, Field(ge=MIN_PRIORITY, le=MAX_PRIORITY,
+                                description="higher first; waiting raises it (aging)"),
+                     INTEGRAL]
+
+
+def _not_empty(stop: str) -> str:
+    if not stop:
+        raise ValueError("stop strings must not be empty")
+    return stop
+
+
+class _OneOrList:
+    """The JSON Schema of a list that also takes its one item alone."""
+
+    def __get_pydantic_json_schema__(self, core_schema: Any, handler: Any) -> dict[str, Any]:
+        listed = handler(core_schema)
+        return {"anyOf": [listed["items"], listed]}
+
+
+# Stop strings: one, or a list of them.
+StopString = Annotated[str, AfterValidator(_not_empty),
+                       Field(max_length=MAX_PROMPT_CHARS, json_schema_extra={"minLength": 1})]
+Stops = Annotated[list[StopString], BeforeValidator(lambda v: [v] if isinstance(v, str) else v),
+                  Field(max_length=MAX_STOP_STRINGS), _OneOrList()]
+
+
+def one_of(*fields: str) -> dict[str, Any]:
+    """JSON Schema for "exactly one of these fields, not null" (a model validator's rule,
+    stated in the document too, so that what it allows the server accepts)."""
+    return {"oneOf": [{"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+                      for name in fields]}
+
+
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant"]
     content: str = Field(max_length=MAX_PROMPT_CHARS)
@@ -39,31 +101,24 @@ class ChatMessage(_Body):
 class GenerateRequest(_Body):
     # model, max_tokens, temperature and top_p left out (or null) take the stored settings'
     # defaults (default_model, default_max_tokens, ...).
+    model_config = ConfigDict(json_schema_extra={
+        **one_of("prompt", "messages"),
+        "not": {"required": ["background", "stream"],
+                "properties": {"background": {"const": True}, "stream": {"const": True}}}})
+
     model: str | None = Field(None, min_length=1, max_length=MAX_MODEL_NAME_CHARS)
     prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    max_tokens: MaxTokens | None = None
     temperature: float | None = Field(None, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
+    seed: Seed | None = None
+    stop: Stops = Field(default_factory=list)
     stream: bool = False
-    priority: int = Field(0, ge=MIN_PRIORITY, le=MAX_PRIORITY)  # higher first; waiting raises it (aging)
+    priority: Priority = 0
     timeout: float | None = Field(None, gt=0, le=MAX_TIMEOUT_SECONDS)  # seconds from submit to the end
     background: bool = False  # answer 202 at once; the result is read from the history
     notebook: str | None = Field(None, max_length=MAX_NOTEBOOK_CHARS)  # the kernel's JPY_SESSION_NAME
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _one_stop_string(cls, value: object) -> object:
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("stop")
-    @classmethod
-    def _no_empty_stop(cls, value: list[str]) -> list[str]:
-        if any(not s for s in value):
-            raise ValueError("stop strings must not be empty")
-        return value
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> GenerateRequest:
@@ -75,8 +130,9 @@ class GenerateRequest(_Body):
 
     def queue_params(self) -> dict[str, object]:
         """What the queue needs: the model and what its worker generates with."""
-        return self.model_dump(include={"model", "prompt", "messages", "max_tokens",
-                                        "temperature", "top_p", "seed", "stop"})
+        return {**self.model_dump(include={"model", "prompt", "messages", "max_tokens",
+                                           "temperature", "top_p", "seed"}),
+                "stop": self.stop}
 
 
 class HistoryQuery(_Body):
@@ -84,14 +140,30 @@ class HistoryQuery(_Body):
 
     model: str | None = Field(None, max_length=MAX_MODEL_NAME_CHARS)
     notebook: str | None = Field(None, max_length=MAX_NOTEBOOK_CHARS)
-    status: Literal["queued", "running", "completed", "cancelled", "failed",
-                    "interrupted"] | None = None
+    status: RequestStatusName | None = None
     limit: int = Field(50, ge=1, le=500)
-    offset: int = Field(0, ge=0)
+    offset: int = Field(0, ge=0, le=2**63 - 1)  # the databases' 64-bit integers
 
 
 class SettingValue(_Body):
-    value: Any
+    # Checked against the setting's own type by the store (its errors name the setting and
+    # what it expects); 5.0 is an integer there too.
+    value: Annotated[Any, INTEGRAL]
+
+
+@functools.cache
+def setting_bodies() -> dict[str, type[BaseModel]]:
+    """The body of PUT mlx/api/settings/{key} for each key, as the store checks its value (for
+    the OpenAPI document; the store's settings load SQLAlchemy, so only when it is built)."""
+    from ..store.settings import SETTINGS
+
+    def value_type(spec: Any) -> Any:
+        bounds = [] if spec.constraint is None else [spec.constraint]
+        return Annotated[spec.type, *bounds, *([INTEGRAL] if spec.type is int else [])]
+
+    return {key: create_model(f"Set_{key}", __base__=_Body,
+                              value=(value_type(spec), Field(description=spec.expected)))
+            for key, spec in SETTINGS.items()}
 
 
 def parse_body(schema: type[BodyT], body: bytes) -> BodyT:
@@ -130,8 +202,13 @@ def _describe(error: dict) -> str:
 
 
 class RegisterModel(_Body):
-    name: str = Field(min_length=1, max_length=MAX_MODEL_NAME_CHARS)
-    path: str = Field(min_length=1, max_length=MAX_PATH_CHARS)
+    # The patterns are the registry's rules (checked there, where the errors say why), stated
+    # in the document too.
+    name: str = Field(min_length=1, max_length=MAX_MODEL_NAME_CHARS,
+                      json_schema_extra={"pattern": NAME_PATTERN})
+    path: str = Field(min_length=1, max_length=MAX_PATH_CHARS,
+                      json_schema_extra={"pattern": ABSOLUTE_PATH},
+                      description="an absolute path, under c.MlxApp.allowed_model_roots")
 
 
 class ForgetQuery(_Body):
