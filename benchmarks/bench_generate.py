@@ -3,7 +3,11 @@
 Both run through the real engine (WorkerProxy -> worker process), side by side in one run, on
 the bundled demo model and on a randomly initialised larger Llama built on the fly (random
 weights decode at the same speed as trained ones; the demo is too small for BLAS to matter
-much).
+much). Each worker gets the environment the server gives it (`WorkerSettings.environment`:
+OPENBLAS_NUM_THREADS=1 for a model as small as the demo, the library's default for the others)
+and keeps its prompt cache; every run's prompt starts with its own number, so no run finds more
+of it in the cache than the beginning-of-text token every prompt starts with (checked:
+`usage.cached_tokens` is at most 1).
 
     .venv/bin/python benchmarks/bench_generate.py [--repeats 3] [--max-tokens 64]
 """
@@ -22,20 +26,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import OPENBLAS, build_random_llama, median, save, table  # noqa: E402
 
 from mlx_jupyter.engine.proxy import WorkerProxy, worker_environment  # noqa: E402
+from mlx_jupyter.models.manager import WorkerSettings  # noqa: E402
+from mlx_jupyter.models.memory import MemoryEstimator  # noqa: E402
 from mlx_jupyter.models.registry import DEMO_MODEL_PATH  # noqa: E402
 
 PROMPT = ("In the quiet town by the river, people keep small gardens and share the bread they "
           "bake. Every morning the baker opens the shop and the children walk to school. ") * 3
 
 async def measure(path: Path, blas: str | None, repeats: int, max_tokens: int) -> dict:
-    proxy = WorkerProxy(path.name, path, env=worker_environment(blas))
+    estimate = MemoryEstimator().estimate(path).estimate_bytes
+    env = WorkerSettings(env=worker_environment(blas)).environment(estimate)
+    proxy = WorkerProxy(path.name, path, env=env)
     await proxy.start()
     prompt_tps, decode_tps = [], []
     try:
         for i in range(repeats + 1):  # the first run warms up and is not counted
-            params = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 1.0,
-                      "top_p": 1.0, "seed": i, "stop": []}
+            params = {"prompt": f"{i}. {PROMPT}", "messages": None, "max_tokens": max_tokens,
+                      "temperature": 1.0, "top_p": 1.0, "seed": i, "stop": []}
             async for message in proxy.generate(f"bench-{i}", params):
+                if "done" in message and message.get("usage", {}).get("cached_tokens", 0) > 1:
+                    raise RuntimeError(f"run {i} found its prompt in the cache: {message}")
                 if "done" in message and i > 0:
                     prompt_tps.append(message["timings"]["prompt_tokens_per_second"])
                     decode_tps.append(message["timings"]["tokens_per_second"])
@@ -75,9 +85,11 @@ async def main() -> None:
     body = table(["model", "prompt tok/s bundled BLAS", "prompt tok/s OpenBLAS", "ratio",
                   "decode tok/s bundled BLAS", "decode tok/s OpenBLAS", "ratio"], rows)
     body += (f"\n\nMedian of {args.repeats} runs after one warm-up; prompt of "
-             f"~{len(PROMPT.split())} words, up to {args.max_tokens} new tokens, temperature 1.")
+             f"~{len(PROMPT.split())} words, new to each run, up to {args.max_tokens} new "
+             "tokens, temperature 1. Each worker runs with the BLAS threads the server gives it "
+             "(one for the demo, the library's default for the others) and its prompt cache.")
     save("generate_blas", "Generation speed in a model worker: bundled BLAS vs OpenBLAS", body,
-         "python benchmarks/bench_generate.py")
+         " ".join(["python benchmarks/bench_generate.py", *sys.argv[1:]]))
 
 
 if __name__ == "__main__":
