@@ -116,6 +116,15 @@ def scenario(client: Any) -> dict[str, Any]:
 
     job = client.submit(PROMPT, **GREEDY)
     seen["job"] = outcome(client.result(job, timeout=120))
+    # A sampled job's result, read from its history row, carries the seed the server picked
+    # and the figures it stored.
+    sampled = client.result(client.submit(PROMPT, model="demo", max_tokens=12,
+                                          temperature=0.8), timeout=120)
+    stored = client.request(sampled.request_id)
+    seen["sampled job"] = (
+        isinstance(sampled.seed, int), sampled.seed == stored["parameters"]["seed"],
+        "total_ms" in sampled.timings,
+        sampled.timings == {k: v for k, v in stored["timings"].items() if v is not None})
     row = client.request(whole.request_id)
     seen["row"] = (row["status"], row["output_text"] == whole.text, row["model"])
 
@@ -185,6 +194,7 @@ def test_both_clients_do_the_same_against_a_live_server(live_server):
     assert blocking["answers"][3:] == [True, True] and blocking["answers"][0][0]
     assert blocking["closed from another thread"] == (True, [[]], "", None, "cancelled")
     assert blocking["job"] == blocking["answers"][0]
+    assert blocking["sampled job"] == (True, True, True, True)
     assert [status for status, _ in blocking["history"]] == \
         ["completed", "completed", "completed", "cancelled", "completed"]
     assert [kind for kind, _ in blocking["errors"]] == \

@@ -135,7 +135,9 @@ def finished_result(row: dict[str, Any]) -> GenerationResult | None:
         model=str(row.get("model") or ""), finish_reason=str(row.get("finish_reason") or status),
         usage={key: row[key] for key in ("prompt_tokens", "completion_tokens")
                if row.get(key) is not None},
-        timings={"ttft_ms": row["ttft_ms"]} if row.get("ttft_ms") is not None else {})
+        timings={key: value for key, value in (row.get("timings") or {}).items()
+                 if value is not None},
+        seed=(row.get("parameters") or {}).get("seed"))
 
 
 def _name(name: str) -> str:
