@@ -114,6 +114,9 @@ def metrics_text(tmp_path_factory):
     root = tmp_path_factory.mktemp("readme-metrics")
     server = start_server(root, root / "server.log")
     try:
+        # The pool's gauges exist once the database is open (off the start path): a settings
+        # read waits for that.
+        assert server.get("mlx/api/settings").status_code == 200
         answer = server.get("mlx/metrics")
         assert answer.status_code == 200, answer.text
         return answer.text
@@ -129,5 +132,4 @@ def test_every_metric_in_the_readme_is_exported(metrics_text):
     exported = set(re.findall(r"^# TYPE mlx_jupyter_(\w+) ", metrics_text, re.M))
     # prometheus_client's TYPE line drops a counter's _total.
     exported |= {f"{name}_total" for name in exported}
-    # The pool's gauges are absent for an in-memory database only; this server has a file.
     assert documented - exported == set()
