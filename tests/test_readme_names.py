@@ -14,6 +14,7 @@ from mlx_jupyter.api.routes import ROUTES
 from mlx_jupyter.app import MlxApp
 from mlx_jupyter.kernel.magics import COMMANDS, MlxMagics
 from mlx_jupyter.models.memory import KIND_OVERHEADS
+from mlx_jupyter.models.registry import BUNDLED, FOLDER, HUGGINGFACE, REGISTERED
 from mlx_jupyter.store.settings import SETTINGS
 
 from live_server import start_server, stop_server
@@ -104,9 +105,13 @@ def test_every_magic_command_in_the_readme_is_in_the_magics_help():
     assert documented - helped == set()
 
 
-def test_the_readmes_model_kinds_have_memory_overheads():
-    kinds = set(re.findall(r'"(\w+)": 1\.\d+', section("Configuration")))
-    assert kinds == set(KIND_OVERHEADS)
+def test_the_readmes_model_kinds_and_sources_are_the_codes():
+    assert set(re.findall(r'"(\w+)": 1\.\d+', section("Configuration"))) == set(KIND_OVERHEADS)
+    models_row = re.search(r"^\| `GET mlx/api/models` \|(.*)$", README, re.M).group(1)
+    listed = {name: set(re.findall(r"`(\w+)`", group)) for name, group in
+              re.findall(r"(kind|source) \(([^)]*)\)", models_row)}
+    assert listed["kind"] == set(KIND_OVERHEADS)
+    assert listed["source"] == {BUNDLED, FOLDER, HUGGINGFACE, REGISTERED}
 
 
 @pytest.fixture(scope="module")
