@@ -3,84 +3,25 @@
 import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 
-export interface LoadedModel {
-  name: string;
-  status: string;
-  pid: number | null;
-  budget_bytes: number;
-  rss_bytes: number | null;
-  active_requests: number;
-}
+import type { components, paths } from './schema';
 
-export interface Status {
-  version: string;
-  memory: {
-    total: number;
-    available: number;
-    budget: number;
-    used_by_models: number;
-  };
-  models: { loaded_count: number; loaded: LoadedModel[] };
-  queue: {
-    queued: number;
-    models: Record<string, { queued_requests: number; active_requests: number }>;
-  };
-}
+// The answers' types are the OpenAPI document's (schema.d.ts, generated from it by
+// scripts/sidebar_types.py): a field renamed on the server fails this build.
+type Schemas = components['schemas'];
 
-// What a loaded model's worker holds now, by its own report.
-export interface LiveMemory {
-  rss_bytes: number;
-  live_bytes: number;
-  mlx_active_bytes: number;
-  mlx_cache_bytes: number;
-  prompt_cache_bytes: number;
-  prompt_cache_entries: number;
-}
-
-export interface Model {
-  name: string;
-  status: string;
-  source: string;
-  budget_bytes: number | null;
-  live: LiveMemory | null;
-  pinned: boolean;
-  last_used_at: string | null;
-  error: string | null;
-}
-
-export interface QueuedRequest {
-  request_id: string;
-  priority: number;
-  waited_seconds: number;
-  position?: number;
-  eta_seconds?: number | null;
-}
-
-export interface Queue {
-  queued: number;
-  models: Record<string, { active: QueuedRequest[]; queued: QueuedRequest[] }>;
-}
-
-/** A request's figures, computed once by the server when it ended (contracts.generation.Timings). */
-export interface Timings {
-  queue_ms: number | null;
-  ttft_ms: number | null;
-  total_ms: number;
-  tokens_per_second: number | null;
-  prompt_tokens_per_second: number | null;
-}
-
-export interface HistoryRow {
-  id: string;
-  model: string;
-  notebook: string | null;
-  status: string;
-  completion_tokens: number | null;
-  started_at: string | null;
-  finished_at: string | null;
-  created_at: string;
-  timings: Timings | null;
-}
+export type Status = Schemas['Status'];
+export type LoadedModel = Schemas['ModelState'];
+/** What a loaded model's worker holds now, by its own report. */
+export type LiveMemory = Schemas['LiveMemory'];
+export type Model = Schemas['ModelDescription'];
+export type QueuedRequest = Schemas['QueuedRequest'];
+export type WaitingRequest = Schemas['WaitingRequest'];
+export type Queue = Schemas['QueueSnapshot'];
+/** A request's figures, computed once by the server when it ended. */
+export type Timings = Schemas['Timings'];
+export type HistoryRow = Schemas['HistoryRow'];
+export type ModelAction =
+  paths['/mlx/api/models/{name}/{action}']['post']['parameters']['path']['action'];
 
 export class ApiError extends Error {
   constructor(
@@ -140,15 +81,16 @@ export function checkStatus(status: any): Status {
 export const api = {
   status: async (): Promise<Status> => checkStatus(await request<any>('api/status')),
   models: async (): Promise<Model[]> =>
-    (await request<{ models: Model[] }>('api/models')).models,
+    (await request<Schemas['ModelList']>('api/models')).models,
   queue: (): Promise<Queue> => request<Queue>('api/queue'),
   history: async (limit: number): Promise<HistoryRow[]> =>
-    (await request<{ requests: HistoryRow[] }>(`api/requests?limit=${limit}`)).requests,
-  act: (name: string, action: 'load' | 'unload' | 'pin' | 'unpin'): Promise<Model> =>
+    (await request<Schemas['HistoryPage']>(`api/requests?limit=${limit}`)).requests,
+  // A name may hold "/" (org/name): each of its segments is encoded, the slashes kept.
+  act: (name: string, action: ModelAction): Promise<Model> =>
     request<Model>(
       `api/models/${name.split('/').map(encodeURIComponent).join('/')}/${action}`,
       { method: 'POST' }
     ),
-  cancel: (requestId: string): Promise<unknown> =>
+  cancel: (requestId: string): Promise<Schemas['Cancellation']> =>
     request(`api/requests/${encodeURIComponent(requestId)}`, { method: 'DELETE' })
 };

@@ -4,7 +4,7 @@
 import { Poll } from '@lumino/polling';
 import { ISignal, Signal } from '@lumino/signaling';
 
-import { api, ApiError, HistoryRow, Model, Queue, Status } from './api';
+import { api, ApiError, HistoryRow, Model, ModelAction, Queue, Status } from './api';
 
 export const RECENT_REQUESTS = 8;
 
@@ -41,7 +41,7 @@ export class MlxModel {
   }
 
   /** Runs a model action; a refusal (a 409 when the model does not fit) is shown as is. */
-  async act(name: string, action: 'load' | 'unload' | 'pin' | 'unpin'): Promise<void> {
+  async act(name: string, action: ModelAction): Promise<void> {
     this.busy.add(name);
     this.actionError = null;
     this._changed.emit();

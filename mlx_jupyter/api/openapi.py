@@ -20,7 +20,7 @@ from typing import Any
 
 import tornado.web
 from pydantic import BaseModel
-from pydantic.json_schema import models_json_schema
+from pydantic.json_schema import GenerateJsonSchema, models_json_schema
 
 from .._version import __version__
 from ..contracts.errors import ErrorAnswer
@@ -163,8 +163,16 @@ def _schemas(read: set[type[BaseModel]], written: set[type[BaseModel]],
 
     refs, top = models_json_schema(
         [(model, "validation") for model in ordered(read)]
-        + [(model, "serialization") for model in ordered(written - read)], ref_template=_REF)
+        + [(model, "serialization") for model in ordered(written - read)], ref_template=_REF,
+        schema_generator=_Untitled)
     return top.get("$defs", {}), {model: ref for (model, _), ref in refs.items()}
+
+
+class _Untitled(GenerateJsonSchema):
+    """Fields without pydantic's titles ("Max Tokens" for max_tokens): their names say it."""
+
+    def field_title_should_be_set(self, schema: Any) -> bool:
+        return False
 
 
 def _operation(operation_id: str, op: Operation, params: dict[str, dict[str, Any]],
@@ -188,7 +196,7 @@ def _operation(operation_id: str, op: Operation, params: dict[str, dict[str, Any
     parameters = [{"name": name, "in": "path", "required": True, "schema": schema}
                   for name, schema in params.items()]
     if op.query is not None:
-        properties = op.query.model_json_schema()["properties"]
+        properties = op.query.model_json_schema(schema_generator=_Untitled)["properties"]
         parameters += [{"name": name, "in": "query", "required": False, "schema": schema}
                        for name, schema in properties.items()]
     if parameters:
