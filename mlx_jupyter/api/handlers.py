@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import datetime
 import functools
 import json
 from collections.abc import Awaitable, Callable
 from http.client import responses
-from urllib.parse import unquote
 from typing import Any
+from urllib.parse import unquote
 
 import tornado.ioloop
 import tornado.web
@@ -47,16 +46,6 @@ REQUEST_ID = {"X-Request-Id": "the request's id in the history"}  # a generation
 MODEL_NAME_PARAM = {"type": "string", "minLength": 1, "maxLength": MAX_MODEL_NAME_CHARS,
                     "pattern": NAME_PATTERN,
                     "description": "a model name; it may hold '/' (org/name), sent as %2F"}
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, datetime.datetime | datetime.date):
-        return value.isoformat()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-def to_json(payload: Any) -> str:
-    return json.dumps(payload, default=_json_default)
 
 
 def maps_errors(method: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
@@ -106,7 +95,7 @@ class MlxHandler(ExtensionHandlerMixin, APIHandler):
         """Renders an answer: a contract's model (or, for the document, a plain dict)."""
         self.set_header("Content-Type", "application/json")
         self.finish(payload.model_dump_json() if isinstance(payload, BaseModel)
-                    else to_json(payload))
+                    else json.dumps(payload))
 
     def error_answer(self, status: int, message: str, reason: str | None = None,
                      param: str | None = None) -> BaseModel:

@@ -8,14 +8,27 @@ the field, so a client never silently gets something other than what it asked fo
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .._version import __version__
+from ..contracts.errors import OpenAIErrorAnswer, OpenAIErrorDetail
 from ..contracts.generation import DoneEvent, GenerationAnswer, TextEvent, Usage
+from ..contracts.openai import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatDelta,
+    OpenAIUsage,
+    PromptTokensDetails,
+    TextChoice,
+    TextCompletion,
+    TextCompletionChunk,
+)
 from ..errors import MlxJupyterError
 from ..limits import (
     MAX_MESSAGES,
@@ -178,21 +191,24 @@ class CompletionRequest(_Completion):
 # -- answers ------------------------------------------------------------------------------
 
 
-def usage(counts: Usage) -> dict[str, Any]:
-    return {"prompt_tokens": counts.prompt_tokens, "completion_tokens": counts.completion_tokens,
-            "total_tokens": counts.prompt_tokens + counts.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": counts.cached_tokens}}
+def usage(counts: Usage) -> OpenAIUsage:
+    return OpenAIUsage(
+        prompt_tokens=counts.prompt_tokens, completion_tokens=counts.completion_tokens,
+        total_tokens=counts.prompt_tokens + counts.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=counts.cached_tokens))
 
 
 class _Renderer:
-    """Answers of one request, whole or as server-sent events ending with [DONE].
+    """Answers of one request (contracts.openai), whole or as server-sent events ending with
+    [DONE].
 
     `seed` is our extension: the seed sampling used (the server picks one when the request
     gives none; null at temperature 0), in the whole answer and in the chunks that end it."""
 
     content_type = "text/event-stream"
-    object_name = ""
-    id_prefix = ""
+    whole_answer: type[ChatCompletion] | type[TextCompletion]
+    chunk: type[ChatCompletionChunk] | type[TextCompletionChunk]
+    object_name = chunk_object_name = id_prefix = ""
 
     def __init__(self, include_usage: bool = False):
         self.include_usage = include_usage
@@ -204,23 +220,25 @@ class _Renderer:
         self.request_id, self.model = generation.id, generation.model
 
     # What differs between chat and text completions.
-    def choice(self, text: str | None, finish_reason: str | None, *, whole: bool) -> dict:
+    def choice(self, text: str | None, finish_reason: str | None, *, whole: bool) -> Any:
         raise NotImplementedError
 
-    def whole(self, result: GenerationAnswer) -> dict[str, Any]:
-        return {**self._head(result.request_id, result.model, chunk=False),
-                "choices": [self.choice(result.text, result.finish_reason, whole=True)],
-                "usage": usage(result.usage), "seed": result.seed}
+    def whole(self, result: GenerationAnswer) -> ChatCompletion | TextCompletion:
+        return self.whole_answer(
+            **self._head(result.request_id, result.model), object=self.object_name,
+            choices=[self.choice(result.text, result.finish_reason, whole=True)],
+            usage=usage(result.usage), seed=result.seed)
 
     def event(self, event: TextEvent | DoneEvent) -> str:
-        head = self._head(self.request_id, self.model)
+        head = {**self._head(self.request_id, self.model), "object": self.chunk_object_name}
         if isinstance(event, TextEvent):
-            return self._sse({**head, "choices": [self.choice(event.text, None, whole=False)]})
-        out = self._sse({**head, "choices": [self.choice(None, event.finish_reason,
-                                                          whole=False)], "seed": event.seed})
+            return self._sse(self.chunk(**head, choices=[
+                self.choice(event.text, None, whole=False)]))
+        out = self._sse(self.chunk(**head, seed=event.seed, choices=[
+            self.choice(None, event.finish_reason, whole=False)]))
         if self.include_usage:  # OpenAI's last chunk: no choices, the usage
-            out += self._sse({**head, "choices": [], "usage": usage(event.usage),
-                              "seed": event.seed})
+            out += self._sse(self.chunk(**head, choices=[], usage=usage(event.usage),
+                                        seed=event.seed))
         return out
 
     def error(self, generation: Any, exc: MlxJupyterError) -> str:
@@ -229,52 +247,50 @@ class _Renderer:
     def end(self) -> str:
         return "data: [DONE]\n\n"
 
-    chunk_object_name = ""
-
-    def _head(self, request_id: str, model: str, *, chunk: bool = True) -> dict:
-        return {"id": f"{self.id_prefix}-{request_id}",
-                "object": self.chunk_object_name if chunk else self.object_name,
-                "created": self.created, "model": model,
-                "system_fingerprint": f"mlx-jupyter-{__version__}"}
+    def _head(self, request_id: str, model: str) -> dict[str, Any]:
+        return {"id": f"{self.id_prefix}-{request_id}", "created": self.created,
+                "model": model, "system_fingerprint": f"mlx-jupyter-{__version__}"}
 
     @staticmethod
-    def _sse(payload: dict[str, Any]) -> str:
-        return f"data: {json.dumps(payload)}\n\n"
+    def _sse(answer: BaseModel) -> str:
+        # Only the fields set: a chunk names its usage and seed where it has them.
+        return f"data: {answer.model_dump_json(exclude_unset=True)}\n\n"
 
 
 class ChatRenderer(_Renderer):
+    whole_answer, chunk = ChatCompletion, ChatCompletionChunk
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
     id_prefix = "chatcmpl"
     _sent_role = False
 
-    def choice(self, text: str | None, finish_reason: str | None, *, whole: bool) -> dict:
+    def choice(self, text: str | None, finish_reason: str | None, *,
+               whole: bool) -> ChatChoice | ChatChunkChoice:
         if whole:
-            return {"index": 0, "message": {"role": "assistant", "content": text},
-                    "finish_reason": finish_reason, "logprobs": None}
-        delta: dict[str, Any] = {}
+            return ChatChoice(index=0, message=AssistantMessage(role="assistant", content=text),
+                              finish_reason=finish_reason, logprobs=None)
+        delta = ChatDelta()
         if not self._sent_role:  # OpenAI's first delta names the role
-            delta["role"] = "assistant"
+            delta.role = "assistant"
             self._sent_role = True
         if text is not None:
-            delta["content"] = text
-        return {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            delta.content = text
+        return ChatChunkChoice(index=0, delta=delta, finish_reason=finish_reason, logprobs=None)
 
 
 class CompletionRenderer(_Renderer):
+    whole_answer, chunk = TextCompletion, TextCompletionChunk
     object_name = chunk_object_name = "text_completion"
     id_prefix = "cmpl"
 
-    def choice(self, text: str | None, finish_reason: str | None, *, whole: bool) -> dict:
-        return {"index": 0, "text": text or "", "finish_reason": finish_reason,
-                "logprobs": None}
+    def choice(self, text: str | None, finish_reason: str | None, *, whole: bool) -> TextChoice:
+        return TextChoice(index=0, text=text or "", finish_reason=finish_reason, logprobs=None)
 
 
 def error_body(status: int, message: str, reason: str | None = None,
-               param: str | None = None) -> dict[str, Any]:
+               param: str | None = None) -> OpenAIErrorAnswer:
     """OpenAI's error shape."""
-    return {"error": {"message": message,
-                      "type": ERROR_TYPES.get(status, "server_error" if status >= 500
-                                              else "invalid_request_error"),
-                      "param": param, "code": ERROR_CODES.get(reason or "", None)}}
-
+    return OpenAIErrorAnswer(error=OpenAIErrorDetail(
+        message=message, param=param, code=ERROR_CODES.get(reason or ""),
+        type=ERROR_TYPES.get(status, "server_error" if status >= 500
+                             else "invalid_request_error")))

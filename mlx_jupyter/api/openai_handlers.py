@@ -51,7 +51,7 @@ class OpenAIHandler(MlxHandler):
         if status == 403 and not self._authenticated():
             # Jupyter's own reason (a missing XSRF argument, ...) would only puzzle an API user.
             message = "a valid Jupyter token is required: pass it as the API key"
-        return OpenAIErrorAnswer.model_validate(openai_error(status, message, reason, param))
+        return openai_error(status, message, reason, param)
 
     def _authenticated(self) -> bool:
         try:
