@@ -486,15 +486,11 @@ export interface components {
              * @default null
              */
             seed: number | null;
+            /** @default null */
+            usage: components["schemas"]["OpenAIUsage"] | null;
             /** @constant */
             object: "chat.completion.chunk";
-            /** @description empty in the usage chunk */
             choices: components["schemas"]["ChatChunkChoice"][];
-            /**
-             * @description in the last chunk, with stream_options.include_usage
-             * @default null
-             */
-            usage: components["schemas"]["OpenAIUsage"] | null;
         };
         /** ChatCompletionRequest */
         ChatCompletionRequest: {
@@ -1223,15 +1219,11 @@ export interface components {
              * @default null
              */
             seed: number | null;
+            /** @default null */
+            usage: components["schemas"]["OpenAIUsage"] | null;
             /** @constant */
             object: "text_completion";
-            /** @description empty in the usage chunk */
             choices: components["schemas"]["TextChoice"][];
-            /**
-             * @description in the last chunk, with stream_options.include_usage
-             * @default null
-             */
-            usage: components["schemas"]["OpenAIUsage"] | null;
         };
         /** TextEvent */
         TextEvent: {

@@ -72,11 +72,16 @@ class ChatChunkChoice(Answer):
     logprobs: None
 
 
-class ChatCompletionChunk(_Head):
+class _Chunk(_Head):
+    """One server-sent event of a stream; the last, with stream_options.include_usage, has no
+    choices and the usage."""
+
+    usage: OpenAIUsage | None = None
+
+
+class ChatCompletionChunk(_Chunk):
     object: Literal["chat.completion.chunk"]
-    choices: list[ChatChunkChoice] = Field(description="empty in the usage chunk")
-    usage: OpenAIUsage | None = Field(None, description="in the last chunk, with "
-                                                        "stream_options.include_usage")
+    choices: list[ChatChunkChoice]
 
 
 class TextChoice(Answer):
@@ -92,8 +97,6 @@ class TextCompletion(_Head):
     usage: OpenAIUsage
 
 
-class TextCompletionChunk(_Head):
+class TextCompletionChunk(_Chunk):
     object: Literal["text_completion"]
-    choices: list[TextChoice] = Field(description="empty in the usage chunk")
-    usage: OpenAIUsage | None = Field(None, description="in the last chunk, with "
-                                                        "stream_options.include_usage")
+    choices: list[TextChoice]
