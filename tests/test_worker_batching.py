@@ -101,7 +101,9 @@ async def test_batched_greedy_answers_equal_the_answers_alone():
         requests = [params(q) for q in QUESTIONS[:8]]
         alone = await solo_answers(worker, requests)
         together, most = await together_in_order(worker, requests)
-        assert most == len(requests)  # one batch: each had output before any had ended
+        # Batched: in flight together (how many join the first step depends on when the worker
+        # reads their commands: all eight here, seven on a busy machine; one at a time is 1).
+        assert most > 1
         for (text_alone, done_alone), (text, done) in zip(alone, together):
             assert text == text_alone
             assert done["finish_reason"] == done_alone["finish_reason"]
