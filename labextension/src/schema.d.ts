@@ -1432,7 +1432,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorAnswer"];
                 };
             };
-            /** @description a model worker failed */
+            /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -1463,6 +1463,15 @@ export interface operations {
             };
             /** @description no valid token, or a path outside the allowed roots */
             403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorAnswer"];
+                };
+            };
+            /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1530,6 +1539,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorAnswer"];
                 };
             };
+            /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorAnswer"];
+                };
+            };
         };
     };
     Model_get: {
@@ -1572,6 +1590,15 @@ export interface operations {
             };
             /** @description not found */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorAnswer"];
+                };
+            };
+            /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1632,6 +1659,15 @@ export interface operations {
             };
             /** @description conflicts with the current state: the model, the memory budget, the KV reservation or the settings */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorAnswer"];
+                };
+            };
+            /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1709,7 +1745,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorAnswer"];
                 };
             };
-            /** @description a model worker failed */
+            /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -1740,6 +1776,15 @@ export interface operations {
             };
             /** @description no valid token, or a path outside the allowed roots */
             403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorAnswer"];
+                };
+            };
+            /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1778,6 +1823,15 @@ export interface operations {
             };
             /** @description not found */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorAnswer"];
+                };
+            };
+            /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1836,6 +1890,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorAnswer"];
                 };
             };
+            /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorAnswer"];
+                };
+            };
         };
     };
     Setting_get_default_max_tokens: {
@@ -1867,6 +1930,15 @@ export interface operations {
             };
             /** @description not found */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorAnswer"];
+                };
+            };
+            /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1925,6 +1997,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorAnswer"];
                 };
             };
+            /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorAnswer"];
+                };
+            };
         };
     };
     Setting_get_default_temperature: {
@@ -1956,6 +2037,15 @@ export interface operations {
             };
             /** @description not found */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorAnswer"];
+                };
+            };
+            /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2014,6 +2104,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorAnswer"];
                 };
             };
+            /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorAnswer"];
+                };
+            };
         };
     };
     Setting_get_default_top_p: {
@@ -2045,6 +2144,15 @@ export interface operations {
             };
             /** @description not found */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorAnswer"];
+                };
+            };
+            /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2103,6 +2211,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorAnswer"];
                 };
             };
+            /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorAnswer"];
+                };
+            };
         };
     };
     Setting_get_history_retention_days: {
@@ -2134,6 +2251,15 @@ export interface operations {
             };
             /** @description not found */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorAnswer"];
+                };
+            };
+            /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2192,6 +2318,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorAnswer"];
                 };
             };
+            /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorAnswer"];
+                };
+            };
         };
     };
     Setting_get_max_history_rows: {
@@ -2223,6 +2358,15 @@ export interface operations {
             };
             /** @description not found */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorAnswer"];
+                };
+            };
+            /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2281,6 +2425,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorAnswer"];
                 };
             };
+            /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorAnswer"];
+                };
+            };
         };
     };
     Database_get: {
@@ -2303,6 +2456,15 @@ export interface operations {
             };
             /** @description no valid token, or a path outside the allowed roots */
             403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorAnswer"];
+                };
+            };
+            /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2383,6 +2545,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorAnswer"];
                 };
             };
+            /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorAnswer"];
+                };
+            };
         };
     };
     Request_get: {
@@ -2425,6 +2596,15 @@ export interface operations {
             };
             /** @description not found */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorAnswer"];
+                };
+            };
+            /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2490,6 +2670,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorAnswer"];
                 };
             };
+            /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorAnswer"];
+                };
+            };
         };
     };
     ModelsV1_get: {
@@ -2512,6 +2701,15 @@ export interface operations {
             };
             /** @description no valid token, or a path outside the allowed roots */
             403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorAnswer"];
+                };
+            };
+            /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2561,6 +2759,15 @@ export interface operations {
             };
             /** @description not found */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorAnswer"];
+                };
+            };
+            /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2644,7 +2851,7 @@ export interface operations {
                     "application/json": components["schemas"]["OpenAIErrorAnswer"];
                 };
             };
-            /** @description a model worker failed */
+            /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2729,7 +2936,7 @@ export interface operations {
                     "application/json": components["schemas"]["OpenAIErrorAnswer"];
                 };
             };
-            /** @description a model worker failed */
+            /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
             503: {
                 headers: {
                     [name: string]: unknown;

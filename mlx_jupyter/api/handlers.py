@@ -248,7 +248,7 @@ class GenerateHandler(GenerationHandler):
 
 class SettingsHandler(MlxHandler):
     @operation("Every setting: value, default, type, description", tag="settings",
-               answer=Settings)
+               answer=Settings, errors=(503,))
     @endpoint
     async def get(self) -> None:
         self.write_json(Settings(settings=await self.store.settings()))
@@ -258,13 +258,13 @@ class SettingHandler(MlxHandler):
     # The document has a path per setting: each takes its own type of value.
     openapi_expand = ("key", lambda: setting_bodies())
 
-    @operation("One setting", tag="settings", answer=Setting, errors=(404,))
+    @operation("One setting", tag="settings", answer=Setting, errors=(404, 503))
     @endpoint
     async def get(self, key: str) -> None:
         self.write_json(Setting.model_validate(await self.store.setting(key)))
 
     @operation("Change one setting", tag="settings", answer=Setting,
-               body=lambda key: setting_bodies()[key], errors=(404,))
+               body=lambda key: setting_bodies()[key], errors=(404, 503))
     @endpoint
     async def put(self, key: str) -> None:
         body = parse_body(SettingValue, self.request.body)
@@ -273,7 +273,7 @@ class SettingHandler(MlxHandler):
 
 class DatabaseHandler(MlxHandler):
     @operation("The database: dialect, pool, pragmas, revision, size, row counts", tag="status",
-               answer=DatabaseInfo)
+               answer=DatabaseInfo, errors=(503,))
     @endpoint
     async def get(self) -> None:
         self.write_json(DatabaseInfo.model_validate(await self.store.database_info()))
@@ -281,7 +281,7 @@ class DatabaseHandler(MlxHandler):
 
 class RequestsHandler(MlxHandler):
     @operation("The history of requests, newest first", tag="requests", query=HistoryQuery,
-               answer=HistoryPage)
+               answer=HistoryPage, errors=(503,))
     @endpoint
     async def get(self) -> None:
         query = parse_query(HistoryQuery, self.request.query_arguments)
@@ -292,13 +292,13 @@ class RequestsHandler(MlxHandler):
 
 class RequestHandler(MlxHandler):
     @operation("One request with its prompt, parameters, output and times", tag="requests",
-               answer=RequestDetail, errors=(404,))
+               answer=RequestDetail, errors=(404, 503))
     @endpoint
     async def get(self, request_id: str) -> None:
         self.write_json(RequestDetail.model_validate(await self.store.get_request(request_id)))
 
     @operation("Cancel a queued or running request", tag="requests", answer=Cancellation,
-               errors=(404, 409))
+               errors=(404, 409, 503))
     @endpoint
     async def delete(self, request_id: str) -> None:
         self.write_json(Cancellation.model_validate(await self.queue.cancel(request_id)))
@@ -314,13 +314,13 @@ class QueueHandler(MlxHandler):
 
 class ModelsHandler(MlxHandler):
     @operation("Every known model with its status and memory estimate", tag="models",
-               answer=ModelList)
+               answer=ModelList, errors=(503,))
     @endpoint
     async def get(self) -> None:
         self.write_json(ModelList(models=await self.models.list()))
 
     @operation("Register a model folder under a name", tag="models", body=RegisterModel, ok=201,
-               answer=ModelDescription, errors=(403, 404, 409))
+               answer=ModelDescription, errors=(403, 404, 409, 503))
     @endpoint
     async def post(self) -> None:
         body = parse_body(RegisterModel, self.request.body)
@@ -334,13 +334,13 @@ class ModelHandler(MlxHandler):
 
     openapi_params = {"name": MODEL_NAME_PARAM}
 
-    @operation("One model", tag="models", answer=ModelDescription, errors=(404,))
+    @operation("One model", tag="models", answer=ModelDescription, errors=(404, 503))
     @endpoint
     async def get(self, name: str) -> None:
         self.write_json(await self.models.get(name))
 
     @operation("Forget a registered model (optionally deleting its files)", tag="models",
-               query=ForgetQuery, answer=ForgottenModel, errors=(404, 409))
+               query=ForgetQuery, answer=ForgottenModel, errors=(404, 409, 503))
     @endpoint
     async def delete(self, name: str) -> None:
         query = parse_query(ForgetQuery, self.request.query_arguments)

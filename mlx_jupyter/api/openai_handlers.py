@@ -65,7 +65,7 @@ class OpenAINotFoundHandler(OpenAIHandler, NotFoundHandler):
 
 
 class ModelsV1Handler(OpenAIHandler):
-    @operation("OpenAI: list models", tag="openai", answer=OpenAIModelList)
+    @operation("OpenAI: list models", tag="openai", answer=OpenAIModelList, errors=(503,))
     @endpoint
     async def get(self) -> None:
         models = await self.models.list()
@@ -75,7 +75,7 @@ class ModelsV1Handler(OpenAIHandler):
 class ModelV1Handler(OpenAIHandler):
     openapi_params = {"name": MODEL_NAME_PARAM}
 
-    @operation("OpenAI: one model", tag="openai", answer=OpenAIModel, errors=(404,))
+    @operation("OpenAI: one model", tag="openai", answer=OpenAIModel, errors=(404, 503))
     @endpoint
     async def get(self, name: str) -> None:
         # ModelNotFound: a 404 in OpenAI's shape

@@ -34,7 +34,9 @@ ERROR_TEXT = {400: "invalid input; the message names the field",
               405: "the path names a model, not one of its actions: see Allow",
               409: "conflicts with the current state: the model, the memory budget, the "
                    "KV reservation or the settings",
-              429: "the queue is full; see Retry-After", 503: "a model worker failed"}
+              429: "the queue is full; see Retry-After",
+              503: "a model worker failed, or the database cannot be used (the message says "
+                   "what to fix)"}
 ERROR_HEADERS = {
     405: {"Allow": {"description": "the methods the path takes", "required": True,
                     "schema": {"type": "string"}}},
