@@ -92,7 +92,7 @@ class MlxHandler(ExtensionHandlerMixin, APIHandler):
         return self.settings["mlx_jupyter.store"]
 
     def write_json(self, payload: BaseModel | dict[str, Any]) -> None:
-        """Renders an answer: a contract's model (or, for the document, a plain dict)."""
+        """Renders an answer: a contract's model (or one dumped already)."""
         self.set_header("Content-Type", "application/json")
         self.finish(payload.model_dump_json() if isinstance(payload, BaseModel)
                     else json.dumps(payload))
@@ -142,7 +142,7 @@ class OpenAPIHandler(MlxHandler):
     async def get(self) -> None:
         from .routes import openapi_document  # the route table imports this module
 
-        self.write_json(openapi_document(self.base_url))
+        self.write_json(ApiDocument.model_validate(openapi_document(self.base_url)))
 
 
 class StatusHandler(MlxHandler):
