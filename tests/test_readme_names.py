@@ -3,6 +3,7 @@ metrics and model kinds. A name renamed on one side only fails here."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from tornado.web import RequestHandler
 
 from mlx_jupyter.api.routes import ROUTES
 from mlx_jupyter.app import MlxApp
+from mlx_jupyter.contracts.status import Status
 from mlx_jupyter.kernel.magics import COMMANDS, MlxMagics
 from mlx_jupyter.models.memory import KIND_OVERHEADS
 from mlx_jupyter.models.registry import BUNDLED, FOLDER, HUGGINGFACE, REGISTERED
@@ -138,3 +140,29 @@ def test_every_metric_in_the_readme_is_exported(metrics_text):
     # prometheus_client's TYPE line drops a counter's _total.
     exported |= {f"{name}_total" for name in exported}
     assert documented - exported == set()
+
+
+def _outline(text: str) -> object:
+    """The README's outline of an answer, `{"a", "b": {"c"}, "d": [{"e"}]}`, as JSON with
+    null for a key given alone."""
+    return json.loads(re.sub(r'"(\w+)"(?=\s*[,}])', r'"\1": null', text))
+
+
+def _fields(model: type, outline: object) -> None:
+    """Checks an outline against a pydantic model: the same keys, and nested outlines against
+    the models of their fields."""
+    assert isinstance(outline, dict)
+    assert set(outline) == set(model.model_fields), model.__name__
+    for key, inner in outline.items():
+        if inner is None:
+            continue
+        annotation = model.model_fields[key].annotation
+        while getattr(annotation, "__args__", None):  # list[ModelState] -> ModelState
+            annotation = annotation.__args__[0]
+            inner = inner[0] if isinstance(inner, list) else inner
+        _fields(annotation, inner)
+
+
+def test_the_readmes_status_outline_is_the_status_answer():
+    outline = re.search(r"`GET mlx/api/status` answers `(\{.*?\})`:", README, re.S).group(1)
+    _fields(Status, _outline(outline))

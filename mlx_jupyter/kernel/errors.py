@@ -48,7 +48,8 @@ class RequestNotFound(NotFound):
 
 class Conflict(MlxError):
     """The server cannot do it now (HTTP 409): a model busy with requests or too big for the
-    memory budget, or a request that already finished."""
+    memory budget, a request that needs more KV cache than its model reserves, a model that
+    cannot be forgotten, or a request that already finished."""
 
 
 class QueueFull(MlxError):
