@@ -98,6 +98,7 @@ INVALID = [
     ("default_top_p", 0, "above 0, at most 1"),
     ("default_top_p", 1.01, "above 0, at most 1"),
     ("default_model", "", "a non-empty model name"),
+    ("default_model", "de\x00mo", "a non-empty model name"),  # PostgreSQL cannot store a NUL
     ("default_model", 5, "model name"),
     ("history_retention_days", -1, "an integer from 0"),
     ("max_history_rows", None, "an integer from 0"),

@@ -65,9 +65,11 @@ class SettingSpec:
 
 
 SETTINGS: dict[str, SettingSpec] = {spec.key: spec for spec in (
+    # No control characters: no model name has them, and PostgreSQL cannot store a NUL.
     SettingSpec("default_model", str, DEFAULT_MODEL, "a non-empty model name",
                 "Model used when a request names none.",
-                Field(min_length=1, max_length=MAX_MODEL_NAME_CHARS)),
+                Field(min_length=1, max_length=MAX_MODEL_NAME_CHARS,
+                      pattern=r"^[^\x00-\x1f\x7f]+$")),
     SettingSpec("default_max_tokens", int, DEFAULT_MAX_TOKENS, f"an integer from 1 to {MAX_TOKENS}",
                 "Most tokens generated when a request does not say.",
                 Field(ge=1, le=MAX_TOKENS)),
