@@ -114,6 +114,21 @@ def test_model_use_and_status(store):
 
 # -- requests -----------------------------------------------------------------------------------
 
+def test_a_nul_character_is_stored_as_a_replacement_character_on_both_databases(store):
+    # PostgreSQL cannot store a NUL in text or JSON; a prompt holding one is still recorded.
+    store.ensure_model("demo", "/d", "bundled")
+    record = RequestRecord(model="demo", prompt="a\x00b", notebook="n\x00.ipynb",
+                           messages=[{"role": "user", "content": "c\x00"}],
+                           parameters={"stop": ["\x00"]})
+    store.add_request(record)
+    assert store.update_request(record.id, output_text="d\x00", error="e\x00")
+    got = store.get_request(record.id)
+    assert (got["prompt"], got["notebook"], got["messages"], got["parameters"],
+            got["output_text"], got["error"]) == (
+        "a\ufffdb", "n\ufffd.ipynb", [{"role": "user", "content": "c\ufffd"}],
+        {"stop": ["\ufffd"]}, "d\ufffd", "e\ufffd")
+
+
 def test_add_get_and_update_a_request(store):
     store.ensure_model("demo", "/d", "bundled")
     record = RequestRecord(model="demo", notebook="work/analysis.ipynb", priority=5,

@@ -82,10 +82,22 @@ class RequestRecord:
 
     def to_row(self, model_id: int) -> dict[str, Any]:
         # A shallow copy: dataclasses.asdict deep-copies and was most of a bulk insert's time.
-        row = {name: getattr(self, name) for name in _COLUMNS}
+        row = {name: storable(getattr(self, name)) for name in _COLUMNS}
         row["model_id"] = model_id
         row["status"] = check_status(self.status)
         return row
+
+
+def storable(value: Any) -> Any:
+    """A column's value with every NUL character, in text and inside JSON, replaced by U+FFFD:
+    PostgreSQL cannot store a NUL, and the history should read the same on both databases."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, dict):
+        return {storable(key): storable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [storable(item) for item in value]
+    return value
 
 
 _COLUMNS = tuple(f.name for f in fields(RequestRecord) if f.name != "model")

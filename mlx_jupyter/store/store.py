@@ -40,6 +40,7 @@ from .records import (
     RequestRecord,
     RequestStatus,
     check_status,
+    storable,
     utcnow,
     with_timings,
 )
@@ -231,6 +232,7 @@ class Store:
             return self.get_request(request_id) is not None
         if "status" in fields:
             fields["status"] = check_status(fields["status"])
+        fields = {name: storable(value) for name, value in fields.items()}
         with self._write() as connection:
             result = connection.execute(
                 update(requests_table).where(requests.id == request_id).values(**fields))
