@@ -52,7 +52,8 @@ ERROR_CODES = {"ModelNotFound": "model_not_found", "QueueFull": "rate_limit_exce
 class _OpenAIBody(BaseModel):
     # Strict as JSON Schema reads the document: 1 is a number and 5.0 an integer, "5" neither.
     # Unknown fields are errors.
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # defer_build: its validator is built at its first use, not while the server starts.
+    model_config = ConfigDict(extra="forbid", strict=True, defer_build=True)
 
 
 PromptText = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]

@@ -38,7 +38,8 @@ from ..models.registry import NAME_PATTERN
 
 class _Body(BaseModel):
     # strict: "5" is not a number and true is not 1; extra: a misspelt field is an error.
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # defer_build: its validator is built at its first use, not while the server starts.
+    model_config = ConfigDict(extra="forbid", strict=True, defer_build=True)
 
 
 BodyT = TypeVar("BodyT", bound=BaseModel)

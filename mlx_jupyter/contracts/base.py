@@ -7,4 +7,5 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Answer(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # defer_build: a model's validator is built at its first use, not while the server starts.
+    model_config = ConfigDict(extra="forbid", defer_build=True)
