@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from .contracts.status import DatabaseState
 from .errors import MlxJupyterError
 
 if TYPE_CHECKING:  # the store's modules load when it opens, off the start path
@@ -205,6 +206,14 @@ class StoreService:
     async def _run(self, call: Callable[[Store], T]) -> T:
         """Runs `call(store)` on the pool once the store is ready."""
         return await self._pool.run(call, await self.ready())
+
+    def state(self) -> DatabaseState:
+        """Whether the store is open yet, or why it could not be (for the status route: no
+        waiting, no query)."""
+        if self._failure is not None:
+            return DatabaseState(state="unavailable", error=self._failure)
+        opened = self._store is not None and self._started is not None and self._started.done()
+        return DatabaseState(state="ready" if opened else "opening", error=None)
 
     def _start_gate(self) -> asyncio.Future[None]:
         if self._started is None:  # made on the event loop, by whoever needs it first

@@ -819,11 +819,15 @@ def test_status_command(mlx: Kernel, fake_server: FakeServer):
              "budget_bytes": gib // 2,
              "live": {"live_bytes": gib // 4, "prompt_cache_bytes": gib // 8}},
             {"name": "old", "pid": 43, "status": "loaded", "rss_bytes": gib // 4,
-             "budget_bytes": gib, "live": None}]}})  # a worker yet to report
+             "budget_bytes": gib, "live": None}]},  # a worker yet to report
+        "database": {"state": "unavailable",
+                     "error": "the database x could not be opened: no; check it"}})
     output = mlx.run("%mlx status")
     assert_no_traceback(output)
     assert f"mlx-jupyter 0.1.0 at {fake_server.url}" in output.stdout
     assert "0.50 GB used by models of a 12.00 GB budget" in output.stdout
+    assert "database unavailable: the database x could not be opened: no; check it" \
+        in output.stdout
     assert ("demo: loaded (pid 42; estimate 0.50 GB, live 0.25 GB (0.12 GB prompt cache))"
             in output.stdout)
     assert "old: loaded (pid 43; estimate 1.00 GB, live 0.25 GB)" in output.stdout

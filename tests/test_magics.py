@@ -99,9 +99,11 @@ def test_commands_print_tables_and_errors_are_one_line(mlx, capsys):
     assert "model" in listed and "demo" in listed  # the text form of the table
     assert "live memory" in listed
     mlx.run_line_magic("mlx", "status")
+    shown = capsys.readouterr().out
     # The estimate it is counted for beside what its worker holds (its own report).
     assert re.search(r"demo: loaded \(pid \d+; estimate \d+\.\d\d GB, live \d+\.\d\d GB",
-                     capsys.readouterr().out)
+                     shown)
+    assert "database" not in shown  # open: nothing to say
     mlx.run_line_magic("mlx", "settings")
     assert "default_max_tokens" in capsys.readouterr().out
     mlx.run_line_magic("mlx", "history 2")

@@ -116,9 +116,11 @@ def test_calls_made_before_the_store_opens_wait_and_see_what_start_up_prepared(s
                                service.get_request(record.id), service.list_models())
         await asyncio.sleep(0.05)
         assert not written.done() and not reads.done()  # nothing runs before the store opens
+        steps.append(service.state().state)
 
         async def prepare(ready_store) -> None:
             steps.append("prepare")
+            steps.append(service.state().state)  # open, not yet prepared
             await asyncio.sleep(0.05)  # the early calls still wait
             ready_store.settings.set("default_max_tokens", 99)
 
@@ -127,11 +129,12 @@ def test_calls_made_before_the_store_opens_wait_and_see_what_start_up_prepared(s
             return store
 
         assert await service.open(connect, prepare)
+        steps.append(service.state().state)
         await written
         return await reads
 
     setting, row, models = asyncio.run(main())
-    assert steps == ["connect", "prepare"]
+    assert steps == ["opening", "connect", "prepare", "opening", "ready"]
     assert setting["value"] == 99  # written by the start-up step, before the reads ran
     assert row["prompt"] == "early" and row["status"] == "queued"
     assert [model["name"] for model in models] == ["demo"]
@@ -154,9 +157,10 @@ def test_a_store_that_cannot_open_fails_every_call_with_its_reason(pool, caplog)
             return_exceptions=True)
         await service.flush()  # the failed writes count as settled: nothing hangs
         service.close()  # nothing to close
-        return outcomes
+        return outcomes, service.state()
 
-    outcomes = asyncio.run(main())
+    outcomes, state = asyncio.run(main())
+    assert (state.state, state.error) == ("unavailable", reason)
     assert all(isinstance(outcome, StoreUnavailable) and str(outcome) == reason
                for outcome in outcomes), outcomes
     assert StoreUnavailable.status == 503

@@ -70,6 +70,9 @@ def test_requests_right_after_the_start_wait_for_the_store_and_are_answered(tmp_
         assert settings.json()["settings"]["default_max_tokens"]["value"] == 77
         assert requests.status_code == 200, requests.text
         assert requests.json()["total"] == 0
+        # Those waited for the store: the status says it is open now.
+        assert call(live, "GET", "mlx/api/status").json()["database"] == \
+            {"state": "ready", "error": None}
     finally:
         stop_server(live)
 
@@ -102,7 +105,11 @@ def test_a_server_whose_database_cannot_be_opened_starts_and_answers_503(broken_
             assert "could not be opened" in message and "c.MlxApp.database_url" in message
             assert all(word in message for word in words), (path, message)
             assert "hunter2" not in message
-        assert call(live, "GET", "mlx/api/status").status_code == 200  # still up
+        status = call(live, "GET", "mlx/api/status")  # still up, and says why
+        assert status.status_code == 200
+        database = status.json()["database"]
+        assert database["state"] == "unavailable", database
+        assert "could not be opened" in database["error"] and "hunter2" not in database["error"]
     finally:
         stop_server(live)
     logged = log.read_text()

@@ -703,6 +703,16 @@ export interface components {
             schema_head: string;
             settings_cache: components["schemas"]["SettingsCacheInfo"];
         };
+        /** DatabaseState */
+        DatabaseState: {
+            /**
+             * @description opened off the server's start: requests that need it wait while it opens, and answer 503 if it could not be opened
+             * @enum {string}
+             */
+            state: "opening" | "ready" | "unavailable";
+            /** @description why it could not be opened, and what to fix */
+            error: string | null;
+        };
         /** DoneEvent */
         DoneEvent: {
             /**
@@ -1173,6 +1183,7 @@ export interface components {
             models: components["schemas"]["LoadedModels"];
             version: string;
             queue: components["schemas"]["QueueSummary"];
+            database: components["schemas"]["DatabaseState"];
         };
         /** StoredMessage */
         StoredMessage: {

@@ -151,7 +151,7 @@ class StatusHandler(MlxHandler):
     async def get(self) -> None:
         system = self.manager.get_system_status()
         self.write_json(Status(version=__version__, memory=system.memory, models=system.models,
-                               queue=self.queue.summary()))
+                               queue=self.queue.summary(), database=self.store.state()))
 
 
 class NdjsonRenderer:

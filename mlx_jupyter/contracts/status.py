@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -42,9 +42,17 @@ class SystemStatus(Answer):
     models: LoadedModels
 
 
+class DatabaseState(Answer):
+    state: Literal["opening", "ready", "unavailable"] = Field(
+        description="opened off the server's start: requests that need it wait while it opens, "
+                    "and answer 503 if it could not be opened")
+    error: str | None = Field(description="why it could not be opened, and what to fix")
+
+
 class Status(SystemStatus):
     version: str
     queue: QueueSummary
+    database: DatabaseState
 
 
 class SqlitePragmas(Answer):

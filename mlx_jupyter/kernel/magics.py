@@ -218,6 +218,11 @@ class MlxMagics(Magics):
         client = self.client()
         status = client.status()
         print(f"mlx-jupyter {status.get('version', '?')} at {client.url}")
+        database = status.get("database") or {}
+        if database.get("state") == "unavailable":
+            print(f"database unavailable: {database.get('error')}")
+        elif database.get("state") == "opening":
+            print("database: opening (history and settings answer once it is open)")
         memory = status.get("memory") or {}
         if memory:
             print(f"memory: {render.gigabytes(memory.get('used_by_models'))} used by models of "
