@@ -106,6 +106,9 @@ def test_commands_print_tables_and_errors_are_one_line(mlx, capsys):
     assert "database" not in shown  # open: nothing to say
     mlx.run_line_magic("mlx", "settings")
     assert "default_max_tokens" in capsys.readouterr().out
+    for _ in range(2):  # two rows of its own for the history, whatever ran before
+        mlx.run_cell_magic("mlx", "demo --max-tokens 2 --temperature 0 --no-stream", "Hi")
+    capsys.readouterr()
     mlx.run_line_magic("mlx", "history 2")
     assert capsys.readouterr().out.count("\n") == 4  # header, rule, 2 rows
     mlx.run_line_magic("mlx", "cancel 0123")
