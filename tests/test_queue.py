@@ -160,3 +160,81 @@ async def test_cancelling_a_running_request_stops_it_and_spares_the_others(jp_fe
     assert (await spared)["finish_reason"] in ("stop", "length")
     record = await api(jp_fetch, "requests", active["request_id"])
     assert record["status"] == "cancelled"
+
+
+async def test_a_stream_whose_client_left_while_its_model_loaded_ends_and_frees_its_place(
+        jp_fetch, jp_http_port, jp_base_url, jp_auth_header):
+    # The client sends a streamed request for a model not loaded yet and goes away at once:
+    # the stream's headers, written once the model is loaded, find the connection closed.
+    notebook = "left-while-loading"
+    body = json.dumps({**BODY, "stream": True, "notebook": notebook}).encode()
+    headers = "".join(f"{name}: {value}\r\n" for name, value in jp_auth_header.items())
+    reader, writer = await asyncio.open_connection("127.0.0.1", jp_http_port)
+    writer.write(f"POST {jp_base_url}mlx/api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 f"{headers}Content-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+
+    async def rows():
+        response = await jp_fetch("mlx", "api", "requests", params={"notebook": notebook})
+        return json.loads(response.body)["requests"]
+
+    async def ended():
+        return [row for row in await rows() if row["status"] not in ("queued", "running")]
+
+    await wait_for(ended, seconds=60)
+    [row] = await rows()
+    assert row["status"] == "cancelled" and row["finish_reason"] == "cancelled"
+    assert await _active_is(jp_fetch, 0)
+    # Its model was given back: nothing holds it any more.
+    unloaded = await api(jp_fetch, "models", "demo", "unload", method="POST", body={})
+    assert unloaded["status"] == "unloaded"
+
+
+
+class _Unstartable:
+    """Workers whose model cannot start for a reason of the system's (no domain error)."""
+
+    async def acquire(self, model):
+        raise OSError(24, "Too many open files")
+
+    def release(self, model):
+        raise AssertionError("a model that was never acquired is not given back")
+
+
+class _Lifecycle:
+    """What the queue does when a generation tells it, over a real Admission."""
+
+    def __init__(self, admission):
+        self.admission = admission
+        self.outcomes = []
+
+    def withdraw(self, generation):
+        return self.admission.withdraw(generation.ticket)
+
+    def started(self, generation):
+        pass
+
+    def ended(self, generation, outcome):
+        self.admission.finished(generation.ticket)
+        self.outcomes.append(outcome)
+
+
+async def test_a_request_whose_model_fails_to_start_for_any_reason_still_ends():
+    from mlx_jupyter.queue import Generation
+
+    admission = Admission(max_active_per_model=1, aging_seconds=30.0)
+    lifecycle = _Lifecycle(admission)
+    params = {"prompt": "x", "messages": None, "max_tokens": 1, "temperature": 0.0,
+              "top_p": 1.0, "seed": None, "stop": []}
+    first, second = Ticket("first", "m", 0), Ticket("second", "m", 0)
+    generation = Generation(first, params, workers=_Unstartable(), lifecycle=lifecycle)
+    admission.enqueue(first)
+    admission.enqueue(second)
+    with pytest.raises(OSError):
+        await generation.start()
+    [outcome] = lifecycle.outcomes
+    assert outcome.status == "failed" and "Too many open files" in outcome.error
+    assert await second.admitted  # its place went to the next request

@@ -204,6 +204,10 @@ class GenerationHandler(MlxHandler):
         self.request.connection.stream.set_nodelay(True)
         try:
             await self.flush()  # the headers, with the request id, before the first token
+        except StreamClosedError:
+            generation.abandon()  # the client went away before its first event
+            return
+        try:
             async with contextlib.aclosing(generation.events()) as events:
                 async for event in events:
                     self.write(renderer.event(event))

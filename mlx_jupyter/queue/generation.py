@@ -100,6 +100,7 @@ class Generation:
         self._expiry: asyncio.Task[str] | None = None
         self._timed_out = False
         self._cancel_requested = False
+        self._generating = False  # events() has handed it to its worker
 
     @property
     def id(self) -> str:
@@ -125,14 +126,16 @@ class Generation:
 
     async def start(self) -> None:
         """Waits for admission, then for the model (loading it if needed). Raises a domain
-        error (ModelDoesNotFit, WorkerError, ...) before any output exists."""
+        error (ModelDoesNotFit, WorkerError, ...) before any output exists; the request has
+        then ended as failed."""
         if not await self.ticket.admitted:
             return  # withdrawn while it waited: events() reports it
         self._lifecycle.started(self)
         try:
             self._worker = await self._workers.acquire(self.model)
-        except MlxJupyterError as exc:
-            self._end(self._outcome_now("error", error=str(exc)), model_acquired=False)
+        except Exception as exc:  # any: a request that never got its model still ends
+            self._end(self._outcome_now("error", error=str(exc) or type(exc).__name__),
+                      model_acquired=False)
             raise
 
     async def events(self) -> AsyncIterator[TextEvent | DoneEvent]:
@@ -142,13 +145,14 @@ class Generation:
         refuses (RequestDoesNotFit: it cannot hold its KV cache) raises before any event; one
         that fails raises (a domain error) after the events so far.
         """
-        if self._outcome is None and (self._worker is None or self._cancel_requested):
+        if self._worker is None or self._cancel_requested:
             # Cancelled before it reached its worker (while loading its model, say).
-            self._end(self._outcome_now("cancelled"), model_acquired=self._worker is not None)
+            self.abandon()
         if self._outcome is not None:  # withdrawn while it waited, or just above
             yield self._done_event(self._outcome)
             return
         assert self._worker is not None
+        self._generating = True
         messages = self._worker.generate(self.id, self.params)
         pieces: list[str] = []
         outcome: Outcome | None = None
@@ -183,6 +187,13 @@ class Generation:
         return GenerationAnswer(request_id=self.id, model=self.model, text="".join(pieces),
                                 finish_reason=done.finish_reason, usage=done.usage,
                                 timings=done.timings, seed=done.seed)
+
+    def abandon(self) -> None:
+        """Ends as cancelled a request whose events will not be read (its client went away
+        before the first); it gives its model back. A request its worker runs already ends
+        through `events()` instead."""
+        if self._outcome is None and not self._generating:
+            self._end(self._outcome_now("cancelled"), model_acquired=self._worker is not None)
 
     def failed(self, exc: MlxJupyterError) -> ErrorEvent:
         """The last event of a stream that `events()` ended with this error."""
