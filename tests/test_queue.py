@@ -238,3 +238,23 @@ async def test_a_request_whose_model_fails_to_start_for_any_reason_still_ends():
     [outcome] = lifecycle.outcomes
     assert outcome.status == "failed" and "Too many open files" in outcome.error
     assert await second.admitted  # its place went to the next request
+
+
+async def test_requests_arriving_together_never_queue_past_the_limit(jp_fetch):
+    await api(jp_fetch, "generate", method="POST", body=BODY)  # loads the model
+    [model] = (await api(jp_fetch, "status"))["models"]["loaded"]
+    os.kill(model["pid"], signal.SIGSTOP)  # the running request cannot finish: others wait
+    try:
+        blocker = asyncio.ensure_future(api(jp_fetch, "generate", method="POST", body=BODY))
+        await wait_for(lambda: _active_is(jp_fetch, 1))
+        # Background requests are recorded before they are queued: they arrive together.
+        answers = await asyncio.gather(*(
+            api(jp_fetch, "generate", method="POST", body={**BODY, "background": True})
+            for _ in range(6)), return_exceptions=True)
+        accepted = [answer for answer in answers if isinstance(answer, dict)]
+        refused = [answer for answer in answers if isinstance(answer, HTTPClientError)]
+        assert len(accepted) == 3 and [error.code for error in refused] == [429] * 3
+        assert (await api(jp_fetch, "queue"))["queued"] == 3
+    finally:
+        os.kill(model["pid"], signal.SIGCONT)
+    await blocker

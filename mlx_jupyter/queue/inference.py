@@ -84,6 +84,7 @@ class InferenceQueue:
                                    aging_seconds=aging_seconds, on_admit=self._count_admission)
         self._by_id: dict[str, Generation] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._arriving = 0  # submits past the queue's check, not queued yet
 
     async def submit(self, params: dict[str, Any], *, notebook: str | None = None,
                      priority: int = 0, timeout: float | None = None,
@@ -96,8 +97,19 @@ class InferenceQueue:
         them (None: left out). Raises ModelNotFound for an unknown model and QueueFull when
         `max_queued` requests already wait.
         """
-        if self.admission.queued_count() >= self.max_queued:
+        # Requests still on their way in (awaiting their defaults or their record) count
+        # too: else requests arriving together would all pass the check before any is queued.
+        if self.admission.queued_count() + self._arriving >= self.max_queued:
             raise QueueFull(self.max_queued, self.admission.retry_after())
+        self._arriving += 1
+        try:
+            return await self._submit(params, notebook=notebook, priority=priority,
+                                      timeout=timeout, background=background)
+        finally:
+            self._arriving -= 1
+
+    async def _submit(self, params: dict[str, Any], *, notebook: str | None, priority: int,
+                      timeout: float | None, background: bool) -> Generation:
         submitted = time.perf_counter()  # the request's clock starts before its defaults
         fields = await self._with_defaults(params)
         model = fields["model"]
