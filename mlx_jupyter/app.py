@@ -134,7 +134,7 @@ class MlxApp(ExtensionApp):
              "the memory budget for max_batch_size x this x its KV bytes per token (from its "
              "config), and its batch holds no more: a request whose prompt plus max_tokens "
              "fits only with fewer companions waits for them, one that needs more than the "
-             "whole reservation is refused with a 400.")
+             "whole reservation is refused with a 409.")
     max_queued_requests = Int(
         256, config=True,
         help="Requests that may wait in the queue; beyond it a request gets 429 Retry-After.")
