@@ -267,8 +267,8 @@ class _Playground:
         self._thread.start()
 
     def stop(self) -> None:
-        """Cancels the generation on the server; its stream then ends by itself. (Closing the
-        connection from this thread would not wake the one blocked reading it.)"""
+        """Cancels the generation on the server; its stream then ends by itself, with its last
+        event, so the footer still shows what was made."""
         events = self._events
         if events is None or events.request_id is None:
             return
