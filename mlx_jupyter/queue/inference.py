@@ -137,8 +137,18 @@ class InferenceQueue:
         the store's `recover_unfinished`), with the parameters they were recorded with."""
         for job in jobs:
             stored = job["parameters"] or {}
-            params = generation_params({**stored, "prompt": job["prompt"],
-                                        "messages": job["messages"]})
+            try:
+                params = generation_params({**stored, "prompt": job["prompt"],
+                                            "messages": job["messages"]})
+            except (KeyError, TypeError, ValueError) as exc:
+                # A row this version cannot read (written by another, or by hand) fails
+                # alone; the other jobs still run.
+                error = f"its stored parameters cannot be run again ({type(exc).__name__}: {exc})"
+                log.warning("background request %s not resumed: %s", job["id"], error)
+                self.store.update_request(job["id"], status=RequestStatus.FAILED,
+                                          finish_reason="error", error=error,
+                                          finished_at=utcnow())
+                continue
             ticket = Ticket(job["id"], job["model"], job["priority"])
             self._enqueue(Generation(ticket, params, workers=self.manager, lifecycle=self,
                                      background=True), stored.get("timeout"))
