@@ -49,9 +49,10 @@ class AsyncEventStream(StreamBase):
         await self.close()
 
     async def close(self) -> None:
-        """Stops reading, from anywhere (another thread or task: a Stop button); whoever
-        waits for the next event wakes, and its iteration ends. Before the final event, the
-        server cancels the generation."""
+        """Stops reading, also from elsewhere than the reader (a Stop button): another
+        thread for an EventStream, another task of its event loop for an AsyncEventStream.
+        Whoever waits for the next event wakes, and its iteration ends. Before the final
+        event, the server cancels the generation."""
         if self._mark_closed():
             await self._response.aclose()
 

@@ -64,9 +64,10 @@ class EventStream(StreamBase):
         self.close()
 
     def close(self) -> None:
-        """Stops reading, from anywhere (another thread or task: a Stop button); whoever
-        waits for the next event wakes, and its iteration ends. Before the final event, the
-        server cancels the generation."""
+        """Stops reading, also from elsewhere than the reader (a Stop button): another
+        thread for an EventStream, another task of its event loop for an AsyncEventStream.
+        Whoever waits for the next event wakes, and its iteration ends. Before the final
+        event, the server cancels the generation."""
         with self._lock:
             if self._closed:
                 return
