@@ -1832,15 +1832,6 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorAnswer"];
                 };
             };
-            /** @description not found */
-            404: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorAnswer"];
-                };
-            };
             /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
             503: {
                 headers: {
@@ -1892,15 +1883,6 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorAnswer"];
                 };
             };
-            /** @description not found */
-            404: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorAnswer"];
-                };
-            };
             /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
             503: {
                 headers: {
@@ -1932,15 +1914,6 @@ export interface operations {
             };
             /** @description no valid token, or a path outside the allowed roots */
             403: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorAnswer"];
-                };
-            };
-            /** @description not found */
-            404: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1999,15 +1972,6 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorAnswer"];
                 };
             };
-            /** @description not found */
-            404: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorAnswer"];
-                };
-            };
             /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
             503: {
                 headers: {
@@ -2039,15 +2003,6 @@ export interface operations {
             };
             /** @description no valid token, or a path outside the allowed roots */
             403: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorAnswer"];
-                };
-            };
-            /** @description not found */
-            404: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2106,15 +2061,6 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorAnswer"];
                 };
             };
-            /** @description not found */
-            404: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorAnswer"];
-                };
-            };
             /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
             503: {
                 headers: {
@@ -2146,15 +2092,6 @@ export interface operations {
             };
             /** @description no valid token, or a path outside the allowed roots */
             403: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorAnswer"];
-                };
-            };
-            /** @description not found */
-            404: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2213,15 +2150,6 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorAnswer"];
                 };
             };
-            /** @description not found */
-            404: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorAnswer"];
-                };
-            };
             /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
             503: {
                 headers: {
@@ -2253,15 +2181,6 @@ export interface operations {
             };
             /** @description no valid token, or a path outside the allowed roots */
             403: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorAnswer"];
-                };
-            };
-            /** @description not found */
-            404: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2320,15 +2239,6 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorAnswer"];
                 };
             };
-            /** @description not found */
-            404: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorAnswer"];
-                };
-            };
             /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
             503: {
                 headers: {
@@ -2360,15 +2270,6 @@ export interface operations {
             };
             /** @description no valid token, or a path outside the allowed roots */
             403: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorAnswer"];
-                };
-            };
-            /** @description not found */
-            404: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2420,15 +2321,6 @@ export interface operations {
             };
             /** @description no valid token, or a path outside the allowed roots */
             403: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorAnswer"];
-                };
-            };
-            /** @description not found */
-            404: {
                 headers: {
                     [name: string]: unknown;
                 };

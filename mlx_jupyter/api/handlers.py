@@ -262,13 +262,14 @@ class SettingHandler(MlxHandler):
     # The document has a path per setting: each takes its own type of value.
     openapi_expand = ("key", lambda: setting_bodies())
 
-    @operation("One setting", tag="settings", answer=Setting, errors=(404, 503))
+    # A path per known setting: an unknown key is no documented path (it answers a 400).
+    @operation("One setting", tag="settings", answer=Setting, errors=(503,))
     @endpoint
     async def get(self, key: str) -> None:
         self.write_json(Setting.model_validate(await self.store.setting(key)))
 
     @operation("Change one setting", tag="settings", answer=Setting,
-               body=lambda key: setting_bodies()[key], errors=(404, 503))
+               body=lambda key: setting_bodies()[key], errors=(503,))
     @endpoint
     async def put(self, key: str) -> None:
         body = parse_body(SettingValue, self.request.body)
