@@ -1,6 +1,7 @@
 """The inference queue: priorities, aging, back-pressure and cancellation on a real server."""
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -33,13 +34,23 @@ async def wait_for(check, seconds=30):
         await asyncio.sleep(0.05)
 
 
-async def test_saturated_queue_admits_by_priority_refuses_overflow_and_cancels(jp_fetch):
+@contextlib.asynccontextmanager
+async def one_request_stuck(jp_fetch):
+    """The model loaded and its worker paused with one request admitted (max_batch_size 1), so
+    whatever comes next waits; yields that request's future. The worker resumes on exit."""
     await api(jp_fetch, "generate", method="POST", body=BODY)  # loads the model
     [model] = (await api(jp_fetch, "status"))["models"]["loaded"]
     os.kill(model["pid"], signal.SIGSTOP)  # the running request cannot finish: others wait
     try:
         blocker = asyncio.ensure_future(api(jp_fetch, "generate", method="POST", body=BODY))
         await wait_for(lambda: _active_is(jp_fetch, 1))
+        yield blocker
+    finally:
+        os.kill(model["pid"], signal.SIGCONT)
+
+
+async def test_saturated_queue_admits_by_priority_refuses_overflow_and_cancels(jp_fetch):
+    async with one_request_stuck(jp_fetch) as blocker:
         waiting = {}
         for name, priority in [("low", 0), ("high", 5), ("mid", 2)]:
             waiting[name] = asyncio.ensure_future(api(jp_fetch, "generate", method="POST",
@@ -60,8 +71,6 @@ async def test_saturated_queue_admits_by_priority_refuses_overflow_and_cancels(j
         mid_id = next(r["request_id"] for r in queue["queued"] if r["priority"] == 2)
         cancelled = await api(jp_fetch, "requests", mid_id, method="DELETE")
         assert cancelled == {"request_id": mid_id, "was": "queued", "status": "cancelled"}
-    finally:
-        os.kill(model["pid"], signal.SIGCONT)
 
     mid = await waiting["mid"]
     assert mid["finish_reason"] == "cancelled" and mid["text"] == ""
@@ -241,12 +250,7 @@ async def test_a_request_whose_model_fails_to_start_for_any_reason_still_ends():
 
 
 async def test_requests_arriving_together_never_queue_past_the_limit(jp_fetch):
-    await api(jp_fetch, "generate", method="POST", body=BODY)  # loads the model
-    [model] = (await api(jp_fetch, "status"))["models"]["loaded"]
-    os.kill(model["pid"], signal.SIGSTOP)  # the running request cannot finish: others wait
-    try:
-        blocker = asyncio.ensure_future(api(jp_fetch, "generate", method="POST", body=BODY))
-        await wait_for(lambda: _active_is(jp_fetch, 1))
+    async with one_request_stuck(jp_fetch) as blocker:
         # Background requests are recorded before they are queued: they arrive together.
         answers = await asyncio.gather(*(
             api(jp_fetch, "generate", method="POST", body={**BODY, "background": True})
@@ -255,6 +259,4 @@ async def test_requests_arriving_together_never_queue_past_the_limit(jp_fetch):
         refused = [answer for answer in answers if isinstance(answer, HTTPClientError)]
         assert len(accepted) == 3 and [error.code for error in refused] == [429] * 3
         assert (await api(jp_fetch, "queue"))["queued"] == 3
-    finally:
-        os.kill(model["pid"], signal.SIGCONT)
     await blocker
