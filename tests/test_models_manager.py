@@ -3,6 +3,8 @@
 import asyncio
 import dataclasses
 import functools
+import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -184,5 +186,27 @@ async def test_a_small_model_worker_runs_with_one_blas_thread(models):
         worker = await manager.acquire("a")
         manager.release("a")
         assert psutil.Process(worker.pid).environ().get("OPENBLAS_NUM_THREADS") == "1"
+    finally:
+        await manager.shutdown()
+
+
+async def test_a_request_right_after_an_idle_worker_died_gets_a_fresh_worker(models):
+    """Killed while idle, a worker is a zombie until the event loop reads its exit; a request
+    in that instant must not be handed the dead one (and answered 503)."""
+    manager = manager_for({"a": models["a"]})
+    try:
+        await use(manager, "a")
+        dead = manager.slot("a").worker
+        os.kill(dead.pid, signal.SIGKILL)
+        time.sleep(0.5)  # blocking: the event loop cannot read the worker's exit meanwhile
+        assert not dead.alive
+        fresh = await manager.acquire("a")
+        try:
+            assert fresh is not dead and fresh.alive and fresh.pid != dead.pid
+            assert manager.slot("a").status == "loaded"
+        finally:
+            manager.release("a")
+        await asyncio.sleep(0.5)  # the dead one's exit, read late, leaves the fresh one alone
+        assert manager.slot("a").worker is fresh and manager.slot("a").status == "loaded"
     finally:
         await manager.shutdown()

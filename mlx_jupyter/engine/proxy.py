@@ -19,6 +19,8 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import cast
 
+import psutil
+
 from ..errors import RequestDoesNotFit, WorkerError
 from ..limits import DEFAULT_KV_RESERVE_TOKENS, DEFAULT_MAX_BATCH_SIZE, DEFAULT_PROMPT_CACHE_BYTES
 from .protocol import (
@@ -92,7 +94,14 @@ class WorkerProxy:
 
     @property
     def alive(self) -> bool:
-        return self._process is not None and self._process.returncode is None
+        """Running. A worker killed an instant ago is a zombie until the event loop reaps it
+        and reads its pipe's end; it is not alive for a request that arrives meanwhile."""
+        if self._process is None or self._process.returncode is not None:
+            return False
+        try:
+            return psutil.Process(self._process.pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
 
     @property
     def active_requests(self) -> int:

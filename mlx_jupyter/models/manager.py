@@ -259,6 +259,10 @@ class ModelManager:
         async with self._placement:
             if slot.loaded:
                 return
+            if slot.worker is not None:  # it died an instant ago, before its exit was read
+                log.warning("model %s: its worker (pid %s) has died; starting a fresh one",
+                            slot.name, slot.worker.pid)
+                self._worker_exited(slot.worker)
             try:  # the folder is checked again (cached unless it changed): it may have moved
                 slot.path, estimate = await self._run_blocking(self._locate, slot.name)
                 slot.footprint = self.footprint(estimate)
