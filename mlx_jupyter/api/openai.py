@@ -53,7 +53,9 @@ class _OpenAIBody(BaseModel):
     # Strict as JSON Schema reads the document: 1 is a number and 5.0 an integer, "5" neither.
     # Unknown fields are errors.
     # defer_build: its validator is built at its first use, not while the server starts.
-    model_config = ConfigDict(extra="forbid", strict=True, defer_build=True)
+    # allow_inf_nan: NaN and Infinity (which Python's JSON reads) are no numbers we take.
+    model_config = ConfigDict(extra="forbid", strict=True, defer_build=True,
+                              allow_inf_nan=False)
 
 
 PromptText = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]

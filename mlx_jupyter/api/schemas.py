@@ -39,7 +39,9 @@ from ..models.registry import NAME_PATTERN
 class _Body(BaseModel):
     # strict: "5" is not a number and true is not 1; extra: a misspelt field is an error.
     # defer_build: its validator is built at its first use, not while the server starts.
-    model_config = ConfigDict(extra="forbid", strict=True, defer_build=True)
+    # allow_inf_nan: NaN and Infinity (which Python's JSON reads) are no numbers we take.
+    model_config = ConfigDict(extra="forbid", strict=True, defer_build=True,
+                              allow_inf_nan=False)
 
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
