@@ -23,7 +23,8 @@ from mlx_lm.models import llama
 demo, out, hidden, layers = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 config = json.loads((demo / "config.json").read_text())
 config.update(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=hidden * 8 // 3,
-              num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64)
+              num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+              max_position_embeddings=4096)
 mx.random.seed(0)
 model = llama.Model(llama.ModelArgs.from_dict(config))
 out.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,12 @@ class RequestDoesNotFit(MlxJupyterError):
         self.param = param
 
 
+class PromptTooLong(RequestDoesNotFit):
+    """A prompt that fills its model's context, leaving no room for an answer. Like a request
+    too big for the KV reservation, it is well formed: the model's size refuses it (so its
+    status is the same 409; on /v1 the code is context_length_exceeded)."""
+
+
 class ModelBusy(MlxJupyterError):
     """The model has requests in flight, so it cannot be unloaded now."""
 

@@ -33,12 +33,14 @@ class FakeModel:
 
 def llama_config(hidden: int, layers: int, dtype: str = "float32",
                  kv_heads: int | None = None) -> dict:
-    """Heads of 32 dimensions; `kv_heads` fewer than them makes grouped-query attention."""
+    """Heads of 32 dimensions; `kv_heads` fewer than them makes grouped-query attention. The
+    context (4,096) holds the long answers the memory tests and the soak need; random weights
+    rarely end an answer early."""
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
             "hidden_size": hidden, "num_hidden_layers": layers,
             "intermediate_size": hidden * 3, "num_attention_heads": max(1, hidden // 32),
             "num_key_value_heads": kv_heads or max(1, hidden // 32), "rms_norm_eps": 1e-5,
-            "vocab_size": VOCAB_SIZE, "rope_theta": 10000.0, "max_position_embeddings": 256,
+            "vocab_size": VOCAB_SIZE, "rope_theta": 10000.0, "max_position_embeddings": 4096,
             "tie_word_embeddings": True, "bos_token_id": 0, "eos_token_id": 4,
             "pad_token_id": 5, "torch_dtype": dtype}
 

@@ -728,6 +728,11 @@ export interface components {
             timings: components["schemas"]["Timings"];
             /** @description the seed sampling used (the server picks one when the request gives none); null for greedy decoding (temperature 0) */
             seed: number | null;
+            /**
+             * @description the max_tokens the model's context left room for (its length less the prompt's), when that was less than the request asked; null otherwise
+             * @default null
+             */
+            max_tokens_clipped_to: number | null;
         };
         /** ErrorAnswer */
         ErrorAnswer: {
@@ -826,6 +831,11 @@ export interface components {
             timings: components["schemas"]["Timings"];
             /** @description the seed sampling used (the server picks one when the request gives none); null for greedy decoding (temperature 0) */
             seed: number | null;
+            /**
+             * @description the max_tokens the model's context left room for (its length less the prompt's), when that was less than the request asked; null otherwise
+             * @default null
+             */
+            max_tokens_clipped_to: number | null;
         };
         /** HistoryPage */
         HistoryPage: {

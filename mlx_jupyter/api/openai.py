@@ -46,7 +46,8 @@ ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_
 ERROR_CODES = {"ModelNotFound": "model_not_found", "QueueFull": "rate_limit_exceeded",
                "InvalidRequest": "invalid_request", "ModelDoesNotFit": "model_does_not_fit",
                "WorkerError": "worker_unavailable",
-               "RequestDoesNotFit": "context_length_exceeded"}
+               "RequestDoesNotFit": "context_length_exceeded",
+               "PromptTooLong": "context_length_exceeded"}
 
 
 class _OpenAIBody(BaseModel):

@@ -23,6 +23,10 @@ Seed = Annotated[int | None, Field(
                                    "request gives none); null for greedy decoding "
                                    "(temperature 0)")]
 
+ClippedMaxTokens = Annotated[int | None, Field(
+    ge=1, description="the max_tokens the model's context left room for (its length less the "
+                      "prompt's), when that was less than the request asked; null otherwise")]
+
 
 class Usage(Answer):
     prompt_tokens: int = Field(ge=0)
@@ -58,6 +62,7 @@ class DoneEvent(Answer):
     usage: Usage
     timings: Timings
     seed: Seed
+    max_tokens_clipped_to: ClippedMaxTokens = None
 
 
 class ErrorEvent(Answer):
@@ -78,3 +83,4 @@ class GenerationAnswer(Answer):
     usage: Usage
     timings: Timings
     seed: Seed
+    max_tokens_clipped_to: ClippedMaxTokens = None

@@ -17,12 +17,16 @@ Worker -> server (the protocol pipe, the worker's original stdout), two families
 
     TextMessage       {"id", "text"}                       the next piece of its output
     DoneMessage       {"id", "done": true, "finish_reason": "stop" | "length" | "cancelled",
-                       "usage", "timings"}                 its end; timings are the worker's own
-                                                           measurements (decode and prefill speed)
+                       "usage", "timings", "max_tokens"}   its end; timings are the worker's own
+                                                           measurements (decode and prefill
+                                                           speed); max_tokens is less than asked
+                                                           when the model's context was short
     ErrorMessage      {"id", "done": true, "finish_reason": "error", "error", "refused"}
-                                                           it failed; refused: it cannot run here
-                                                           as asked (the client's to fix), e.g.
-                                                           its KV cache cannot fit
+                                                           it failed (refused null), or cannot
+                                                           run here as asked, the client's to
+                                                           fix: its prompt fills the model's
+                                                           context ("context"), or its KV cache
+                                                           cannot fit ("kv_reservation")
 
   A generate command is answered by its text and then one DoneMessage, or by one ErrorMessage.
 
@@ -117,6 +121,12 @@ class DoneMessage(TypedDict):
     finish_reason: Ending
     usage: Usage
     timings: WorkerTimings
+    max_tokens: int  # what it was generated with: less than asked when the context was short
+
+
+# Why a request cannot run here as asked (the client's to fix): its prompt and max_tokens need
+# more KV cache than the model reserves, or its prompt fills the model's context.
+Refusal = Literal["kv_reservation", "context"]
 
 
 class ErrorMessage(TypedDict):
@@ -124,7 +134,7 @@ class ErrorMessage(TypedDict):
     done: Literal[True]
     finish_reason: Literal["error"]
     error: str
-    refused: bool  # the request cannot run here as asked: the client's to fix
+    refused: Refusal | None  # None: it failed; else it cannot run here as asked
 
 
 RequestMessage = Union[TextMessage, DoneMessage, ErrorMessage]

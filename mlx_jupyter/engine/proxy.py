@@ -21,7 +21,7 @@ from typing import cast
 
 import psutil
 
-from ..errors import RequestDoesNotFit, WorkerError
+from ..errors import PromptTooLong, RequestDoesNotFit, WorkerError
 from ..limits import DEFAULT_KV_RESERVE_TOKENS, DEFAULT_MAX_BATCH_SIZE, DEFAULT_PROMPT_CACHE_BYTES
 from .protocol import (
     MAX_LINE_BYTES,
@@ -189,6 +189,9 @@ class WorkerProxy:
                 finished = True  # done or failed: the worker has forgotten it
                 if message["finish_reason"] == "error":
                     error = cast(ErrorMessage, message)
+                    if error["refused"] == "context":
+                        raise PromptTooLong(error["error"], param="prompt" if params["prompt"]
+                                            is not None else "messages")
                     if error["refused"]:
                         raise RequestDoesNotFit(error["error"])
                     raise WorkerError(f"generation failed in model {self.model_name!r}: "

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import queue
 import sys
@@ -70,6 +71,7 @@ from ..limits import (
     DEFAULT_KV_RESERVE_TOKENS,
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_PROMPT_CACHE_BYTES,
+    MAX_TOKENS,
     kv_capacity,
     kv_refusal,
 )
@@ -82,12 +84,14 @@ from .protocol import (
     GenerateCommand,
     Message,
     ReadyEvent,
+    Refusal,
     TextMessage,
     WorkerTimings,
     check_generate,
     decode_command,
     encode,
 )
+from .context import context_length
 from .stops import StopMatcher
 
 _PROMPT_CACHE_ENTRIES = 1 << 30  # entries are bounded by bytes, not by count
@@ -138,6 +142,7 @@ class _Request:
     id: str
     command: GenerateCommand
     tokens: list[int] = field(default_factory=list)
+    max_tokens: int = 0  # the command's, or less: what the model's context leaves room for
     kv_tokens: int = 0  # KV positions it needs: prompt plus max_tokens
     uid: int | None = None
     detokenizer: Any = None
@@ -165,6 +170,7 @@ class Worker:
         self.prompt_cache_bytes = prompt_cache_bytes
         self.kv_reserve_tokens = kv_reserve_tokens
         self.kv_capacity = kv_capacity(max_batch_size, kv_reserve_tokens)
+        self.context_tokens: int | None = None  # the model's, from its config, once loaded
         self.memory_limit_bytes = memory_limit_bytes  # 0: no limit
         self.mlx_cache_limit_bytes = mlx_cache_limit_bytes  # None: MLX's own default
         self._prompt_cache = None  # an mlx_lm LRUPromptCache once the model is loaded, if enabled
@@ -210,6 +216,8 @@ class Worker:
         from mlx_lm import load  # the costly import (~3 s) happens here, never in the server
 
         self.model, self.tokenizer = load(self.model_path)
+        with open(os.path.join(self.model_path, "config.json"), encoding="utf-8") as config:
+            self.context_tokens = context_length(json.load(config))
         if self.prompt_cache_bytes > 0:
             from mlx_lm.models.cache import LRUPromptCache
 
@@ -275,12 +283,20 @@ class Worker:
             traceback.print_exc()
             self._error(request, exc)
             return
-        max_tokens = request.command["max_tokens"]
-        request.kv_tokens = len(request.tokens) + max_tokens
-        refusal = kv_refusal(len(request.tokens), max_tokens, self.max_batch_size,
+        prompt_tokens, context = len(request.tokens), self.context_tokens
+        if context is not None and prompt_tokens >= context:
+            self._error(request, refused="context", message=(
+                f"the prompt is {prompt_tokens} tokens and this model's context holds "
+                f"{context}, with room for at least one token of answer: shorten the prompt"))
+            return
+        # What the context leaves room for: the answer may not run past it.
+        request.max_tokens = min(request.command["max_tokens"],
+                                 context - prompt_tokens if context else MAX_TOKENS)
+        request.kv_tokens = prompt_tokens + request.max_tokens
+        refusal = kv_refusal(prompt_tokens, request.max_tokens, self.max_batch_size,
                              self.kv_reserve_tokens)
         if refusal:
-            self._error(request, message=refusal, refused=True)
+            self._error(request, message=refusal, refused="kv_reservation")
             return
         self._waiting.append(request)
 
@@ -316,7 +332,7 @@ class Worker:
 
     def _insert(self, request: _Request) -> None:
         command = request.command
-        max_tokens = command["max_tokens"]
+        max_tokens = request.max_tokens
         sampler = make_sampler(command)
         request.stops = StopMatcher(command["stop"])
         request.detokenizer = self.tokenizer.detokenizer  # a fresh copy per request
@@ -492,7 +508,7 @@ class Worker:
             usage={"prompt_tokens": len(request.tokens),
                    "completion_tokens": request.completion_tokens,
                    "cached_tokens": request.cached_tokens},
-            timings=self._timings(request)))
+            timings=self._timings(request), max_tokens=request.max_tokens))
 
     @staticmethod
     def _timings(request: _Request) -> WorkerTimings:
@@ -514,8 +530,8 @@ class Worker:
         return timings
 
     def _error(self, request: _Request, exc: BaseException | None = None, *,
-               message: str | None = None, refused: bool = False) -> None:
-        """One request failed (exc, or message), or was refused (message, refused: it cannot
+               message: str | None = None, refused: Refusal | None = None) -> None:
+        """One request failed (exc, or message), or was refused (message, and why it cannot
         run here as asked)."""
         self.send(ErrorMessage(id=request.id, done=True, finish_reason="error",
                                error=message or f"{type(exc).__name__}: {exc}",

@@ -95,6 +95,7 @@ class Generation:
         self._lifecycle = lifecycle
         self._worker: WorkerProxy | None = None
         self._first_text: float | None = None  # perf_counter
+        self._clipped_to: int | None = None  # max_tokens, when the model's context cut it
         self._outcome: Outcome | None = None  # once it ended
         self._deadline: asyncio.TimerHandle | None = None  # the per-request timeout, if any
         self._expiry: asyncio.Task[str] | None = None
@@ -164,6 +165,8 @@ class Generation:
                     pieces.append(message["text"])
                     yield TextEvent(text=message["text"])
                 else:
+                    if message["max_tokens"] < self.params["max_tokens"]:
+                        self._clipped_to = message["max_tokens"]
                     outcome = self._outcome_now(
                         message["finish_reason"], text="".join(pieces),
                         usage=Usage(**message["usage"]), worker=message["timings"])
@@ -186,7 +189,8 @@ class Generation:
                     done = event
         return GenerationAnswer(request_id=self.id, model=self.model, text="".join(pieces),
                                 finish_reason=done.finish_reason, usage=done.usage,
-                                timings=done.timings, seed=done.seed)
+                                timings=done.timings, seed=done.seed,
+                                max_tokens_clipped_to=done.max_tokens_clipped_to)
 
     def abandon(self) -> None:
         """Ends as cancelled a request whose events will not be read (its client went away
@@ -243,7 +247,7 @@ class Generation:
         return DoneEvent(request_id=self.id, model=self.model,
                          finish_reason=outcome.finish_reason,
                          usage=outcome.usage or NO_TOKENS, timings=outcome.timings,
-                         seed=self.seed)
+                         seed=self.seed, max_tokens_clipped_to=self._clipped_to)
 
     def _end(self, outcome: Outcome, *, model_acquired: bool = True) -> None:
         """Once per request: gives its model back and tells the queue how it ended."""
