@@ -194,3 +194,13 @@ def test_resetting_an_unknown_conversation_says_so(mlx, capsys):
     mlx.run_line_magic("mlx", "chat reset nobody")
     captured = capsys.readouterr()
     assert "no conversation named 'nobody'" in captured.err and captured.out == ""
+
+
+def test_the_footer_says_when_the_models_context_cut_max_tokens(mlx, capsys):
+    # The demo's context is 256 positions: 1,000 tokens cannot fit after any prompt.
+    mlx.run_cell_magic("mlx", "demo --max-tokens 1000 --temperature 0", "The sea")
+    footer = capsys.readouterr().out.splitlines()[-1]
+    cut = re.search(r"max tokens cut to (\d+) by the model's context", footer)
+    assert cut and 0 < int(cut.group(1)) < 256, footer
+    mlx.run_cell_magic("mlx", "demo --max-tokens 4 --temperature 0", "The sea")
+    assert "cut to" not in capsys.readouterr().out

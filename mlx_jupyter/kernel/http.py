@@ -40,6 +40,8 @@ class GenerationResult:
     usage: dict[str, int] = field(default_factory=dict)  # prompt_tokens, completion_tokens
     timings: dict[str, float] = field(default_factory=dict)  # ttft_ms, total_ms, tokens_per_second
     seed: int | None = None  # the seed the server sampled with; None when greedy
+    # The max_tokens the model's context left room for, when less than asked.
+    max_tokens_clipped_to: int | None = None
 
 
 class StreamReader:
@@ -179,7 +181,8 @@ def result_from_json(body: dict[str, Any], model: str) -> GenerationResult:
         text=str(body.get("text", "")), request_id=str(body.get("request_id", "")),
         model=str(body.get("model") or model),
         finish_reason=str(body.get("finish_reason", "stop")),
-        usage=body.get("usage") or {}, timings=body.get("timings") or {}, seed=body.get("seed"))
+        usage=body.get("usage") or {}, timings=body.get("timings") or {}, seed=body.get("seed"),
+        max_tokens_clipped_to=body.get("max_tokens_clipped_to"))
 
 
 def one_line(text: str) -> str:

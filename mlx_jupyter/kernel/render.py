@@ -126,7 +126,8 @@ def tokens_per_second(timings: Mapping[str, Any] | None) -> str:
 
 
 def footer(model: str, result: GenerationResult | None) -> str:
-    """E.g. "demo · 42 tokens · 31.5 tok/s", plus the finish reason unless "stop"."""
+    """E.g. "demo · 42 tokens · 31.5 tok/s", plus the finish reason unless "stop", and the
+    max_tokens the model's context cut the answer to, if it did."""
     if result is None:
         return model
     parts = [result.model or model]
@@ -137,6 +138,8 @@ def footer(model: str, result: GenerationResult | None) -> str:
         parts.append(f"{speed} tok/s")
     if result.finish_reason != "stop":
         parts.append(result.finish_reason)
+    if result.max_tokens_clipped_to is not None:
+        parts.append(f"max tokens cut to {result.max_tokens_clipped_to} by the model's context")
     return " · ".join(part for part in parts if part)
 
 
