@@ -221,6 +221,8 @@ class MlxApp(ExtensionApp):
         if await store.open(self._connect_database, prepare):
             self.queue.resume(jobs)
             self.cleanup.start()
+        else:  # logged by the store service, with what to fix
+            metrics.fault("database_unavailable")
 
     def _connect_database(self) -> Store:
         """On the thread pool: the database opened and migrated; StoreUnavailable, saying

@@ -32,6 +32,9 @@ PREFIX = "mlx_jupyter_"
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0, 60.0, 120.0, 300.0, 600.0, float("inf"))
 UNLOAD_REASONS = ("requested", "forgotten", "idle", "evicted", "worker_exited")
+# Faults the server notices and survives: a model worker that died under it, a database it
+# could not open (its routes answer 503 until a restart).
+FAULT_KINDS = ("worker_exited", "database_unavailable")
 
 
 class Metrics:
@@ -71,6 +74,9 @@ class Metrics:
             "idle, evicted, worker_exited).", "reason")
         self.evictions = counter("model_evictions_total",
                                  "Idle models unloaded to make room for another.")
+        self.faults = Counter(PREFIX + "faults_total", "Faults noticed and survived, by kind "
+                              f"({', '.join(FAULT_KINDS)}).", ["kind"],
+                              registry=self.registry)
         self.prompt_cache_trims = counter(
             "prompt_cache_trims_total", "Times a worker's live memory passed its estimate and "
             "it trimmed its prompt cache.")
@@ -104,6 +110,11 @@ class Metrics:
 
     def prompt_cache_trimmed(self, model: str) -> None:
         self.prompt_cache_trims.labels(model).inc()
+
+    def fault(self, kind: str) -> None:
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {kind!r}; one of {FAULT_KINDS}")
+        self.faults.labels(kind).inc()
 
     def model_unloaded(self, model: str, reason: str) -> None:
         if reason not in UNLOAD_REASONS:

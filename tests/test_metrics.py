@@ -225,6 +225,7 @@ async def test_loads_evictions_exits_idle_unloads_and_failures_are_counted(tmp_p
         (("model", "b"), ("reason", "worker_exited")): 1,
         (("model", "a"), ("reason", "idle")): 1}
     assert series(samples, "mlx_jupyter_model_evictions_total") == {(("model", "a"),): 1}
+    assert series(samples, "mlx_jupyter_faults_total") == {(("kind", "worker_exited"),): 1}
     assert series(samples, "mlx_jupyter_model_load_failures_total") == {
         (("model", "broken"),): 1}
     assert value(samples, "mlx_jupyter_models_loaded") == 0

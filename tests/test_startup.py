@@ -109,6 +109,8 @@ def test_a_server_whose_database_cannot_be_opened_starts_and_answers_503(broken_
         assert status.status_code == 200
         database = status.json()["database"]
         assert database["state"] == "unavailable", database
+        metrics = call(live, "GET", "mlx/metrics").text
+        assert 'mlx_jupyter_faults_total{kind="database_unavailable"} 1.0' in metrics
         assert "could not be opened" in database["error"] and "hunter2" not in database["error"]
     finally:
         stop_server(live)

@@ -354,6 +354,7 @@ class ModelManager:
             self._stop_idle_timer(slot)
             self._set_status(slot, ModelStatus.FAILED, error=worker.exit_error)
             self.metrics.model_unloaded(slot.name, "worker_exited")
+            self.metrics.fault("worker_exited")
 
     # -- idle unload ----------------------------------------------------------------------
 
