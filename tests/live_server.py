@@ -35,8 +35,13 @@ class LiveServer:
     database_url: str  # the server's database, for tests that reach into it
 
     def get(self, path: str, params: dict | None = None) -> httpx.Response:
-        return httpx.get(self.url + path, params=params,
-                         headers={"Authorization": f"token {self.token}"}, timeout=30)
+        return self.request("GET", path, params=params, timeout=30)
+
+    def request(self, method: str, path: str, *, timeout: float = 120,
+                headers: dict | None = None, **kwargs) -> httpx.Response:
+        """A request to a route of this server (path relative to its base URL), with its token."""
+        return httpx.request(method, self.url + path, timeout=timeout, **kwargs,
+                             headers={"Authorization": f"token {self.token}", **(headers or {})})
 
 
 def free_port() -> int:

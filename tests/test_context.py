@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import json
 
-import httpx
-import pytest
-
-from live_server import start_server, stop_server
 from mlx_jupyter.engine.context import context_length
 
 DEMO_CONTEXT = 256  # the bundled model's max_position_embeddings
@@ -19,27 +15,19 @@ LONG = "the sea and the wind and the rain " * 200  # well over 256 tokens
 def test_context_length_reads_each_architectures_name():
     assert context_length({"max_position_embeddings": 4096}) == 4096
     assert context_length({"n_positions": 1024, "n_ctx": 1024}) == 1024  # GPT-2
-    assert context_length({"model_type": "llava", "text_config": {"max_position_embeddings": 8}}) == 8
+    assert context_length({"model_type": "llava",
+                           "text_config": {"max_position_embeddings": 8}}) == 8
     assert context_length({"hidden_size": 64}) is None
     assert context_length({"max_position_embeddings": True}) is None
     assert context_length({"max_position_embeddings": 0, "seq_length": 77}) == 77
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("context")
-    live = start_server(root, root / "server.log")
-    yield live
-    stop_server(live)
-
-
 def post(server, route, body):
-    return httpx.post(server.url + route, json=body, timeout=120,
-                      headers={"Authorization": f"token {server.token}"})
+    return server.request("POST", route, json=body)
 
 
-def test_a_prompt_that_fills_the_context_is_a_409_naming_both_lengths(server):
-    whole = post(server, "mlx/api/generate", {"model": "demo", "prompt": LONG})
+def test_a_prompt_that_fills_the_context_is_a_409_naming_both_lengths(live_server):
+    whole = post(live_server, "mlx/api/generate", {"model": "demo", "prompt": LONG})
     assert whole.status_code == 409, whole.text
     message = whole.json()["message"]
     assert f"this model's context holds {DEMO_CONTEXT}" in message
@@ -48,23 +36,24 @@ def test_a_prompt_that_fills_the_context_is_a_409_naming_both_lengths(server):
     assert whole.json()["reason"] == "PromptTooLong"
 
     # Streamed, the status line has left: the refusal is the last event.
-    streamed = post(server, "mlx/api/generate", {"model": "demo", "prompt": LONG, "stream": True})
+    streamed = post(live_server, "mlx/api/generate",
+                    {"model": "demo", "prompt": LONG, "stream": True})
     last = json.loads(streamed.text.splitlines()[-1])
     assert last["finish_reason"] == "error" and "context holds 256" in last["error"]
 
-    chat = post(server, "mlx/v1/chat/completions",
+    chat = post(live_server, "mlx/v1/chat/completions",
                 {"model": "demo", "messages": [{"role": "user", "content": LONG}]})
     assert chat.status_code == 409
     error = chat.json()["error"]
     assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
 
-    row = httpx.get(server.url + f"mlx/api/requests/{whole.headers['X-Request-Id']}",
-                    headers={"Authorization": f"token {server.token}"}).json()
+    row = live_server.get(f"mlx/api/requests/{whole.headers['X-Request-Id']}").json()
     assert row["status"] == "failed" and "context holds 256" in row["error"]
 
 
-def test_a_max_tokens_past_the_context_is_cut_to_what_remains_and_the_answer_says_so(server):
-    answer = post(server, "mlx/api/generate",
+def test_a_max_tokens_past_the_context_is_cut_to_what_remains_and_the_answer_says_so(
+        live_server):
+    answer = post(live_server, "mlx/api/generate",
                   {"model": "demo", "prompt": "The sea", "max_tokens": 1000, "temperature": 0})
     assert answer.status_code == 200, answer.text
     body = answer.json()
@@ -72,11 +61,11 @@ def test_a_max_tokens_past_the_context_is_cut_to_what_remains_and_the_answer_say
     assert body["max_tokens_clipped_to"] == room
     assert body["usage"]["completion_tokens"] <= room
 
-    fits = post(server, "mlx/api/generate",
+    fits = post(live_server, "mlx/api/generate",
                 {"model": "demo", "prompt": "The sea", "max_tokens": 8, "temperature": 0})
     assert fits.json()["max_tokens_clipped_to"] is None
 
-    streamed = post(server, "mlx/api/generate", {"model": "demo", "prompt": "The sea",
+    streamed = post(live_server, "mlx/api/generate", {"model": "demo", "prompt": "The sea",
                                                  "max_tokens": 1000, "stream": True})
     done = json.loads(streamed.text.splitlines()[-1])
     assert done["done"] and done["max_tokens_clipped_to"] == room

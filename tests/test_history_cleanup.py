@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from datetime import timedelta
 
-import httpx
 import pytest
 from sqlalchemy import create_engine, update
 
@@ -23,8 +22,7 @@ def server(tmp_path):
 
 
 def call(live, method, path, **kwargs):
-    answer = httpx.request(method, live.url + path, timeout=120,
-                           headers={"Authorization": f"token {live.token}"}, **kwargs)
+    answer = live.request(method, path, **kwargs)
     answer.raise_for_status()
     return answer.json()
 

@@ -15,8 +15,7 @@ BODY = {"model": "demo", "prompt": "The sea", "max_tokens": 8, "temperature": 0}
 
 
 def post(server, body, timeout=60.0):
-    return httpx.post(server.url + "mlx/api/generate", json=body, timeout=timeout,
-                      headers={"Authorization": f"token {server.token}"})
+    return server.request("POST", "mlx/api/generate", json=body, timeout=timeout)
 
 
 def wait_until(check, seconds=90.0):

@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 
-import httpx
 import pytest
 
 from live_server import start_server, stop_server
@@ -19,9 +18,6 @@ STORE_BACKED = ("mlx/api/requests", "mlx/api/settings", "mlx/api/settings/defaul
                 "mlx/api/database", "mlx/api/models", "mlx/api/models/demo", "mlx/v1/models")
 
 
-def call(live, method, path, **kwargs):
-    return httpx.request(method, live.url + path, timeout=120,
-                         headers={"Authorization": f"token {live.token}"}, **kwargs)
 
 
 def test_importing_the_app_loads_no_store_hub_or_http_client():
@@ -49,9 +45,9 @@ def test_requests_right_after_the_start_wait_for_the_store_and_are_answered(tmp_
     folder = make_model(root / "notebooks" / "mine").path  # root_dir: an allowed root
     live = start_server(root, tmp_path / "first.log")
     try:
-        answer = call(live, "POST", "mlx/api/models", json={"name": "mine", "path": str(folder)})
+        answer = live.request("POST", "mlx/api/models", json={"name": "mine", "path": str(folder)})
         assert answer.status_code == 201, answer.text
-        assert call(live, "PUT", "mlx/api/settings/default_max_tokens",
+        assert live.request("PUT", "mlx/api/settings/default_max_tokens",
                     json={"value": 77}).status_code == 200
     finally:
         stop_server(live)
@@ -59,10 +55,10 @@ def test_requests_right_after_the_start_wait_for_the_store_and_are_answered(tmp_
     live = start_server(root, tmp_path / "second.log")
     try:
         # All at once, in the order a client that just connected might ask.
-        mine = call(live, "GET", "mlx/api/models/mine")
-        listed = call(live, "GET", "mlx/api/models")
-        settings = call(live, "GET", "mlx/api/settings")
-        requests = call(live, "GET", "mlx/api/requests")
+        mine = live.request("GET", "mlx/api/models/mine")
+        listed = live.request("GET", "mlx/api/models")
+        settings = live.request("GET", "mlx/api/settings")
+        requests = live.request("GET", "mlx/api/requests")
         assert mine.status_code == 200, mine.text
         assert mine.json()["source"] == "registered"
         assert "mine" in {model["name"] for model in listed.json()["models"]}
@@ -71,7 +67,7 @@ def test_requests_right_after_the_start_wait_for_the_store_and_are_answered(tmp_
         assert requests.status_code == 200, requests.text
         assert requests.json()["total"] == 0
         # Those waited for the store: the status says it is open now.
-        assert call(live, "GET", "mlx/api/status").json()["database"] == \
+        assert live.request("GET", "mlx/api/status").json()["database"] == \
             {"state": "ready", "error": None}
     finally:
         stop_server(live)
@@ -93,10 +89,10 @@ def test_a_server_whose_database_cannot_be_opened_starts_and_answers_503(broken_
     log = tmp_path / "server.log"
     live = start_server(tmp_path / "server", log, args=(f"--MlxApp.database_url={url}",))
     try:
-        status = call(live, "GET", "mlx/api/status")
+        status = live.request("GET", "mlx/api/status")
         assert status.status_code == 200 and status.json()["version"]
-        answers = {path: call(live, "GET", path) for path in STORE_BACKED}
-        answers["generate"] = call(live, "POST", "mlx/api/generate",
+        answers = {path: live.request("GET", path) for path in STORE_BACKED}
+        answers["generate"] = live.request("POST", "mlx/api/generate",
                                    json={"model": "demo", "prompt": "Hi"})
         for path, answer in answers.items():
             assert answer.status_code == 503, (path, answer.text)
@@ -105,11 +101,11 @@ def test_a_server_whose_database_cannot_be_opened_starts_and_answers_503(broken_
             assert "could not be opened" in message and "c.MlxApp.database_url" in message
             assert all(word in message for word in words), (path, message)
             assert "hunter2" not in message
-        status = call(live, "GET", "mlx/api/status")  # still up, and says why
+        status = live.request("GET", "mlx/api/status")  # still up, and says why
         assert status.status_code == 200
         database = status.json()["database"]
         assert database["state"] == "unavailable", database
-        metrics = call(live, "GET", "mlx/metrics").text
+        metrics = live.request("GET", "mlx/metrics").text
         assert 'mlx_jupyter_faults_total{kind="database_unavailable"} 1.0' in metrics
         assert "could not be opened" in database["error"] and "hunter2" not in database["error"]
     finally:

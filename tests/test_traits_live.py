@@ -23,7 +23,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import pytest
 
 from live_server import LiveServer, postgres_database_url, start_server, stop_server
@@ -49,19 +48,16 @@ def wait_until(check, what: str, seconds: float = 60.0):
 
 # -- live servers ---------------------------------------------------------------------------
 
-def call(live: LiveServer, method: str, path: str, **kwargs) -> httpx.Response:
-    return httpx.request(method, live.url + path, timeout=120,
-                         headers={"Authorization": f"token {live.token}"}, **kwargs)
 
 
 def generate(live: LiveServer, model: str = "demo") -> dict:
-    answer = call(live, "POST", "mlx/api/generate", json={"model": model, **PROMPT})
+    answer = live.request("POST", "mlx/api/generate", json={"model": model, **PROMPT})
     assert answer.status_code == 200, answer.text
     return answer.json()
 
 
 def loaded(live: LiveServer) -> dict[str, dict]:
-    return {m["name"]: m for m in call(live, "GET", "mlx/api/status").json()["models"]["loaded"]}
+    return {m["name"]: m for m in live.request("GET", "mlx/api/status").json()["models"]["loaded"]}
 
 
 def log_of(path: Path) -> str:
@@ -128,17 +124,17 @@ def test_max_loaded_models_1_unloads_one_model_to_load_another(tuned):
     assert set(loaded(tuned)) == {"demo"}
     generate(tuned, "twin")
     assert set(loaded(tuned)) == {"twin"}
-    assert call(tuned, "GET", "mlx/api/models/demo").json()["status"] == "unloaded"
+    assert tuned.request("GET", "mlx/api/models/demo").json()["status"] == "unloaded"
 
 
 def test_memory_overheads_scale_the_estimate(tuned):
-    model = call(tuned, "GET", "mlx/api/models/reshaped").json()
+    model = tuned.request("GET", "mlx/api/models/reshaped").json()
     assert model["overhead"] == 3.0
     assert model["estimate_bytes"] == int(model["weight_bytes"] * 3.0)
 
 
 def test_memory_estimate_ttl_0_recomputes_the_estimate_at_each_look(tuned, twin_dir):
-    before = call(tuned, "GET", "mlx/api/models/reshaped").json()["kv_bytes_per_token"]
+    before = tuned.request("GET", "mlx/api/models/reshaped").json()["kv_bytes_per_token"]
     # Twice the layers, written in place with the same size and times: nothing the estimate's
     # fingerprint sees changes, so only an expired cache entry shows the new figure.
     config = twin_dir / "reshaped" / "config.json"
@@ -148,27 +144,27 @@ def test_memory_estimate_ttl_0_recomputes_the_estimate_at_each_look(tuned, twin_
     with open(config, "r+") as file:
         file.write(reshaped)
     os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    after = call(tuned, "GET", "mlx/api/models/reshaped").json()["kv_bytes_per_token"]
+    after = tuned.request("GET", "mlx/api/models/reshaped").json()["kv_bytes_per_token"]
     assert after == 2 * before
 
 
 def test_settings_are_the_defaults_of_a_request_that_leaves_them_out(tuned):
     changed = {"default_model": "twin", "default_temperature": 0.7, "default_top_p": 0.5}
     for key, value in changed.items():
-        assert call(tuned, "PUT", f"mlx/api/settings/{key}", json={"value": value}).is_success
+        assert tuned.request("PUT", f"mlx/api/settings/{key}", json={"value": value}).is_success
     try:
-        answer = call(tuned, "POST", "mlx/api/generate",
+        answer = tuned.request("POST", "mlx/api/generate",
                       json={"prompt": "The sea", "max_tokens": 2}).json()
-        row = call(tuned, "GET", f"mlx/api/requests/{answer['request_id']}").json()
+        row = tuned.request("GET", f"mlx/api/requests/{answer['request_id']}").json()
         assert answer["model"] == row["model"] == "twin"
         assert row["parameters"]["temperature"] == 0.7 and row["parameters"]["top_p"] == 0.5
     finally:
         for key in changed:
-            call(tuned, "PUT", f"mlx/api/settings/{key}", json={"value": SETTINGS[key].default})
+            tuned.request("PUT", f"mlx/api/settings/{key}", json={"value": SETTINGS[key].default})
 
 
 def test_models_in_the_hugging_face_cache_are_listed(tuned):
-    models = {m["name"]: m for m in call(tuned, "GET", "mlx/api/models").json()["models"]}
+    models = {m["name"]: m for m in tuned.request("GET", "mlx/api/models").json()["models"]}
     assert models["someone/tiny-mlx"]["source"] == "huggingface"
     assert models["someone/tiny-mlx"]["repo_id"] == "someone/tiny-mlx"
 
@@ -196,8 +192,8 @@ def test_without_preload_openblas_workers_keep_mlxs_own_blas(plain):
 
 def test_the_memory_budget_is_reported_and_bounds_the_loaded_models(plain):
     server, _ = plain
-    assert call(server, "GET", "mlx/api/status").json()["memory"]["budget"] == 750_000_000
-    footprint = call(server, "GET", "mlx/api/models/twin").json()["budget_bytes"]
+    assert server.request("GET", "mlx/api/status").json()["memory"]["budget"] == 750_000_000
+    footprint = server.request("GET", "mlx/api/models/twin").json()["budget_bytes"]
     assert footprint < 750_000_000 < 2 * footprint  # one fits, two do not
     generate(server, "demo")
     generate(server, "twin")  # max_loaded_models is 3: only the budget makes room
@@ -220,7 +216,7 @@ def short_lived(tmp_path_factory):
 def test_a_missing_openblas_library_is_reported_and_workers_start_without_it(short_lived):
     server, log, missing = short_lived
     assert f"{missing} not found; model workers use mlx's bundled" in log_of(log)
-    assert call(server, "POST", "mlx/api/models/demo/pin", json={}).json()["pinned"]
+    assert server.request("POST", "mlx/api/models/demo/pin", json={}).json()["pinned"]
     try:  # pinned: the idle unload leaves it alone while we look
         generate(server)
         pid = loaded(server)["demo"]["pid"]
@@ -228,7 +224,7 @@ def test_a_missing_openblas_library_is_reported_and_workers_start_without_it(sho
                        for name in mapped_files(pid))
         assert missing not in environment(pid).get("LD_PRELOAD", "")
     finally:
-        call(server, "POST", "mlx/api/models/demo/unpin", json={})
+        server.request("POST", "mlx/api/models/demo/unpin", json={})
 
 
 def test_idle_workers_unload_by_themselves_and_a_stop_timeout_of_0_kills_them(short_lived):
@@ -247,7 +243,7 @@ def test_a_worker_start_timeout_too_short_for_any_load_is_a_503(tmp_path):
     server = start_server(tmp_path, tmp_path / "server.log",
                           args=("--MlxApp.worker_start_timeout=0.001",))
     try:
-        answer = call(server, "POST", "mlx/api/generate", json={"model": "demo", **PROMPT})
+        answer = server.request("POST", "mlx/api/generate", json={"model": "demo", **PROMPT})
         assert answer.status_code == 503
         assert answer.json()["message"] == "model 'demo' did not load within 0.001 s"
         assert loaded(server) == {}
@@ -382,13 +378,13 @@ def test_db_pool_pre_ping_decides_whether_a_dropped_connection_fails_a_request(t
         f"--MlxApp.database_url={url}", f"--MlxApp.db_pool_pre_ping={pre_ping}",
         "--MlxApp.cleanup_interval_seconds=0"))  # no pass of its own takes the connection
     try:
-        assert call(server, "GET", "mlx/api/database").json()["dialect"] == "postgresql"
-        assert call(server, "GET", "mlx/api/requests").status_code == 200
+        assert server.request("GET", "mlx/api/database").json()["dialect"] == "postgresql"
+        assert server.request("GET", "mlx/api/requests").status_code == 200
         assert backends(url, terminate=True)  # as a restarted database server would
-        first = call(server, "GET", "mlx/api/requests")
+        first = server.request("GET", "mlx/api/requests")
         # Checked before use, a dead connection is replaced; unchecked, it fails a request.
         assert first.status_code == (200 if pre_ping else 500), first.text
-        assert call(server, "GET", "mlx/api/requests").status_code == 200  # and then it is
+        assert server.request("GET", "mlx/api/requests").status_code == 200  # and then it is
     finally:
         stop_server(server)
 
@@ -399,11 +395,11 @@ def test_db_pool_recycle_0_replaces_a_connection_at_each_use(tmp_path):
         f"--MlxApp.database_url={url}", "--MlxApp.db_pool_recycle=0",
         "--MlxApp.cleanup_interval_seconds=0"))
     try:
-        assert call(server, "GET", "mlx/api/requests").status_code == 200
+        assert server.request("GET", "mlx/api/requests").status_code == 200
         first = backends(url)
         assert first
         for _ in range(5):
-            assert call(server, "GET", "mlx/api/requests").status_code == 200
+            assert server.request("GET", "mlx/api/requests").status_code == 200
         # Every connection the pool held was older than 0 s when next used, so closed.
         wait_until(lambda: not first & backends(url), "the first connections closing", 30)
     finally:
