@@ -19,7 +19,6 @@ from mlx_jupyter.models.memory import KIND_OVERHEADS
 from mlx_jupyter.models.registry import BUNDLED, FOLDER, HUGGINGFACE, REGISTERED
 from mlx_jupyter.store.settings import SETTINGS
 
-from live_server import start_server, stop_server
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
@@ -117,18 +116,13 @@ def test_the_readmes_model_kinds_and_sources_are_the_codes():
 
 
 @pytest.fixture(scope="module")
-def metrics_text(tmp_path_factory):
-    root = tmp_path_factory.mktemp("readme-metrics")
-    server = start_server(root, root / "server.log")
-    try:
-        # The pool's gauges exist once the database is open (off the start path): a settings
-        # read waits for that.
-        assert server.get("mlx/api/settings").status_code == 200
-        answer = server.get("mlx/metrics")
-        assert answer.status_code == 200, answer.text
-        return answer.text
-    finally:
-        stop_server(server)
+def metrics_text(live_server):
+    # The pool's gauges exist once the database is open (off the start path): a settings
+    # read waits for that.
+    assert live_server.get("mlx/api/settings").status_code == 200
+    answer = live_server.get("mlx/metrics")
+    assert answer.status_code == 200, answer.text
+    return answer.text
 
 
 def test_every_metric_in_the_readme_is_exported(metrics_text):
