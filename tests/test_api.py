@@ -222,6 +222,8 @@ async def test_a_worker_that_dies_fails_its_requests_and_is_replaced(jp_fetch):
     assert answer["text"].strip()
     [fresh] = await loaded(jp_fetch)
     assert fresh["pid"] != model["pid"]
+    metrics = (await jp_fetch("mlx", "metrics")).body.decode()
+    assert 'mlx_jupyter_faults_total{kind="worker_exited"} 1.0' in metrics  # counted once
 
 
 async def test_status_answers_from_counters_while_four_streams_are_in_flight(jp_fetch):
