@@ -22,8 +22,11 @@ from .engine.proxy import worker_environment
 from .limits import (
     DEFAULT_KV_RESERVE_TOKENS,
     DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_BODY_BYTES,
     DEFAULT_PROMPT_CACHE_BYTES,
+    DEFAULT_STREAM_BUFFER_BYTES,
     DEFAULT_WORKER_BASE_BYTES,
+    DEFAULT_WORKER_HEARTBEAT_SECONDS,
 )
 from .metrics import Metrics
 from .models.manager import Limits, ModelManager, WorkerSettings
@@ -63,6 +66,21 @@ class MlxApp(ExtensionApp):
     worker_stop_timeout = Float(
         10.0, config=True,
         help="Seconds a model worker gets to exit after a shutdown request before it is killed.")
+    worker_heartbeat_seconds = Float(
+        DEFAULT_WORKER_HEARTBEAT_SECONDS, min=0.0, config=True,
+        help="Seconds a model worker may go without a heartbeat before it is taken for hung: "
+             "it is killed, its requests end with an error and the next request starts a "
+             "fresh one. The heartbeat comes from a thread that does no model work, so a long "
+             "prefill still beats. 0: no heartbeat check.")
+    max_body_bytes = Int(
+        DEFAULT_MAX_BODY_BYTES, min=1, config=True,
+        help="Largest request body the mlx routes take, in bytes; a larger one is refused "
+             "with a 413 before it is read whole (beside Jupyter's own server-wide limit).")
+    stream_buffer_bytes = Int(
+        DEFAULT_STREAM_BUFFER_BYTES, min=1, config=True,
+        help="Bytes of a streamed answer that may wait for a client that does not read them; "
+             "past this its request is cancelled (reason slow_client) so that it stops "
+             "holding a place in its model's batch.")
 
     database_url = Unicode(
         "", config=True,
@@ -200,7 +218,9 @@ class MlxApp(ExtensionApp):
                               "mlx_jupyter.queue": self.queue,
                               "mlx_jupyter.models": models,
                               "mlx_jupyter.store": store_service,
-                              "mlx_jupyter.metrics": metrics})
+                              "mlx_jupyter.metrics": metrics,
+                              "mlx_jupyter.max_body_bytes": self.max_body_bytes,
+                              "mlx_jupyter.stream_buffer_bytes": self.stream_buffer_bytes})
 
     async def _open_store(self, store: StoreService, models: ModelService,
                           metrics: Metrics) -> None:

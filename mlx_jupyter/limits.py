@@ -45,6 +45,16 @@ DEFAULT_PROMPT_CACHE_BYTES = 256 * MIB
 DEFAULT_KV_RESERVE_TOKENS = 4096
 # What a worker process holds beyond its model (Python, mlx, mlx-lm): ~86 MiB on Linux.
 DEFAULT_WORKER_BASE_BYTES = 96 * MIB
+# Seconds without a heartbeat from a worker's heartbeat thread (which does no MLX work, so a
+# long prefill still beats) after which the worker is taken for hung, killed and replaced.
+DEFAULT_WORKER_HEARTBEAT_SECONDS = 30.0
+
+# -- what a client may make the server hold -------------------------------------------------------
+# Bytes of a request body; a larger one is refused (413) before it is read whole.
+DEFAULT_MAX_BODY_BYTES = 16 * MIB
+# Bytes of a stream's answer that may wait for a client that does not read; past it the request
+# is cancelled (slow_client) so that it stops holding a batch slot.
+DEFAULT_STREAM_BUFFER_BYTES = 1 * MIB
 
 
 def kv_capacity(max_batch_size: int, kv_reserve_tokens: int) -> int:

@@ -32,9 +32,17 @@ PREFIX = "mlx_jupyter_"
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0, 60.0, 120.0, 300.0, 600.0, float("inf"))
 UNLOAD_REASONS = ("requested", "forgotten", "idle", "evicted", "worker_exited")
-# Faults the server notices and survives: a model worker that died under it, a database it
-# could not open (its routes answer 503 until a restart).
-FAULT_KINDS = ("worker_exited", "database_unavailable")
+# Faults the server notices and survives, each with a log line that says what happened:
+# - worker_exited: a model worker died under it (the next request starts a fresh one);
+# - worker_hung: a worker missed its heartbeat; it was killed and its requests failed;
+# - database_unavailable: the database could not be opened or stopped answering (503 meanwhile);
+# - database_full: the disk or the database's size limit refused a write;
+# - slow_client: a stream's client left too much unread; its request was cancelled;
+# - body_too_large: a request body past max_body_bytes (413, refused before it was read whole);
+# - bad_body: a request body that is not valid JSON, or not an object (400);
+# - prompt_too_long: a prompt the model's context cannot hold (409, refused before generating).
+FAULT_KINDS = ("worker_exited", "worker_hung", "database_unavailable", "database_full",
+               "slow_client", "body_too_large", "bad_body", "prompt_too_long")
 
 
 class Metrics:
