@@ -56,6 +56,18 @@ DEFAULT_MAX_BODY_BYTES = 16 * MIB
 # is cancelled (slow_client) so that it stops holding a batch slot.
 DEFAULT_STREAM_BUFFER_BYTES = 1 * MIB
 
+# -- the database ---------------------------------------------------------------------------------
+# Seconds a PostgreSQL connection may take to open (psycopg's connect_timeout) before the
+# database counts as not answering; a URL's own ?connect_timeout= wins.
+DATABASE_CONNECT_TIMEOUT_SECONDS = 5
+# A write the database could not take (it stopped answering, or is full) is kept and tried again
+# after this many seconds, the wait doubling after each failed try up to the most.
+DATABASE_RETRY_FIRST_SECONDS = 0.5
+DATABASE_RETRY_MAX_SECONDS = 10.0
+# Writes kept while the database cannot take them (a request makes about three); past it a new
+# write is dropped, and logged.
+MAX_KEPT_WRITES = 10_000
+
 
 def kv_capacity(max_batch_size: int, kv_reserve_tokens: int) -> int:
     """KV positions a model's whole batch may hold: what its KV reservation counts."""
