@@ -20,6 +20,22 @@ class InvalidRequest(MlxJupyterError):
         self.param = param
 
 
+class BadBody(InvalidRequest):
+    """A body that is no JSON object at all: not JSON, not UTF-8, nested too deep, a number
+    that is not finite, or not an object. Unlike a bad field, no working client sends one."""
+
+
+class BodyTooLarge(MlxJupyterError):
+    """A body past c.MlxApp.max_body_bytes, refused before it is read whole."""
+
+    status = 413
+
+    def __init__(self, limit: int, declared: int | None = None):
+        size = "is" if declared is None else f"is {declared} bytes,"  # None: sent in chunks
+        super().__init__(f"the request body {size} over the limit of {limit} bytes "
+                         f"(c.MlxApp.max_body_bytes): send a smaller one, or raise the limit")
+
+
 class ModelNotFound(MlxJupyterError):
     status = 404
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import sys
 from collections.abc import Awaitable, Callable
 from http.client import responses
 from typing import Any
@@ -12,7 +13,9 @@ from urllib.parse import unquote
 
 import tornado.ioloop
 import tornado.web
+from jupyter_core.utils import ensure_async
 from jupyter_server.auth.decorator import authorized
+from jupyter_server.auth.utils import HTTP_METHOD_TO_AUTH_ACTION
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.extension.handler import ExtensionHandlerMixin
 from pydantic import BaseModel
@@ -25,12 +28,14 @@ from ..contracts.models import ForgottenModel, ModelDescription, ModelList
 from ..contracts.requests import Accepted, Cancellation, HistoryPage, QueueSnapshot, RequestDetail
 from ..contracts.settings import Setting, Settings
 from ..contracts.status import ApiDocument, DatabaseInfo, Status
-from ..errors import MlxJupyterError
+from ..errors import BadBody, BodyTooLarge, MlxJupyterError
 from ..limits import MAX_MODEL_NAME_CHARS, MODEL_ACTIONS
+from ..metrics import Metrics
 from ..models.registry import NAME_PATTERN
 from ..queue import Generation
 from .openapi import METHODS, NDJSON, Stream, implements, operation
 from .schemas import (
+    BodyT,
     ForgetQuery,
     GenerateRequest,
     HistoryQuery,
@@ -49,20 +54,14 @@ MODEL_NAME_PARAM = {"type": "string", "minLength": 1, "maxLength": MAX_MODEL_NAM
 
 
 def maps_errors(method: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
-    """The one place where domain errors become HTTP statuses with a JSON message."""
+    """A route method's domain errors become its error answer (`MlxHandler.answer_error`)."""
 
     @functools.wraps(method)
     async def wrapper(self: MlxHandler, *args: Any, **kwargs: Any) -> None:
         try:
             await method(self, *args, **kwargs)
         except MlxJupyterError as exc:
-            self.log.warning("mlx_jupyter: %s %s -> %s: %s", self.request.method,
-                             self.request.path, exc.status, exc)
-            self.set_status(exc.status)
-            if retry_after := getattr(exc, "retry_after", None):
-                self.set_header("Retry-After", str(retry_after))
-            self.write_json(self.error_answer(exc.status, str(exc), type(exc).__name__,
-                                              exc.param))
+            self.answer_error(exc)
 
     return wrapper
 
@@ -90,6 +89,20 @@ class MlxHandler(ExtensionHandlerMixin, APIHandler):
     @property
     def store(self):
         return self.settings["mlx_jupyter.store"]
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.settings["mlx_jupyter.metrics"]
+
+    def answer_error(self, exc: MlxJupyterError) -> None:
+        """The one place where a domain error becomes an HTTP status with a JSON message (and
+        a log line that says what happened)."""
+        self.log.warning("mlx_jupyter: %s %s -> %s: %s", self.request.method,
+                         self.request.path, exc.status, exc)
+        self.set_status(exc.status)
+        if retry_after := getattr(exc, "retry_after", None):
+            self.set_header("Retry-After", str(retry_after))
+        self.write_json(self.error_answer(exc.status, str(exc), type(exc).__name__, exc.param))
 
     def write_json(self, payload: BaseModel | dict[str, Any]) -> None:
         """Renders an answer: a contract's model (or one dumped already)."""
@@ -121,6 +134,66 @@ def _http_error(status_code: int, kwargs: dict[str, Any]) -> tuple[str, str | No
         message = exc.log_message % exc.args if exc.log_message and exc.args else exc.log_message
         return message or responses.get(status_code, "error"), exc.reason
     return responses.get(status_code, "error"), None
+
+
+@tornado.web.stream_request_body
+class BodyHandler(MlxHandler):
+    """A route whose POST or PUT takes a body. The body is read as it arrives, and one past
+    c.MlxApp.max_body_bytes is refused with a 413 as soon as that is known, never read whole:
+    a declared Content-Length at once, a chunked body the moment it passes the limit. The
+    client is authenticated and authorized before any of it is read (no token: a 403)."""
+
+    body_methods = ("post", "put")  # those the limit applies to (a 413 in the document)
+    _body: bytearray
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self.settings["mlx_jupyter.max_body_bytes"]
+
+    async def prepare(self) -> None:
+        # This route counts its body itself: the connection's own limit (Jupyter's
+        # max_body_size) would refuse first with a bare 400, or refuse what a raised
+        # max_body_bytes allows.
+        self.request.connection.set_max_body_size(sys.maxsize)
+        self._body = bytearray()
+        await super().prepare()
+        await self._check_access()
+        declared = self.request.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            self._refuse_body(int(declared))
+
+    def data_received(self, chunk: bytes) -> None:
+        # Tornado stops calling this once an answer is finished.
+        if len(self._body) + len(chunk) > self.max_body_bytes:
+            self._refuse_body()
+        else:
+            self._body += chunk
+
+    def read_body(self, schema: type[BodyT]) -> BodyT:
+        """The whole body, validated; one that is no JSON object at all counts as a fault."""
+        try:
+            return parse_body(schema, self._body)
+        except BadBody:
+            self.metrics.fault("bad_body")  # answer_error logs what was wrong
+            raise
+
+    async def _check_access(self) -> None:
+        """What @endpoint checks after the body, checked before it: a known user, with the
+        authorizer's leave for this method."""
+        user = self.current_user
+        action = HTTP_METHOD_TO_AUTH_ACTION.get(self.request.method or "")
+        if not user:
+            raise tornado.web.HTTPError(403)
+        if action and not await ensure_async(
+                self.authorizer.is_authorized(self, user, action, self.auth_resource)):
+            raise tornado.web.HTTPError(403, "User is not authorized to %s on resource: %s.",
+                                        action, self.auth_resource)
+
+    def _refuse_body(self, declared: int | None = None) -> None:
+        self.metrics.fault("body_too_large")
+        # The rest of the body stays unread: the connection closes after this answer.
+        self.set_header("Connection", "close")
+        self.answer_error(BodyTooLarge(self.max_body_bytes, declared))
 
 
 class NotFoundHandler(MlxHandler):
@@ -176,7 +249,7 @@ class NdjsonRenderer:
         return ""
 
 
-class GenerationHandler(MlxHandler):
+class GenerationHandler(BodyHandler):
     """A route that generates: submits to the queue, waits for its turn, answers whole or
     streamed through a renderer (our NDJSON, or OpenAI's shapes). A client that disconnects
     cancels its request."""
@@ -220,6 +293,7 @@ class GenerationHandler(MlxHandler):
         self.finish(renderer.end())
 
     def on_connection_close(self) -> None:
+        super().on_connection_close()  # a client gone while its body was arriving
         # A client that disconnects while its request waits for a token: cancel it now, not
         # when the next token fails to write. Background requests outlive their client.
         if self._generation is not None and not self._generation.background:
@@ -237,7 +311,7 @@ class GenerateHandler(GenerationHandler):
                errors=(404, 409, 429, 503))
     @endpoint
     async def post(self) -> None:
-        request = parse_body(GenerateRequest, self.request.body)
+        request = self.read_body(GenerateRequest)
         if request.background:
             generation = await self.queue.submit(
                 request.queue_params(), notebook=request.notebook, priority=request.priority,
@@ -258,7 +332,7 @@ class SettingsHandler(MlxHandler):
         self.write_json(Settings(settings=await self.store.settings()))
 
 
-class SettingHandler(MlxHandler):
+class SettingHandler(BodyHandler):
     # The document has a path per setting: each takes its own type of value.
     openapi_expand = ("key", lambda: setting_bodies())
 
@@ -272,7 +346,7 @@ class SettingHandler(MlxHandler):
                body=lambda key: setting_bodies()[key], errors=(503,))
     @endpoint
     async def put(self, key: str) -> None:
-        body = parse_body(SettingValue, self.request.body)
+        body = self.read_body(SettingValue)
         self.write_json(Setting.model_validate(await self.store.set_setting(key, body.value)))
 
 
@@ -317,7 +391,7 @@ class QueueHandler(MlxHandler):
         self.write_json(QueueSnapshot.model_validate(self.queue.snapshot()))
 
 
-class ModelsHandler(MlxHandler):
+class ModelsHandler(BodyHandler):
     @operation("Every known model with its status and memory estimate", tag="models",
                answer=ModelList, errors=(503,))
     @endpoint
@@ -328,12 +402,12 @@ class ModelsHandler(MlxHandler):
                answer=ModelDescription, errors=(403, 404, 409, 503))
     @endpoint
     async def post(self) -> None:
-        body = parse_body(RegisterModel, self.request.body)
+        body = self.read_body(RegisterModel)
         self.set_status(201)
         self.write_json(await self.models.register(body.name, body.path))
 
 
-class ModelHandler(MlxHandler):
+class ModelHandler(BodyHandler):
     """models/{name}: the whole rest of the path is the name (it may hold "/"), for GET and
     DELETE; POST takes its last segment as an action (models/{name}/load)."""
 

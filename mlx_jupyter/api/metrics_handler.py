@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from ..metrics import Metrics
 from .handlers import MlxHandler, endpoint
 from .openapi import operation
 
@@ -10,10 +9,6 @@ from .openapi import operation
 class MetricsHandler(MlxHandler):
     # A scrape every few seconds is not use: it must not keep an idle server from culling.
     _track_activity = False
-
-    @property
-    def metrics(self) -> Metrics:
-        return self.settings["mlx_jupyter.metrics"]
 
     @operation("Prometheus metrics: requests, latencies, tokens, models, memory, database pool",
                tag="status", description="Prometheus' text exposition format",

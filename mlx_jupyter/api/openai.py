@@ -47,7 +47,8 @@ ERROR_CODES = {"ModelNotFound": "model_not_found", "QueueFull": "rate_limit_exce
                "InvalidRequest": "invalid_request", "ModelDoesNotFit": "model_does_not_fit",
                "WorkerError": "worker_unavailable",
                "RequestDoesNotFit": "context_length_exceeded",
-               "PromptTooLong": "context_length_exceeded"}
+               "PromptTooLong": "context_length_exceeded", "BadBody": "invalid_request",
+               "BodyTooLarge": "request_too_large"}
 
 
 class _OpenAIBody(BaseModel):

@@ -36,7 +36,6 @@ from .openai import (
     error_body as openai_error,
 )
 from .openapi import SSE, Stream, operation
-from .schemas import parse_body
 
 SSE_WHEN = "stream true: chunks as server-sent events (an error as the last), then [DONE]"
 
@@ -89,7 +88,7 @@ class _CompletionHandler(OpenAIHandler, GenerationHandler):
     renderer: type[ChatRenderer] | type[CompletionRenderer]
 
     async def complete(self) -> None:
-        request = parse_body(self.schema, self.request.body)
+        request = self.read_body(self.schema)
         await self.generate(request.queue_params(), self.renderer(request.include_usage),
                             stream=request.stream, notebook=request.user,
                             priority=request.priority)

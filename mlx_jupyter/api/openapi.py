@@ -34,6 +34,8 @@ ERROR_TEXT = {400: "invalid input; the message names the field",
               405: "the path names a model, not one of its actions: see Allow",
               409: "conflicts with the current state: the model, the memory budget, the "
                    "KV reservation or the settings",
+              413: "the body is past c.MlxApp.max_body_bytes (the message says the limit); "
+                   "refused before it is read whole",
               429: "the queue is full; see Retry-After",
               503: "a model worker failed, or the database cannot be used (the message says "
                    "what to fix)"}
@@ -119,7 +121,8 @@ def document(routes: Iterable[tuple[str, type]], *, base_url: str = "/") -> dict
         name = handler.__name__.removesuffix("Handler")
         paths.setdefault(path + op.subpath, {})[method] = _operation(
             f"{name}_{method}" + (f"_{value}" if value else ""), op, params, value, refs,
-            error_ref=refs[getattr(handler, "error_model", ErrorAnswer)])
+            error_ref=refs[getattr(handler, "error_model", ErrorAnswer)],
+            limits_body=method in getattr(handler, "body_methods", ()))
     return {
         "openapi": "3.1.0",
         "info": {"title": "mlx-jupyter", "version": __version__,
@@ -179,7 +182,7 @@ class _Untitled(GenerateJsonSchema):
 
 def _operation(operation_id: str, op: Operation, params: dict[str, dict[str, Any]],
                value: str | None, refs: dict[type, dict], *, error_ref: dict,
-               ) -> dict[str, Any]:
+               limits_body: bool) -> dict[str, Any]:
     body = op.body_for(value)
     params = {**params, **op.path_params}
     responses = {str(op.ok): _ok_answer(op, refs)}
@@ -187,7 +190,8 @@ def _operation(operation_id: str, op: Operation, params: dict[str, dict[str, Any
         responses[str(status)] = {"description": when,
                                   "content": {"application/json": {"schema": refs[model]}}}
     inputs = body is not None or op.query is not None or bool(params)
-    for status in sorted({403, *([400] if inputs else []), *op.errors}):
+    for status in sorted({403, *([400] if inputs else []), *([413] if limits_body else []),
+                          *op.errors}):
         responses[str(status)] = {"description": ERROR_TEXT.get(status, "error"),
                                   "content": {"application/json": {"schema": error_ref}}}
         if status in ERROR_HEADERS:

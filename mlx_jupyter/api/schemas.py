@@ -18,7 +18,7 @@ from pydantic import (
 )
 
 from ..contracts.requests import RequestStatusName
-from ..errors import InvalidRequest
+from ..errors import BadBody, InvalidRequest
 from ..limits import (
     MAX_MESSAGES,
     MAX_MODEL_NAME_CHARS,
@@ -169,12 +169,23 @@ def setting_bodies() -> dict[str, type[BaseModel]]:
             for key, spec in SETTINGS.items()}
 
 
-def parse_body(schema: type[BodyT], body: bytes) -> BodyT:
-    """Validates a JSON body, turning pydantic's report into one line per problem."""
+def parse_body(schema: type[BodyT], body: bytes | bytearray) -> BodyT:
+    """Validates a JSON body, turning pydantic's report into one line per problem; a body
+    that is no JSON object at all is a BadBody."""
     try:
         return schema.model_validate_json(body or b"")
     except ValidationError as exc:
-        raise _invalid(exc) from None
+        invalid = _invalid(exc)
+        if any(_unreadable(error) for error in exc.errors()):
+            raise BadBody(str(invalid), param=invalid.param) from None
+        raise invalid from None
+
+
+def _unreadable(error: dict) -> bool:
+    """Not JSON (or not UTF-8, nested too deep, a number too long), a NaN or an infinity
+    anywhere, or a whole body that is no object."""
+    return error["type"] in ("json_invalid", "finite_number") or \
+        (error["type"] == "model_type" and not error["loc"])
 
 
 def parse_query(schema: type[BodyT], arguments: dict[str, list[bytes]]) -> BodyT:
