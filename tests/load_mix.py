@@ -59,6 +59,7 @@ class LoadReport:
     answers: list[Answer]
     seconds: float
     history: dict[str, dict]  # request id -> its history row, once all were final (or not)
+    settled_seconds: float = 0.0  # from the start until the history was final (or given up)
 
     @property
     def server_errors(self) -> list[Answer]:
@@ -268,6 +269,7 @@ def run_load(server: LiveServer, clients: int, per_client: int, *, seed: int = 0
     deadline = time.monotonic() + settle_seconds
     while True:
         report.history = history_rows(server)
+        report.settled_seconds = time.perf_counter() - started
         if not report.not_final() or time.monotonic() > deadline:
             return report
         time.sleep(0.5)
