@@ -201,7 +201,8 @@ class MlxApp(ExtensionApp):
                                      max_batch_size=self.max_batch_size,
                                      prompt_cache_bytes=self.prompt_cache_bytes,
                                      kv_reserve_tokens=self.kv_reserve_tokens,
-                                     blas_threads=self.blas_threads),
+                                     blas_threads=self.blas_threads,
+                                     heartbeat_seconds=self.worker_heartbeat_seconds),
             limits, run_blocking=self.pool.run, on_status=store_service.record_model_status,
             metrics=metrics)
         models = ModelService(registry, self.manager, store_service, self.pool)

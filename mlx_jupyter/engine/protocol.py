@@ -32,7 +32,13 @@ Worker -> server (the protocol pipe, the worker's original stdout), two families
 
 - About the worker itself: the message names its "event".
 
-    ReadyEvent        {"event": "ready", "pid", "load_ms"}
+    ReadyEvent        {"event": "ready", "pid", "load_ms", "context_tokens", "max_token_bytes"}
+                                                           loaded: its context (None when the
+                                                           config gives none), and the most
+                                                           UTF-8 bytes one token of its
+                                                           tokenizer stands for (at least)
+    HeartbeatEvent    {"event": "heartbeat"}               from a thread that does no MLX work,
+                                                           every --heartbeat-interval seconds
     FatalEvent        {"event": "fatal", "message"}        the model could not load; it exits
     MemoryEvent       {"event": "memory", ...MemoryReport} live memory, after requests end
     TrimEvent         {"event": "trim", ...}               live memory passed the estimate and
@@ -146,6 +152,12 @@ class ReadyEvent(TypedDict):
     event: Literal["ready"]
     pid: int
     load_ms: float
+    context_tokens: int | None
+    max_token_bytes: int
+
+
+class HeartbeatEvent(TypedDict):
+    event: Literal["heartbeat"]
 
 
 class FatalEvent(TypedDict):
@@ -176,7 +188,7 @@ class TrimEvent(TypedDict):
     prompt_cache_entries_freed: int
 
 
-WorkerEvent = Union[ReadyEvent, FatalEvent, MemoryEvent, TrimEvent]
+WorkerEvent = Union[ReadyEvent, HeartbeatEvent, FatalEvent, MemoryEvent, TrimEvent]
 Message = Union[RequestMessage, WorkerEvent]
 
 
@@ -215,7 +227,7 @@ def decode_message(line: bytes | str) -> Message:
     """A message from a worker; ValueError for a line that is neither family's."""
     message = _object(line)
     if not isinstance(message.get("id"), str) and message.get("event") not in (
-            "ready", "fatal", "memory", "trim"):
+            "ready", "heartbeat", "fatal", "memory", "trim"):
         raise ValueError(f"neither a request's message nor a worker event: {line!r:.200}")
     return cast(Message, message)
 

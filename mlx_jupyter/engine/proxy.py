@@ -3,8 +3,12 @@
 Never blocks the event loop: the worker is an asyncio subprocess, commands are written to its
 stdin and a reader task routes its messages (`protocol`) to per-request queues. When the
 process ends, the reader sees EOF at once and fails every open request with a `WorkerError`
-carrying the exit status and the last lines the worker wrote to stderr. The worker's memory reports are kept as
-`memory` (the latest) and its trims are passed to `on_trim`.
+carrying the exit status and the last lines the worker wrote to stderr. The worker's memory
+reports are kept as `memory` (the latest) and its trims are passed to `on_trim`.
+
+A worker that hangs (stopped, or stuck in native code holding the GIL) is found by its
+heartbeat: its heartbeat thread beats several times per `heartbeat_seconds`, and a watchdog
+kills a worker that sent nothing for that long; its requests then fail as for any other exit.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ log = logging.getLogger(__name__)
 worker_log = logging.getLogger("mlx_jupyter.engine.worker")
 
 STDERR_TAIL_LINES = 20
+# Heartbeats a worker sends per heartbeat_seconds: a few may be late without it counting as hung.
+BEATS_PER_WINDOW = 5
 
 
 def worker_environment(preload_blas: str | None) -> dict[str, str]:
@@ -63,6 +69,7 @@ class WorkerProxy:
                  prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
                  kv_reserve_tokens: int = DEFAULT_KV_RESERVE_TOKENS,
                  memory_limit_bytes: int = 0, mlx_cache_limit_bytes: int | None = None,
+                 heartbeat_seconds: float = 0.0,
                  on_exit: Callable[[WorkerProxy], None] | None = None,
                  on_trim: Callable[[WorkerProxy], None] | None = None):
         """The sizes are the worker's options (see `worker.main`)."""
@@ -71,7 +78,10 @@ class WorkerProxy:
                          "--prompt-cache-bytes": prompt_cache_bytes,
                          "--kv-reserve-tokens": kv_reserve_tokens,
                          "--memory-limit-bytes": memory_limit_bytes,
-                         "--mlx-cache-limit-bytes": mlx_cache_limit_bytes}
+                         "--mlx-cache-limit-bytes": mlx_cache_limit_bytes,
+                         "--heartbeat-interval": (heartbeat_seconds / BEATS_PER_WINDOW
+                                                  if heartbeat_seconds > 0 else None)}
+        self._heartbeat_seconds = heartbeat_seconds  # 0: no watchdog
         self._on_exit = on_exit  # told when the process ends unasked (a crash, a kill)
         self._on_trim = on_trim
         self.memory: MemoryReport | None = None  # the worker's latest report
@@ -84,9 +94,14 @@ class WorkerProxy:
         self._requests: dict[str, asyncio.Queue[RequestMessage | WorkerError]] = {}
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self._tasks: list[asyncio.Task[None]] = []
+        self._watchdog: asyncio.Task[None] | None = None
         self._stopping = False
         self.started_at: float | None = None
         self.load_ms: float | None = None
+        self.context_tokens: int | None = None  # the model's context, once loaded
+        self.max_token_bytes = 1  # at least the most prompt bytes one token stands for
+        self.hung = False  # killed by the watchdog
+        self._last_heard = time.monotonic()  # the worker's latest line, of any kind
 
     @property
     def pid(self) -> int | None:
@@ -138,6 +153,10 @@ class WorkerProxy:
             raise
         self.started_at = time.time()
         self.load_ms = ready["load_ms"]
+        self.context_tokens = ready["context_tokens"]
+        self.max_token_bytes = max(1, ready["max_token_bytes"])
+        if self._heartbeat_seconds > 0:
+            self._watchdog = asyncio.create_task(self._watch_heartbeat())
         log.info("model %s ready in worker pid %s after %.1f s", self.model_name,
                  self._process.pid, time.monotonic() - started)
 
@@ -147,6 +166,8 @@ class WorkerProxy:
         if process is None:
             return
         self._stopping = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if process.returncode is None:
             try:
                 process.stdin.write(encode(ShutdownCommand(op="shutdown")))
@@ -223,12 +244,15 @@ class WorkerProxy:
     async def _read_events(self) -> None:
         stdout = self._process.stdout
         while line := await stdout.readline():
+            self._last_heard = time.monotonic()
             try:
                 self._dispatch(decode_message(line))
             except ValueError:
                 log.warning("worker %s sent a malformed line: %r", self.model_name, line[:200])
         # EOF: the process is gone (or going). Wait for its status so the error can say why.
         await self._process.wait()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         error = self._death_error()
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(error)
@@ -263,6 +287,26 @@ class WorkerProxy:
             if self._on_trim is not None:
                 self._on_trim(self)
 
+    async def _watch_heartbeat(self) -> None:
+        """Kills the worker once it has sent nothing for heartbeat_seconds. A tick that comes
+        late means the event loop itself was held up (its reader too): that round is skipped."""
+        period = self._heartbeat_seconds / BEATS_PER_WINDOW
+        while self._process.returncode is None and not self._stopping:
+            tick = time.monotonic()
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            if now - tick > 2 * period:
+                continue
+            silent = now - self._last_heard
+            if silent > self._heartbeat_seconds and self._process.returncode is None:
+                self.hung = True
+                log.error("worker pid %s for model %s sent no heartbeat for %.1f s (the limit "
+                          "is c.MlxApp.worker_heartbeat_seconds = %g): taken for hung, killing "
+                          "it; its %d request(s) fail", self.pid, self.model_name, silent,
+                          self._heartbeat_seconds, len(self._requests))
+                self._process.kill()
+                return
+
     async def _read_stderr(self) -> None:
         while line := await self._process.stderr.readline():
             text = line.decode(errors="replace").rstrip()
@@ -271,6 +315,10 @@ class WorkerProxy:
 
     def _death_error(self) -> WorkerError:
         code = self._process.returncode if self._process else None
+        if self.hung:
+            return WorkerError(f"the worker process for model {self.model_name!r} stopped "
+                               f"answering (no heartbeat for {self._heartbeat_seconds:g} s) "
+                               f"and was killed; the next request starts a fresh one")
         tail = " | ".join(line for line in list(self._stderr_tail)[-3:] if line.strip())
         detail = f"; last output: {tail}" if tail else ""
         return WorkerError(f"the worker process for model {self.model_name!r} exited "

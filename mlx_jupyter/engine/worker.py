@@ -8,8 +8,10 @@ Commands arrive as JSON lines on stdin; messages leave on the process's original
 corrupt the protocol. A generate command carries every parameter resolved by the server (its
 defaults, its seed): the worker checks them and applies none of its own.
 
-Threads: a reader thread only parses commands and queues them; every MLX computation runs on
-the main thread (MLX streams are thread-local).
+Threads: a reader thread only parses commands and queues them; a heartbeat thread sends a
+heartbeat every ``--heartbeat-interval`` seconds (the server takes a worker that stops beating
+for hung; MLX releases the GIL while it computes, so a long prefill still beats); every MLX
+computation runs on the main thread (MLX streams are thread-local).
 
 Continuous batching: the main thread runs one `mlx_lm.generate.BatchGenerator` (the
 `batching.JoiningBatchGenerator` variant, whose joiners share the batch's next decode step
@@ -82,6 +84,7 @@ from .protocol import (
     ErrorMessage,
     FatalEvent,
     GenerateCommand,
+    HeartbeatEvent,
     Message,
     ReadyEvent,
     Refusal,
@@ -209,6 +212,18 @@ class Worker:
         if not self._in_step:  # a step's events leave together, in one write (see _step)
             self._events.flush()
 
+    def beat(self, interval: float) -> None:
+        """Heartbeat thread: says it is alive every `interval` seconds until shutdown. It
+        flushes at once, even in the middle of a step (the stream's writes are locked, so
+        lines never interleave)."""
+        line = encode(HeartbeatEvent(event="heartbeat"))
+        while not self._shutting_down.wait(interval):
+            try:
+                self._events.write(line)
+                self._events.flush()
+            except (OSError, ValueError):
+                return  # the server is gone
+
     # -- model ----------------------------------------------------------------------------
 
     def load(self) -> None:
@@ -228,7 +243,9 @@ class Worker:
         self._memory = MemoryGuard(self.memory_limit_bytes, self.mlx_cache_limit_bytes,
                                    self._prompt_cache)
         self.send(ReadyEvent(event="ready", pid=os.getpid(),
-                             load_ms=round((time.perf_counter() - started) * 1000, 1)))
+                             load_ms=round((time.perf_counter() - started) * 1000, 1),
+                             context_tokens=self.context_tokens,
+                             max_token_bytes=max_token_bytes(self.tokenizer)))
         self._check_memory(force_report=True)
 
     # -- the main loop --------------------------------------------------------------------
@@ -552,6 +569,19 @@ class Worker:
             self.send(event)
 
 
+def max_token_bytes(tokenizer: Any) -> int:
+    """At least the most UTF-8 bytes of prompt one token stands for, so that a prompt of B bytes
+    is at least B / this tokens. Vocabulary pieces are counted as spelled, which only ever
+    overstates (a byte-level piece spells a byte as one 1- or 2-byte character, a byte-fallback
+    piece as "<0xNN>"), so the bound stays a lower bound."""
+    try:
+        vocabulary = tokenizer.get_vocab()
+    except Exception:  # a tokenizer without a vocabulary to read: no bound (1 byte a token)
+        traceback.print_exc()
+        return 1
+    return max((len(piece.encode("utf-8", "surrogatepass")) for piece in vocabulary), default=1)
+
+
 def _protocol_stream() -> IO[bytes]:
     """Keeps the real stdout for events and sends everything else written to fd 1 to stderr."""
     events = os.fdopen(os.dup(1), "wb")
@@ -593,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mlx-cache-limit-bytes", type=_non_negative, default=None,
                         help="most bytes of freed buffers MLX keeps for reuse (default: "
                              "MLX's own limit)")
+    parser.add_argument("--heartbeat-interval", type=float, default=0.0,
+                        help="seconds between two heartbeats; 0: none (default %(default)s)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     worker = Worker(args.model_path, _protocol_stream(), max_batch_size=args.max_batch_size,
                     prompt_cache_bytes=args.prompt_cache_bytes,
@@ -607,6 +639,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     threading.Thread(target=worker.read_commands, args=(sys.stdin.buffer,),
                      name="commands", daemon=True).start()
+    if args.heartbeat_interval > 0:
+        threading.Thread(target=worker.beat, args=(args.heartbeat_interval,),
+                         name="heartbeat", daemon=True).start()
     worker.serve()
     return 0
 

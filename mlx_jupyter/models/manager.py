@@ -34,6 +34,7 @@ from ..limits import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_PROMPT_CACHE_BYTES,
     DEFAULT_WORKER_BASE_BYTES,
+    DEFAULT_WORKER_HEARTBEAT_SECONDS,
     kv_capacity,
     kv_refusal,
 )
@@ -59,6 +60,7 @@ class WorkerSettings:
     prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES  # prompt prefixes kept; 0: off
     kv_reserve_tokens: int = DEFAULT_KV_RESERVE_TOKENS  # KV positions per batch slot
     blas_threads: int = 0  # 0: one for small models, the BLAS library's default for others
+    heartbeat_seconds: float = DEFAULT_WORKER_HEARTBEAT_SECONDS  # silent this long: hung; 0: off
 
     def environment(self, estimate_bytes: int) -> dict[str, str] | None:
         """The environment of a worker for a model of this estimated size."""
@@ -284,6 +286,7 @@ class ModelManager:
                 memory_limit_bytes=footprint.total_bytes,
                 # Freed buffers worth keeping for reuse are those of the batch's KV caches.
                 mlx_cache_limit_bytes=footprint.kv_reserve_bytes or None,
+                heartbeat_seconds=self._settings.heartbeat_seconds,
                 on_exit=self._worker_exited, on_trim=self._worker_trimmed)
             try:
                 await worker.start()
@@ -354,7 +357,7 @@ class ModelManager:
             self._stop_idle_timer(slot)
             self._set_status(slot, ModelStatus.FAILED, error=worker.exit_error)
             self.metrics.model_unloaded(slot.name, "worker_exited")
-            self.metrics.fault("worker_exited")
+            self.metrics.fault("worker_hung" if worker.hung else "worker_exited")
 
     # -- idle unload ----------------------------------------------------------------------
 
