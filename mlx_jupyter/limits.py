@@ -55,6 +55,9 @@ DEFAULT_MAX_BODY_BYTES = 16 * MIB
 # Bytes of a stream's answer that may wait for a client that does not read; past it the request
 # is cancelled (slow_client) so that it stops holding a batch slot.
 DEFAULT_STREAM_BUFFER_BYTES = 1 * MIB
+# Unsent bytes a stream's socket holds in the kernel (TCP_NOTSENT_LOWAT): beyond it, what a
+# client has not read waits where stream_buffer_bytes counts it.
+STREAM_SOCKET_UNSENT_BYTES = 16 * 1024
 
 # -- the database ---------------------------------------------------------------------------------
 # Seconds a PostgreSQL connection may take to open (psycopg's connect_timeout) before the
@@ -67,6 +70,11 @@ DATABASE_RETRY_MAX_SECONDS = 10.0
 # Writes kept while the database cannot take them (a request makes about three); past it a new
 # write is dropped, and logged.
 MAX_KEPT_WRITES = 10_000
+# Seconds an interactive request's answer waits for its row to be written before its headers
+# (with its id) go out, so that a crash cannot lose a request its client was told of; the row
+# is usually written long before (while the request waits for its turn). Past it (a database
+# that does not answer) the answer goes on and the row lands later.
+RECORD_WAIT_SECONDS = 2.0
 
 
 def kv_capacity(max_batch_size: int, kv_reserve_tokens: int) -> int:

@@ -29,6 +29,7 @@ from ..contracts.generation import (
 from ..engine.protocol import GenerationParams, WorkerTimings
 from ..engine.proxy import WorkerProxy
 from ..errors import MlxJupyterError
+from ..limits import RECORD_WAIT_SECONDS
 from ..store.records import RequestStatus, utcnow
 from .admission import Ticket
 
@@ -87,8 +88,11 @@ class Generation:
     """One submitted request: wait for `start()`, then read `events()` or `result()`."""
 
     def __init__(self, ticket: Ticket, params: GenerationParams, *, workers: Workers,
-                 lifecycle: Lifecycle, background: bool = False):
+                 lifecycle: Lifecycle, background: bool = False,
+                 recorded: asyncio.Future[None] | None = None):
+        """recorded: the write of the request's row, if it may still be under way."""
         self.ticket = ticket
+        self._recorded = recorded
         self.params = params  # resolved by the queue: defaults applied, seed picked
         self.background = background  # it outlives its client
         self._workers = workers
@@ -101,6 +105,7 @@ class Generation:
         self._expiry: asyncio.Task[str] | None = None
         self._timed_out = False
         self._cancel_requested = False
+        self._cancel_reason: str | None = None  # why the server cancelled it, if it did
         self._generating = False  # events() has handed it to its worker
 
     @property
@@ -126,9 +131,10 @@ class Generation:
         return "active" if self.ticket.admitted.done() else "queued"
 
     async def start(self) -> None:
-        """Waits for admission, then for the model (loading it if needed). Raises a domain
-        error (ModelDoesNotFit, WorkerError, ...) before any output exists; the request has
-        then ended as failed."""
+        """Waits for admission, then for the model (loading it if needed), then for the
+        request's row to be written: what the client is told next (headers with its id) names
+        a request a crash cannot lose. Raises a domain error (ModelDoesNotFit, WorkerError,
+        ...) before any output exists; the request has then ended as failed."""
         if not await self.ticket.admitted:
             return  # withdrawn while it waited: events() reports it
         self._lifecycle.started(self)
@@ -138,6 +144,18 @@ class Generation:
             self._end(self._outcome_now("error", error=str(exc) or type(exc).__name__),
                       model_acquired=False)
             raise
+        await self._wait_for_record()
+
+    async def _wait_for_record(self) -> None:
+        """Usually written already: the write ran while the request waited for its turn. A
+        write that failed was logged where it failed; one still under way past
+        RECORD_WAIT_SECONDS (a database not answering) lands later."""
+        if self._recorded is None or self._recorded.done():
+            return
+        await asyncio.wait([self._recorded], timeout=RECORD_WAIT_SECONDS)
+        if not self._recorded.done():
+            log.info("request %s answers before its row is written: the database has not "
+                     "taken it within %g s", self.id, RECORD_WAIT_SECONDS)
 
     async def events(self) -> AsyncIterator[TextEvent | DoneEvent]:
         """Yields TextEvents, then one DoneEvent.
@@ -203,10 +221,13 @@ class Generation:
         """The last event of a stream that `events()` ended with this error."""
         return ErrorEvent(request_id=self.id, model=self.model, error=str(exc))
 
-    async def cancel(self) -> str:
+    async def cancel(self, reason: str | None = None) -> str:
         """Cancels the request: a waiting one leaves the queue at once, a running one stops at
-        its worker's next decode step. Returns the state it was in."""
+        its worker's next decode step. `reason`: why, when the server cancels it (its history
+        keeps it as the error). Returns the state it was in."""
         state = self.state
+        if reason and self._cancel_reason is None:
+            self._cancel_reason = reason
         if state == "queued" and self._lifecycle.withdraw(self):
             self._end(self._outcome_now("cancelled"), model_acquired=False)
         elif state != "finished":
@@ -232,6 +253,8 @@ class Generation:
         """The outcome of a request ending now, with its figures."""
         if finish_reason == "cancelled" and self._timed_out:
             finish_reason, error = "timeout", TIMEOUT_ERROR
+        elif finish_reason == "cancelled" and self._cancel_reason:
+            error = self._cancel_reason
         submitted, admitted_at = self.ticket.submitted, self.ticket.admitted_at
         worker = worker or {}
         timings = Timings(

@@ -125,12 +125,19 @@ class InferenceQueue:
             prompt=generation_fields["prompt"], messages=generation_fields["messages"],
             parameters={**_parameters(generation_fields),
                         **({"background": True, "timeout": timeout} if background else {})})
-        recorded = self.store.add_request(record)
-        if background:  # its record must be durable before the client is told it is queued
+        # A background job's record must be durable before the client is told it is queued
+        # (a 503 while the database does not take it); an interactive one is written behind.
+        recorded = self.store.add_request(record, durable=background)
+        if background:
             await recorded
         ticket = Ticket(record.id, model, priority, submitted=submitted)
+        # Its answer names it only once its row is written (Generation.start), unless the
+        # database is known not to answer: the row then lands when it is back.
+        if self.store.state().state == "unavailable":
+            recorded = None
         return self._enqueue(Generation(ticket, generation_fields, workers=self.manager,
-                                        lifecycle=self, background=background), timeout)
+                                        lifecycle=self, background=background,
+                                        recorded=recorded), timeout)
 
     def resume(self, jobs: list[dict[str, Any]]) -> None:
         """Runs again the background jobs a previous server process left unfinished (rows of
