@@ -188,8 +188,8 @@ class MlxApp(ExtensionApp):
             allowed_roots=self.allowed_model_roots or [self.serverapp.root_dir],
             hf_cache=self.scan_huggingface_cache)
         self.pool = BlockingPool(self.thread_pool_workers)
-        store_service = StoreService(self.pool)
         metrics = Metrics()
+        store_service = StoreService(self.pool, count_fault=metrics.fault)
         limits = Limits(budget_bytes=budget_bytes(self.memory_budget, system_memory().total),
                         max_loaded_models=self.max_loaded_models,
                         worker_base_bytes=self.worker_base_memory,
@@ -239,11 +239,9 @@ class MlxApp(ExtensionApp):
             jobs.extend(recovered)
             await models.restore(opened)
 
-        if await store.open(self._connect_database, prepare):
+        if await store.open(self._connect_database, prepare):  # else logged and counted there
             self.queue.resume(jobs)
             self.cleanup.start()
-        else:  # logged by the store service, with what to fix
-            metrics.fault("database_unavailable")
 
     def _connect_database(self) -> Store:
         """On the thread pool: the database opened and migrated; StoreUnavailable, saying

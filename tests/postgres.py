@@ -83,6 +83,27 @@ class PostgresServer:
                              autocommit=True) as connection:
             connection.execute(statement)
 
+    def pause(self) -> None:
+        """Stops the server as an administrator would (a fast shutdown: every client is
+        disconnected), keeping its data for `resume`."""
+        _run([str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w",
+              "stop"], self.run_as)
+
+    def resume(self) -> None:
+        """Starts the server again after `pause`, on the same port."""
+        started = self._start()
+        if started.returncode != 0:
+            raise RuntimeError(f"PostgreSQL did not start again: {started.stdout}"
+                               f"{started.stderr}\n{self.log_file.read_text()[-3000:]}")
+
+    def _start(self) -> subprocess.CompletedProcess[str]:
+        options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} "
+                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+                   "-c max_connections=200")
+        return _run([str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-l",
+                     str(self.log_file), "-o", options, "-w", "-t", str(START_TIMEOUT_S),
+                     "start"], self.run_as, check=False)
+
     def stop(self) -> None:
         if self._stopped:
             return
@@ -131,12 +152,7 @@ def start_postgres() -> PostgresServer:
               "-E", "UTF8", "--locale=C", "--no-sync"], run_as)
         for _attempt in range(3):  # the free port may be taken between the probe and the start
             server.port = _free_port()
-            options = (f"-c listen_addresses=127.0.0.1 -p {server.port} -k {root} "
-                       "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-                       "-c max_connections=200")
-            started = _run([str(bin_dir / "pg_ctl"), "-D", str(server.data_dir), "-l",
-                            str(server.log_file), "-o", options, "-w", "-t",
-                            str(START_TIMEOUT_S), "start"], run_as, check=False)
+            started = server._start()
             if started.returncode == 0:
                 atexit.register(server.stop)
                 return server

@@ -706,11 +706,11 @@ export interface components {
         /** DatabaseState */
         DatabaseState: {
             /**
-             * @description opened off the server's start: requests that need it wait while it opens, and answer 503 if it could not be opened
+             * @description opened off the server's start: requests that need it wait while it opens, and answer 503 while it is unavailable: it could not be opened, or it stopped answering or is full (then the history's writes are kept and land once it is ready again)
              * @enum {string}
              */
             state: "opening" | "ready" | "unavailable";
-            /** @description why it could not be opened, and what to fix */
+            /** @description why it is unavailable, and what to fix */
             error: string | null;
         };
         /** DoneEvent */

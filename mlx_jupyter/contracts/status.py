@@ -45,8 +45,10 @@ class SystemStatus(Answer):
 class DatabaseState(Answer):
     state: Literal["opening", "ready", "unavailable"] = Field(
         description="opened off the server's start: requests that need it wait while it opens, "
-                    "and answer 503 if it could not be opened")
-    error: str | None = Field(description="why it could not be opened, and what to fix")
+                    "and answer 503 while it is unavailable: it could not be opened, or it "
+                    "stopped answering or is full (then the history's writes are kept and "
+                    "land once it is ready again)")
+    error: str | None = Field(description="why it is unavailable, and what to fix")
 
 
 class Status(SystemStatus):

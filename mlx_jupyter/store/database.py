@@ -27,6 +27,8 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.pool import NullPool, QueuePool, StaticPool
 
+from ..limits import DATABASE_CONNECT_TIMEOUT_SECONDS
+
 log = logging.getLogger(__name__)
 
 DATABASE_FILE = "mlx_jupyter.db"
@@ -115,6 +117,10 @@ def create_engine_for(
     else:
         options.update(poolclass=QueuePool, pool_size=pool_size, max_overflow=max_overflow,
                        pool_recycle=pool_recycle)
+    if url.get_backend_name() == "postgresql" and "connect_timeout" not in url.query:
+        # libpq waits for a connection as long as TCP does (minutes for a host that is gone):
+        # a database that stopped answering must fail the call quickly instead.
+        options["connect_args"] = {"connect_timeout": DATABASE_CONNECT_TIMEOUT_SECONDS}
     if sqlite and database_file is not None:
         try:
             database_file.parent.mkdir(parents=True, exist_ok=True)

@@ -153,6 +153,7 @@ class SettingsService:
         self._engine = engine
         self._write_engine = immediate(engine)
         self.cache = TTLCache(ttl_seconds)
+        self._last_read: dict[str, Any] | None = None  # for when the database does not answer
 
     @staticmethod
     def spec(key: str) -> SettingSpec:
@@ -195,7 +196,13 @@ class SettingsService:
         for key, spec in SETTINGS.items():
             values[key] = self._from_storage(spec, stored.get(key))
             self.cache.put(key, values[key], generation)
+        self._last_read = values
         return values
+
+    def last_values(self) -> dict[str, Any] | None:
+        """Every setting's value as last read or written here, however old (None before the
+        first `values()`); for requests that must go on while the database does not answer."""
+        return self._last_read
 
     def all(self) -> dict[str, dict[str, Any]]:
         """Every setting: value, default, type, what it expects and what it does."""
@@ -212,6 +219,8 @@ class SettingsService:
         with self._write_engine.begin() as connection:
             connection.execute(_upsert(connection.dialect.name, key, value))
         self.cache.invalidate([key])
+        if self._last_read is not None:
+            self._last_read = {**self._last_read, key: value}
         log.debug("setting %s = %r stored; cache invalidated", key, value)
         return value
 

@@ -175,10 +175,7 @@ class Store:
     def record_model_use(self, name: str) -> bool:
         """Counts one use of a model and stamps last_used_at. False when it is not registered."""
         with self._write() as connection:
-            result = connection.execute(
-                update(models_table).where(models.name == name)
-                .values(use_count=models.use_count + 1, last_used_at=utcnow()))
-        return result.rowcount > 0
+            return _count_use(connection, name)
 
     def set_model_status(self, name: str, status: str | ModelStatus,
                          error: str | None = None) -> bool:
@@ -216,10 +213,14 @@ class Store:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def add_request(self, record: RequestRecord) -> str:
+    def add_request(self, record: RequestRecord, *, count_use: bool = False) -> str:
+        """Inserts a request; with `count_use`, counts a use of its model in the same
+        transaction (so that a write tried again after a database fault does both or neither)."""
         row = record.to_row(self.model_id(record.model))
         with self._write() as connection:
             connection.execute(insert(requests_table), row)
+            if count_use:
+                _count_use(connection, record.model)
         return record.id
 
     def update_request(self, request_id: str, /, **fields: Any) -> bool:
@@ -329,6 +330,11 @@ class Store:
 
     # -- status --------------------------------------------------------------------------------
 
+    def ping(self) -> None:
+        """One round trip to the database (whether it answers); raises what it raises."""
+        with self._read() as connection:
+            connection.exec_driver_sql("SELECT 1")
+
     def get_database_info(self) -> dict[str, Any]:
         """Dialect, masked URL, pool, pragmas (SQLite) or server settings (PostgreSQL),
         schema revision, size on disk and row counts."""
@@ -347,6 +353,12 @@ class Store:
         info["schema_head"] = head_revision()
         info["settings_cache"] = self.settings.cache.info()
         return info
+
+
+def _count_use(connection: Connection, name: str) -> bool:
+    result = connection.execute(update(models_table).where(models.name == name)
+                                .values(use_count=models.use_count + 1, last_used_at=utcnow()))
+    return result.rowcount > 0
 
 
 def _model_status(status: str | ModelStatus) -> str:
