@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from http.client import responses
@@ -29,7 +31,7 @@ from ..contracts.requests import Accepted, Cancellation, HistoryPage, QueueSnaps
 from ..contracts.settings import Setting, Settings
 from ..contracts.status import ApiDocument, DatabaseInfo, Status
 from ..errors import BadBody, BodyTooLarge, MlxJupyterError
-from ..limits import MAX_MODEL_NAME_CHARS, MODEL_ACTIONS
+from ..limits import MAX_MODEL_NAME_CHARS, MODEL_ACTIONS, STREAM_SOCKET_UNSENT_BYTES
 from ..metrics import Metrics
 from ..models.registry import NAME_PATTERN
 from ..queue import Generation
@@ -272,19 +274,23 @@ class GenerationHandler(BodyHandler):
     async def _stream(self, generation: Generation, renderer: Any) -> None:
         self.set_header("Content-Type", renderer.content_type)
         self.set_header("Cache-Control", "no-cache")
+        connection = self.request.connection.stream
         # Each token is a small write: without TCP_NODELAY, Nagle's algorithm holds it until
         # the client acknowledges the last one (tens of ms with delayed ACKs).
-        self.request.connection.stream.set_nodelay(True)
+        connection.set_nodelay(True)
+        _bound_unsent_in_kernel(connection.socket)
         try:
             await self.flush()  # the headers, with the request id, before the first token
         except StreamClosedError:
             generation.abandon()  # the client went away before its first event
             return
+        outbox = Outbox(self, self.settings["mlx_jupyter.stream_buffer_bytes"])
         try:
             async with contextlib.aclosing(generation.events()) as events:
                 async for event in events:
-                    self.write(renderer.event(event))
-                    await self.flush()
+                    if not outbox.send(renderer.event(event)):
+                        await self._drop_slow_client(generation, outbox)
+                        return  # leaving the events cancelled the request in the worker
         except MlxJupyterError as exc:
             # The status line is gone already: the error travels as the last event.
             self.write(renderer.error(generation, exc))
@@ -292,12 +298,78 @@ class GenerationHandler(BodyHandler):
             return  # the client went away; closing the events cancelled the request
         self.finish(renderer.end())
 
+    async def _drop_slow_client(self, generation: Generation, outbox: Outbox) -> None:
+        reason = (f"slow_client: the client left {outbox.unsent} bytes of its stream unread, "
+                  f"past c.MlxApp.stream_buffer_bytes ({outbox.limit}); the request was "
+                  f"cancelled so that it stops holding a place in its model's batch")
+        self.log.warning("mlx_jupyter: request %s on %s: %s", generation.id, generation.model,
+                         reason)
+        self.settings["mlx_jupyter.metrics"].fault("slow_client")
+        await generation.cancel(reason)
+        self.request.connection.stream.close()
+
     def on_connection_close(self) -> None:
         super().on_connection_close()  # a client gone while its body was arriving
         # A client that disconnects while its request waits for a token: cancel it now, not
         # when the next token fails to write. Background requests outlive their client.
         if self._generation is not None and not self._generation.background:
             tornado.ioloop.IOLoop.current().add_callback(self._generation.cancel)
+
+
+class Outbox:
+    """A stream's writes to its client, which never wait for it: the bytes the client has not
+    taken yet (those of the flush under way and those written since) are counted, and `send`
+    says when they pass `limit`. One flush at a time, as tornado resolves only the latest
+    flush's future; what comes meanwhile waits in the handler's buffer for the next."""
+
+    def __init__(self, handler: tornado.web.RequestHandler, limit: int):
+        self.limit = limit
+        self._handler = handler
+        self._flushing: asyncio.Future[None] | None = None
+        self._in_flight = 0  # bytes of the flush under way
+        self._waiting = 0  # bytes written since it began
+        self._closed = False
+
+    @property
+    def unsent(self) -> int:
+        return self._in_flight + self._waiting
+
+    def send(self, chunk: str) -> bool:
+        """Writes a chunk, unless the client would then have more than `limit` bytes unread:
+        False then. StreamClosedError once the client is gone."""
+        if self._closed:
+            raise StreamClosedError()
+        data = chunk.encode()
+        if self.unsent + len(data) > self.limit:
+            return False
+        self._handler.write(data)
+        self._waiting += len(data)
+        if self._flushing is None:
+            self._flush()
+        return True
+
+    def _flush(self) -> None:
+        self._in_flight, self._waiting = self._waiting, 0
+        self._flushing = self._handler.flush()
+        self._flushing.add_done_callback(self._flushed)
+
+    def _flushed(self, future: asyncio.Future[None]) -> None:
+        self._flushing, self._in_flight = None, 0
+        if future.cancelled() or future.exception() is not None:
+            self._closed = True  # the client is gone: the next send says so
+        elif self._waiting:
+            self._flush()
+
+
+def _bound_unsent_in_kernel(sock: socket.socket | None) -> None:
+    """Keeps what a stream's client has not read in our count, not in the kernel's send
+    buffer (megabytes on Linux): past STREAM_SOCKET_UNSENT_BYTES unsent, the socket takes no
+    more and the rest waits in the `Outbox`, where `stream_buffer_bytes` bounds it."""
+    option = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+    if sock is None or option is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, option, STREAM_SOCKET_UNSENT_BYTES)
 
 
 class GenerateHandler(GenerationHandler):
