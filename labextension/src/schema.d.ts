@@ -1442,6 +1442,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorAnswer"];
                 };
             };
+            /** @description the body is past c.MlxApp.max_body_bytes (the message says the limit); refused before it is read whole */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorAnswer"];
+                };
+            };
             /** @description the queue is full; see Retry-After */
             429: {
                 headers: {
@@ -1553,6 +1562,15 @@ export interface operations {
             };
             /** @description conflicts with the current state: the model, the memory budget, the KV reservation or the settings */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorAnswer"];
+                };
+            };
+            /** @description the body is past c.MlxApp.max_body_bytes (the message says the limit); refused before it is read whole */
+            413: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1766,6 +1784,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorAnswer"];
                 };
             };
+            /** @description the body is past c.MlxApp.max_body_bytes (the message says the limit); refused before it is read whole */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorAnswer"];
+                };
+            };
             /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
             503: {
                 headers: {
@@ -1893,6 +1920,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorAnswer"];
                 };
             };
+            /** @description the body is past c.MlxApp.max_body_bytes (the message says the limit); refused before it is read whole */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorAnswer"];
+                };
+            };
             /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
             503: {
                 headers: {
@@ -1975,6 +2011,15 @@ export interface operations {
             };
             /** @description no valid token, or a path outside the allowed roots */
             403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorAnswer"];
+                };
+            };
+            /** @description the body is past c.MlxApp.max_body_bytes (the message says the limit); refused before it is read whole */
+            413: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2071,6 +2116,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorAnswer"];
                 };
             };
+            /** @description the body is past c.MlxApp.max_body_bytes (the message says the limit); refused before it is read whole */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorAnswer"];
+                };
+            };
             /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
             503: {
                 headers: {
@@ -2153,6 +2207,15 @@ export interface operations {
             };
             /** @description no valid token, or a path outside the allowed roots */
             403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorAnswer"];
+                };
+            };
+            /** @description the body is past c.MlxApp.max_body_bytes (the message says the limit); refused before it is read whole */
+            413: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2249,6 +2312,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorAnswer"];
                 };
             };
+            /** @description the body is past c.MlxApp.max_body_bytes (the message says the limit); refused before it is read whole */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorAnswer"];
+                };
+            };
             /** @description a model worker failed, or the database cannot be used (the message says what to fix) */
             503: {
                 headers: {
@@ -2331,6 +2403,15 @@ export interface operations {
             };
             /** @description no valid token, or a path outside the allowed roots */
             403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorAnswer"];
+                };
+            };
+            /** @description the body is past c.MlxApp.max_body_bytes (the message says the limit); refused before it is read whole */
+            413: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2753,6 +2834,15 @@ export interface operations {
                     "application/json": components["schemas"]["OpenAIErrorAnswer"];
                 };
             };
+            /** @description the body is past c.MlxApp.max_body_bytes (the message says the limit); refused before it is read whole */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorAnswer"];
+                };
+            };
             /** @description the queue is full; see Retry-After */
             429: {
                 headers: {
@@ -2831,6 +2921,15 @@ export interface operations {
             };
             /** @description conflicts with the current state: the model, the memory budget, the KV reservation or the settings */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorAnswer"];
+                };
+            };
+            /** @description the body is past c.MlxApp.max_body_bytes (the message says the limit); refused before it is read whole */
+            413: {
                 headers: {
                     [name: string]: unknown;
                 };
