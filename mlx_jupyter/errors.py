@@ -10,6 +10,7 @@ class MlxJupyterError(Exception):
 
     status = 500
     param: str | None = None  # the request field at fault, when there is one
+    fault: str | None = None  # the kind faults_total counts it as, if it counts (metrics)
 
 
 class InvalidRequest(MlxJupyterError):
@@ -73,6 +74,8 @@ class PromptTooLong(RequestDoesNotFit):
     """A prompt that fills its model's context, leaving no room for an answer. Like a request
     too big for the KV reservation, it is well formed: the model's size refuses it (so its
     status is the same 409; on /v1 the code is context_length_exceeded)."""
+
+    fault = "prompt_too_long"
 
 
 class ModelBusy(MlxJupyterError):

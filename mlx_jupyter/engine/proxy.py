@@ -27,6 +27,7 @@ import psutil
 
 from ..errors import PromptTooLong, RequestDoesNotFit, WorkerError
 from ..limits import DEFAULT_KV_RESERVE_TOKENS, DEFAULT_MAX_BATCH_SIZE, DEFAULT_PROMPT_CACHE_BYTES
+from .context import prompt_field
 from .protocol import (
     MAX_LINE_BYTES,
     CancelCommand,
@@ -211,8 +212,7 @@ class WorkerProxy:
                 if message["finish_reason"] == "error":
                     error = cast(ErrorMessage, message)
                     if error["refused"] == "context":
-                        raise PromptTooLong(error["error"], param="prompt" if params["prompt"]
-                                            is not None else "messages")
+                        raise PromptTooLong(error["error"], param=prompt_field(params))
                     if error["refused"]:
                         raise RequestDoesNotFit(error["error"])
                     raise WorkerError(f"generation failed in model {self.model_name!r}: "

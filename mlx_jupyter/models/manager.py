@@ -147,6 +147,11 @@ class ModelManager:
     def loaded(self) -> list[ModelSlot]:
         return [slot for slot in self._slots.values() if slot.loaded]
 
+    def loaded_worker(self, name: str) -> WorkerProxy | None:
+        """The worker of a loaded model, or None."""
+        slot = self._slots.get(name)
+        return slot.worker if slot is not None and slot.loaded else None
+
     def used_bytes(self) -> int:
         """Memory held by models, by estimate: loaded ones and those being loaded."""
         return sum(slot.budget_bytes for slot in self._slots.values()

@@ -26,9 +26,10 @@ from ..contracts.generation import (
     Timings,
     Usage,
 )
+from ..engine.context import certain_refusal, prompt_field
 from ..engine.protocol import GenerationParams, WorkerTimings
 from ..engine.proxy import WorkerProxy
-from ..errors import MlxJupyterError
+from ..errors import MlxJupyterError, PromptTooLong
 from ..limits import RECORD_WAIT_SECONDS
 from ..store.records import RequestStatus, utcnow
 from .admission import Ticket
@@ -74,6 +75,7 @@ class Outcome:
     timings: Timings
     usage: Usage | None = None  # None when no worker answered for it
     error: str | None = None
+    fault: str | None = None  # the fault kind it counts as (its error's), if any
 
     def columns(self) -> dict[str, Any]:
         """Its columns in the `requests` table."""
@@ -82,6 +84,14 @@ class Outcome:
                 "prompt_tokens": self.usage.prompt_tokens if self.usage else None,
                 "completion_tokens": self.usage.completion_tokens if self.usage else None,
                 **self.timings.model_dump()}
+
+
+def check_prompt_fits(worker: WorkerProxy, params: GenerationParams) -> None:
+    """Refuses (PromptTooLong) a prompt that certainly cannot fit the context of the model this
+    worker loaded, before it reaches the worker; the worker refuses one that does not fit once
+    tokenized."""
+    if refusal := certain_refusal(params, worker.context_tokens, worker.max_token_bytes):
+        raise PromptTooLong(refusal, param=prompt_field(params))
 
 
 class Generation:
@@ -144,6 +154,11 @@ class Generation:
             self._end(self._outcome_now("error", error=str(exc) or type(exc).__name__),
                       model_acquired=False)
             raise
+        try:
+            check_prompt_fits(self._worker, self.params)
+        except PromptTooLong as exc:
+            self._end(self._outcome_now("error", error=str(exc), fault=exc.fault))
+            raise
         await self._wait_for_record()
 
     async def _wait_for_record(self) -> None:
@@ -190,7 +205,8 @@ class Generation:
                         usage=Usage(**message["usage"]), worker=message["timings"])
                     yield self._done_event(outcome)
         except MlxJupyterError as exc:
-            outcome = self._outcome_now("error", text="".join(pieces), error=str(exc))
+            outcome = self._outcome_now("error", text="".join(pieces), error=str(exc),
+                                        fault=exc.fault)
             raise
         finally:
             await messages.aclose()
@@ -249,7 +265,7 @@ class Generation:
 
     def _outcome_now(self, finish_reason: FinishReason, *, text: str = "",
                      usage: Usage | None = None, worker: WorkerTimings | None = None,
-                     error: str | None = None) -> Outcome:
+                     error: str | None = None, fault: str | None = None) -> Outcome:
         """The outcome of a request ending now, with its figures."""
         if finish_reason == "cancelled" and self._timed_out:
             finish_reason, error = "timeout", TIMEOUT_ERROR
@@ -264,7 +280,8 @@ class Generation:
             total_ms=round((time.perf_counter() - submitted) * 1000, 1),
             tokens_per_second=worker.get("tokens_per_second"),
             prompt_tokens_per_second=worker.get("prompt_tokens_per_second"))
-        return Outcome(STATUS_OF[finish_reason], finish_reason, text, timings, usage, error)
+        return Outcome(STATUS_OF[finish_reason], finish_reason, text, timings, usage, error,
+                       fault)
 
     def _done_event(self, outcome: Outcome) -> DoneEvent:
         return DoneEvent(request_id=self.id, model=self.model,

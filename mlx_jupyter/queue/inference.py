@@ -21,14 +21,14 @@ from collections.abc import Coroutine
 from typing import Any
 
 from ..engine.protocol import GenerationParams
-from ..errors import MlxJupyterError, RequestDoesNotFit
+from ..errors import MlxJupyterError, PromptTooLong, RequestDoesNotFit
 from ..limits import DEFAULT_MAX_BATCH_SIZE, MAX_SEED
 from ..metrics import Metrics
 from ..models.manager import ModelManager
 from ..services import StoreService
 from ..store.records import RequestRecord, RequestStatus, utcnow
 from .admission import Admission, Ticket
-from .generation import Generation, Outcome
+from .generation import Generation, Outcome, check_prompt_fits
 
 log = logging.getLogger("mlx_jupyter.queue")
 
@@ -120,6 +120,12 @@ class InferenceQueue:
         # check once it has tokenized it.
         if refusal := self.manager.kv_refusal(0, generation_fields["max_tokens"]):
             raise RequestDoesNotFit(refusal, param="max_tokens")
+        if (worker := self.manager.loaded_worker(model)) is not None:
+            try:  # else once its model is loaded (Generation.start)
+                check_prompt_fits(worker, generation_fields)
+            except PromptTooLong as exc:
+                self.metrics.fault(exc.fault)
+                raise
         record = RequestRecord(
             model=model, notebook=notebook, priority=priority, status=RequestStatus.QUEUED,
             prompt=generation_fields["prompt"], messages=generation_fields["messages"],
@@ -213,6 +219,8 @@ class InferenceQueue:
     def ended(self, generation: Generation, outcome: Outcome) -> None:
         self._by_id.pop(generation.id, None)
         self.admission.finished(generation.ticket)
+        if outcome.fault:
+            self.metrics.fault(outcome.fault)
         timings = outcome.timings
         self.metrics.request_ended(
             generation.model, str(outcome.status), duration_seconds=timings.total_ms / 1000,
