@@ -298,7 +298,8 @@ class Generation:
             self._deadline.cancel()
         if model_acquired:
             self._workers.release(self.model)
-        log.info("request %s on %s: %s, %s tokens, %.0f ms", self.id, self.model,
-                 outcome.finish_reason, outcome.usage.completion_tokens if outcome.usage else 0,
-                 outcome.timings.total_ms)
+        log.log(logging.WARNING if outcome.fault else logging.INFO,
+                "request %s on %s: %s, %s tokens, %.0f ms%s", self.id, self.model,
+                outcome.finish_reason, outcome.usage.completion_tokens if outcome.usage else 0,
+                outcome.timings.total_ms, f": {outcome.error}" if outcome.error else "")
         self._lifecycle.ended(self, outcome)
