@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from live_server import start_server, stop_server
+from live_server import free_port, start_server, stop_server
 from model_factory import make_model
 from postgres import PostgresUnavailable, start_postgres
-from sqlalchemy import event
+from sqlalchemy import create_engine, event
+from sqlalchemy import exc as sa_exc
 from unavailable import unavailable
 
 from mlx_jupyter.services import (
@@ -35,6 +36,7 @@ from mlx_jupyter.services import (
     WriteBehind,
 )
 from mlx_jupyter.store import RequestRecord, RequestStatus, Store
+from mlx_jupyter.store.faults import database_fault
 
 DEADLINE_S = 60.0  # generous: the machine may be busy
 
@@ -145,6 +147,58 @@ def test_writes_kept_through_an_outage_land_in_order_once_the_database_answers(
     [ended] = [line for line in service_logs(caplog, "INFO") if "answers again" in line]
     assert "5 write(s) kept meanwhile landed" in ended
     store.close()
+
+
+def test_at_shutdown_writes_the_database_still_does_not_take_are_given_up_and_counted(
+        tmp_path, pool, caplog):
+    database = VanishingSqlite(tmp_path / "db")
+    store = Store.open(database.url)
+    store.ensure_model("demo", "/models/demo", "bundled", "text")
+
+    async def main():
+        service = StoreService(pool, retry_seconds=0.05, max_retry_seconds=0.2)
+        assert await service.open(lambda: store, nothing_to_prepare)
+        database.take_away(store)
+        written = [service.add_request(RequestRecord(model="demo", prompt=str(n)))
+                   for n in range(3)]
+        await until(lambda: service.state().state == "unavailable", "the outage is seen")
+        await service.flush()  # tries once more, then gives up: the server's stop goes on
+        return [await error_of(future) for future in written]
+
+    errors = asyncio.run(main())
+    assert all(isinstance(error, DatabaseNotAnswering) for error in errors)
+    [lost] = service_logs(caplog, "ERROR")
+    assert lost.startswith("3 write(s) kept for the database are lost: ")
+    assert "is not answering" in lost
+    database.put_back()
+    assert store.list_requests()[1] == 0
+    store.close()
+
+
+def test_faults_of_the_database_are_told_from_errors_of_the_call():
+    """Real errors where they can be had here (a refused connection); PostgreSQL's own error
+    classes by their SQLSTATE, as psycopg raises them."""
+    try:
+        import psycopg
+    except ImportError:
+        unavailable("psycopg is not installed: pip install 'mlx-jupyter[postgresql]'")
+    engine = create_engine(f"postgresql+psycopg://nobody:x@127.0.0.1:{free_port()}/none")
+    with pytest.raises(sa_exc.OperationalError) as refused:
+        engine.connect()
+    assert database_fault(refused.value) == "unavailable"
+
+    def raised(error: Exception, wrapper=sa_exc.OperationalError) -> Exception:
+        return wrapper("INSERT INTO requests ...", {}, error)
+
+    assert database_fault(raised(psycopg.errors.DiskFull("could not extend file"))) == "full"
+    assert database_fault(raised(psycopg.errors.AdminShutdown("terminating connection"))) \
+        == "unavailable"
+    assert database_fault(raised(psycopg.errors.TooManyConnections("too many"))) == "unavailable"
+    # The call's own: tried again, it would fail again and hold back the writes behind it.
+    assert database_fault(raised(psycopg.errors.ProgramLimitExceeded("row too big"))) is None
+    assert database_fault(raised(psycopg.errors.UniqueViolation("duplicate key"),
+                                 sa_exc.IntegrityError)) is None
+    assert database_fault(ValueError("not a database error")) is None
 
 
 def test_a_write_of_its_own_error_fails_alone_and_holds_nothing(tmp_path, pool):
