@@ -193,7 +193,9 @@ class Worker:
     # -- commands -------------------------------------------------------------------------
 
     def read_commands(self, stream: IO[bytes]) -> None:
-        """Reader thread: queue generate and cancel commands in order; stop on shutdown or EOF."""
+        """Reader thread: queue generate and cancel commands in order; stop on shutdown or EOF.
+        It runs from the start, so that a worker whose server is gone (killed: stdin ends)
+        exits in the middle of loading its model too, instead of loading it for nobody."""
         for line in stream:
             try:
                 command = decode_command(line)
@@ -204,6 +206,10 @@ class Worker:
                 break
             self._commands.put(command)
         # EOF too: the server is gone or asked us to go.
+        if self.model is None:
+            # Still loading (the main thread is inside mlx-lm, which cannot be interrupted):
+            # nothing runs yet and nothing is owed to anyone.
+            os._exit(0)
         self._shutting_down.set()
         self._commands.put(None)
 
@@ -631,14 +637,14 @@ def main(argv: list[str] | None = None) -> int:
                     kv_reserve_tokens=args.kv_reserve_tokens,
                     memory_limit_bytes=args.memory_limit_bytes,
                     mlx_cache_limit_bytes=args.mlx_cache_limit_bytes)
+    threading.Thread(target=worker.read_commands, args=(sys.stdin.buffer,),
+                     name="commands", daemon=True).start()
     try:
         worker.load()
     except Exception as exc:
         traceback.print_exc()
         worker.send(FatalEvent(event="fatal", message=f"{type(exc).__name__}: {exc}"))
         return 1
-    threading.Thread(target=worker.read_commands, args=(sys.stdin.buffer,),
-                     name="commands", daemon=True).start()
     if args.heartbeat_interval > 0:
         threading.Thread(target=worker.beat, args=(args.heartbeat_interval,),
                          name="heartbeat", daemon=True).start()
