@@ -32,7 +32,8 @@ def test_schemathesis_finds_no_difference_between_the_document_and_the_server(tm
         assert httpx.put(server.url + "mlx/api/settings/default_max_tokens", headers=auth,
                          json={"value": 16}, timeout=30).status_code == 200
         run = subprocess.run(
-            [sys.executable, "-m", "schemathesis.cli", "run",
+            [sys.executable, "-m", "schemathesis.cli",
+             "--config-file", str(HERE / "schemathesis.toml"), "run",
              server.url + "mlx/api/openapi.json", "--checks", "all",
              "--max-examples", str(EXAMPLES), "--seed", str(SEED), "--workers", "1",
              "--request-timeout", "120", "--header", f"Authorization: token {server.token}",
