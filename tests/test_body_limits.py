@@ -190,11 +190,14 @@ def test_refused_bodies_are_counted_and_logged(limited):
     assert status == 413
     bad = limited.request("POST", "mlx/api/generate", content=b'{"model": "demo", ')
     assert bad.status_code == 400
+    nan = limited.request("PUT", "mlx/api/settings/default_temperature",
+                          content=b'{"value": NaN}')
+    assert nan.status_code == 400 and "finite number" in nan.json()["message"], nan.text
     field = limited.request("POST", "mlx/api/generate", json={**SMALL, "max_tokens": 0})
     assert field.status_code == 400  # a bad field: no fault
     after = faults(limited)
     assert after.get("body_too_large", 0) == before.get("body_too_large", 0) + 1
-    assert after.get("bad_body", 0) == before.get("bad_body", 0) + 1
+    assert after.get("bad_body", 0) == before.get("bad_body", 0) + 2
     wait_for_log(limited, f"POST /mlx/v1/completions -> 413: the request body is {HUGE} bytes")
     wait_for_log(limited, "POST /mlx/api/generate -> 400: request body is not valid JSON")
 

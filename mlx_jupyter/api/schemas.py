@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
@@ -16,6 +17,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from ..contracts.requests import RequestStatusName
 from ..errors import BadBody, InvalidRequest
@@ -148,10 +150,17 @@ class HistoryQuery(_Body):
     offset: int = Field(0, ge=0, le=2**63 - 1)  # the databases' 64-bit integers
 
 
+def _finite(value: object) -> object:
+    """NaN and the infinities, which Python's JSON reads, are no value: as in a typed field."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PydanticCustomError("finite_number", "Input should be a finite number")
+    return value
+
+
 class SettingValue(_Body):
     # Checked against the setting's own type by the store (its errors name the setting and
     # what it expects); 5.0 is an integer there too.
-    value: Annotated[Any, INTEGRAL]
+    value: Annotated[Any, BeforeValidator(_finite), INTEGRAL]
 
 
 @functools.cache
