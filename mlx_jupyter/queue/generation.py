@@ -27,7 +27,7 @@ from ..contracts.generation import (
     Usage,
 )
 from ..engine.context import certain_refusal, prompt_field
-from ..engine.protocol import GenerationParams, WorkerTimings
+from ..engine.protocol import DoneMessage, GenerationParams, TextMessage, WorkerTimings
 from ..engine.proxy import WorkerProxy
 from ..errors import MlxJupyterError, PromptTooLong
 from ..limits import RECORD_WAIT_SECONDS
@@ -116,7 +116,11 @@ class Generation:
         self._timed_out = False
         self._cancel_requested = False
         self._cancel_reason: str | None = None  # why the server cancelled it, if it did
-        self._generating = False  # events() has handed it to its worker
+        # Its worker's messages, once start() has handed it to its worker, and the task that
+        # reads the first of them (it runs while the request's row is being written).
+        self._messages: AsyncIterator[TextMessage | DoneMessage] | None = None
+        self._first: asyncio.Future[TextMessage | DoneMessage] | None = None
+        self._closing: asyncio.Future[None] | None = None  # abandon()'s, kept until it is done
 
     @property
     def id(self) -> str:
@@ -141,10 +145,11 @@ class Generation:
         return "active" if self.ticket.admitted.done() else "queued"
 
     async def start(self) -> None:
-        """Waits for admission, then for the model (loading it if needed), then for the
-        request's row to be written: what the client is told next (headers with its id) names
-        a request a crash cannot lose. Raises a domain error (ModelDoesNotFit, WorkerError,
-        ...) before any output exists; the request has then ended as failed."""
+        """Waits for admission, then for the model (loading it if needed), then hands the
+        request to its worker and waits for the request's row to be written (its prompt is
+        processed meanwhile): what the client is told next (headers with its id) names a
+        request a crash cannot lose. Raises a domain error (ModelDoesNotFit, WorkerError, ...)
+        before any output exists; the request has then ended as failed."""
         if not await self.ticket.admitted:
             return  # withdrawn while it waited: events() reports it
         self._lifecycle.started(self)
@@ -159,6 +164,10 @@ class Generation:
         except PromptTooLong as exc:
             self._end(self._outcome_now("error", error=str(exc), fault=exc.fault))
             raise
+        if self._cancel_requested:
+            return  # cancelled while its model loaded: events() reports it
+        self._messages = self._worker.generate(self.id, self.params)
+        self._first = asyncio.ensure_future(anext(self._messages))  # sends the command
         await self._wait_for_record()
 
     async def _wait_for_record(self) -> None:
@@ -179,39 +188,48 @@ class Generation:
         refuses (RequestDoesNotFit: it cannot hold its KV cache) raises before any event; one
         that fails raises (a domain error) after the events so far.
         """
-        if self._worker is None or self._cancel_requested:
-            # Cancelled before it reached its worker (while loading its model, say).
+        if self._messages is None:
+            # Never handed to its worker: withdrawn, or cancelled while its model loaded.
             self.abandon()
-        if self._outcome is not None:  # withdrawn while it waited, or just above
+        if self._outcome is not None:
             yield self._done_event(self._outcome)
             return
-        assert self._worker is not None
-        self._generating = True
-        messages = self._worker.generate(self.id, self.params)
+        assert self._messages is not None and self._first is not None
         pieces: list[str] = []
         outcome: Outcome | None = None
         try:
-            async for message in messages:
+            message = await self._first
+            while True:
                 if "text" in message:
                     if self._first_text is None:
                         self._first_text = time.perf_counter()
                     pieces.append(message["text"])
                     yield TextEvent(text=message["text"])
-                else:
-                    if message["max_tokens"] < self.params["max_tokens"]:
-                        self._clipped_to = message["max_tokens"]
-                    outcome = self._outcome_now(
-                        message["finish_reason"], text="".join(pieces),
-                        usage=Usage(**message["usage"]), worker=message["timings"])
-                    yield self._done_event(outcome)
+                    message = await anext(self._messages)
+                    continue
+                if message["max_tokens"] < self.params["max_tokens"]:
+                    self._clipped_to = message["max_tokens"]
+                outcome = self._outcome_now(
+                    message["finish_reason"], text="".join(pieces),
+                    usage=Usage(**message["usage"]), worker=message["timings"])
+                yield self._done_event(outcome)
+                return
         except MlxJupyterError as exc:
             outcome = self._outcome_now("error", text="".join(pieces), error=str(exc),
                                         fault=exc.fault)
             raise
         finally:
-            await messages.aclose()
+            await self._close_messages()
             # Closed before the end: the client went away, and the worker was told.
             self._end(outcome or self._outcome_now("cancelled", text="".join(pieces)))
+
+    async def _close_messages(self) -> None:
+        """Stops reading the worker's messages; one still running is cancelled there."""
+        if self._first is not None and not self._first.done():
+            self._first.cancel()
+            await asyncio.gather(self._first, return_exceptions=True)
+        if self._messages is not None:
+            await self._messages.aclose()
 
     async def result(self) -> GenerationAnswer:
         pieces: list[str] = []
@@ -228,9 +246,10 @@ class Generation:
 
     def abandon(self) -> None:
         """Ends as cancelled a request whose events will not be read (its client went away
-        before the first); it gives its model back. A request its worker runs already ends
-        through `events()` instead."""
-        if self._outcome is None and not self._generating:
+        before the first); it gives its model back, and its worker forgets it."""
+        if self._outcome is None:
+            if self._messages is not None:
+                self._closing = asyncio.ensure_future(self._close_messages())
             self._end(self._outcome_now("cancelled"), model_acquired=self._worker is not None)
 
     def failed(self, exc: MlxJupyterError) -> ErrorEvent:
