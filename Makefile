@@ -70,7 +70,9 @@ bench: setup
 	$(PYTHON) benchmarks/bench_store.py --postgres temp
 	$(PYTHON) benchmarks/bench_models.py
 	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/bench_serving.py
+	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/bench_soak.py --fault-every 0
 	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/bench_soak.py
+	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/bench_load.py
 	$(PYTHON) benchmarks/bench_startup.py
 
 clean:
