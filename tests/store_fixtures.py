@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 from postgres import postgres_server  # noqa: F401  (a fixture, used through getfixturevalue)
 
+from mlx_jupyter.services import BlockingPool
 from mlx_jupyter.store import Store
 
 _database_numbers = itertools.count()
@@ -30,3 +31,15 @@ def store(database_url: str) -> Iterator[Store]:
     """A migrated store on a new database."""
     with Store.open(database_url) as opened:
         yield opened
+
+
+@pytest.fixture
+def pool() -> Iterator[BlockingPool]:
+    """The thread pool a StoreService runs its calls on."""
+    pool = BlockingPool(4)
+    yield pool
+    pool.shutdown()
+
+
+async def nothing_to_prepare(_store: Store) -> None:
+    """A StoreService.open step with nothing to do once the store is open."""

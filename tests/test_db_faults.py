@@ -26,6 +26,7 @@ from model_factory import make_model
 from postgres import PostgresUnavailable, start_postgres
 from sqlalchemy import create_engine, event
 from sqlalchemy import exc as sa_exc
+from store_fixtures import nothing_to_prepare, pool  # noqa: F401  (pool: a fixture)
 from unavailable import unavailable
 
 from mlx_jupyter.services import (
@@ -39,17 +40,6 @@ from mlx_jupyter.store import RequestRecord, RequestStatus, Store
 from mlx_jupyter.store.faults import database_fault
 
 DEADLINE_S = 60.0  # generous: the machine may be busy
-
-
-@pytest.fixture
-def pool():
-    pool = BlockingPool(4)
-    yield pool
-    pool.shutdown()
-
-
-async def nothing_to_prepare(_store) -> None:
-    pass
 
 
 async def until(condition: Callable[[], bool], what: str) -> None:

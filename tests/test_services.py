@@ -5,6 +5,7 @@ import asyncio
 import threading
 
 import pytest
+from store_fixtures import nothing_to_prepare
 
 from mlx_jupyter.services import (
     BlockingPool,
@@ -16,17 +17,6 @@ from mlx_jupyter.services import (
 from mlx_jupyter.store import RequestRecord, RequestStatus
 
 pytest_plugins = ["store_fixtures"]
-
-
-@pytest.fixture
-def pool():
-    pool = BlockingPool(4)
-    yield pool
-    pool.shutdown()
-
-
-async def nothing_to_prepare(_store) -> None:
-    pass
 
 
 async def opened(store, pool) -> StoreService:
