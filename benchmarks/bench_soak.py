@@ -141,16 +141,29 @@ class Faults:
 
     async def kill_worker(self) -> str:
         """SIGKILL to the model's worker once it is loaded (one killed while it loads is a
-        load that failed, not a worker that died under the server)."""
+        load that failed, not a worker that died under the server); done once the server has
+        noticed, so that the next fault does not meet the same death."""
         async with self.unread_or_kill:
-            model = (await self.client.get(f"mlx/api/models/{MODEL}")).json()
-            if model["status"] != "loaded" or not model.get("pid"):
-                return f"no loaded worker to kill ({model['status']})"
+            model = await self.model_when(lambda model: model["status"] == "loaded")
+            if model is None:
+                return "no loaded worker to kill"
             try:
                 os.kill(model["pid"], signal.SIGKILL)
             except ProcessLookupError:
                 return "no loaded worker to kill (it had just exited)"
-            return "killed"
+            noticed = await self.model_when(lambda now: now["pid"] != model["pid"])
+            return "killed" if noticed else "killed, but the server did not notice within 60 s"
+
+    async def model_when(self, condition: Callable[[dict], bool],
+                         seconds: float = 60) -> dict | None:
+        """The model's description once it meets condition; None if it did not in time."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            model = (await self.client.get(f"mlx/api/models/{MODEL}")).json()
+            if condition(model):
+                return model
+            await asyncio.sleep(0.1)
+        return None
 
     async def cancel_mid_stream(self) -> str:
         async with self.client.stream("POST", "mlx/api/generate",
