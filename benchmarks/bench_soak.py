@@ -271,11 +271,12 @@ def fault_plan(requests: int, every: int) -> list[tuple[str, int | str]]:
     return plan
 
 
-def peak_rss(pid: int) -> int:
-    """The highest resident memory a process has had (Linux's VmHWM); 0 where unknown."""
+def proc_status_bytes(pid: int, field: str) -> int:
+    """A size of Linux's /proc/PID/status: VmHWM (the highest resident memory the process has
+    had), RssAnon (its resident heap and stacks, without mapped files); 0 where unknown."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -293,7 +294,8 @@ def worker_figures(model: dict) -> dict:
     try:
         worker = psutil.Process(model["pid"]) if model.get("pid") else None
         if worker is not None:
-            return {"worker_rss": worker.memory_info().rss, "worker_peak": peak_rss(worker.pid),
+            return {"worker_rss": worker.memory_info().rss,
+                    "worker_peak": proc_status_bytes(worker.pid, "VmHWM"),
                     "worker_fds": worker.num_fds(), "worker_threads": worker.num_threads()}
     except psutil.NoSuchProcess:
         pass
@@ -304,10 +306,14 @@ def sample(server, done: int) -> dict:
     headers = {"Authorization": f"token {server.token}"}
     model = httpx.get(f"{server.url}mlx/api/models/{MODEL}", headers=headers, timeout=30).json()
     metrics = httpx.get(f"{server.url}mlx/metrics", headers=headers, timeout=30).text
+    database = httpx.get(f"{server.url}mlx/api/database", headers=headers, timeout=30).json()
     server_process = psutil.Process(server.process.pid)
     live = model["live"] or {}
     return {"requests": done,
             "server_rss": server_process.memory_info().rss,
+            # SQLite maps its file (mmap_size): those pages count in RSS, not in the heap.
+            "server_heap": proc_status_bytes(server_process.pid, "RssAnon"),
+            "database": (database["size_bytes"] or 0) + (database["wal_size_bytes"] or 0),
             "server_fds": server_process.num_fds(), "server_threads": server_process.num_threads(),
             **worker_figures(model),
             "prompt_cache": live.get("prompt_cache_bytes", 0),
@@ -418,7 +424,8 @@ def rows(label: str, samples: list[dict]) -> list[list[object]]:
     out = []
     # The last sample of a count wins: the one taken once the load had ended.
     for s in {s["requests"]: s for s in samples}.values():
-        out.append([label, s["requests"], mib(s["server_rss"]), mib(s["worker_rss"]),
+        out.append([label, s["requests"], mib(s["server_rss"]), mib(s["server_heap"]),
+                    mib(s["database"]), mib(s["worker_rss"]),
                     mib(s["worker_peak"]), mib(s["footprint"]["total_bytes"]),
                     mib(s["prompt_cache"]), s["entries"], mib(s["mlx_active"]),
                     mib(s["mlx_cache"]), s["server_fds"], s["server_threads"],
@@ -463,7 +470,8 @@ def main() -> None:
                               args.fault_every)
                    for label, extra in runs.items()}
 
-    headers = ["run", "requests", "server RSS MiB", "worker RSS MiB", "worker peak MiB",
+    headers = ["run", "requests", "server RSS MiB", "server heap MiB", "database MiB",
+               "worker RSS MiB", "worker peak MiB",
                "estimate MiB", "prompt cache MiB",
                "entries", "MLX active MiB", "MLX cache MiB", "server fds", "server threads",
                "worker fds", "worker threads", "trims", "worker starts", "faults_total"]
@@ -480,6 +488,7 @@ def main() -> None:
                         last["worker_rss"] / MIB, grown / MIB, bound / MIB,
                         "yes" if grown <= bound else "NO",
                         (last["server_rss"] - warm["server_rss"]) / MIB,
+                        (last["server_heap"] - warm["server_heap"]) / MIB,
                         f"{warm['server_fds']} → {last['server_fds']}",
                         f"{warm['server_threads']} → {last['server_threads']}",
                         ", ".join(f"{what}: {n}" for what, n in sorted(soak.answers.items()))])
@@ -489,6 +498,7 @@ def main() -> None:
     body = (table(headers, body_rows) + "\n\n" + table(
         ["run", "requests", "faults", "seconds", "requests/s", "worker RSS after warm-up MiB",
          "worker RSS at end MiB", "growth MiB", "bound MiB", "within", "server growth MiB",
+         "server heap growth MiB",
          "server fds", "server threads", "the load's answers"],
         summary) + "\n\n" + table(
         ["run", "fault", "injected", "what came of it", "faults_total over the run"], faults)
