@@ -382,8 +382,11 @@ def test_db_pool_pre_ping_decides_whether_a_dropped_connection_fails_a_request(t
         assert server.request("GET", "mlx/api/requests").status_code == 200
         assert backends(url, terminate=True)  # as a restarted database server would
         first = server.request("GET", "mlx/api/requests")
-        # Checked before use, a dead connection is replaced; unchecked, it fails a request.
-        assert first.status_code == (200 if pre_ping else 500), first.text
+        # Checked before use, a dead connection is replaced; unchecked, it fails a request,
+        # as a database that stopped answering (503, saying so).
+        assert first.status_code == (200 if pre_ping else 503), first.text
+        if not pre_ping:
+            assert first.json()["reason"] == "DatabaseNotAnswering"
         assert server.request("GET", "mlx/api/requests").status_code == 200  # and then it is
     finally:
         stop_server(server)
