@@ -234,15 +234,24 @@ def idle_connections(server: LiveServer, count: int) -> Iterator[list[socket.soc
 def accepted(server: LiveServer, ports: set[int]) -> int:
     """How many connections from these client ports the server process holds the other end
     of (Linux: its sockets' inodes, found in /proc/net/tcp), not merely queued by the kernel."""
-    fds = f"/proc/{server.process.pid}/fd"
-    held = {link[len("socket:["):-1] for link in (os.readlink(f"{fds}/{fd}")
-                                                   for fd in os.listdir(fds))
+    held = {link[len("socket:["):-1] for link in _fd_links(server.process.pid)
             if link.startswith("socket:[")}
     port = address(server)[1]
     with open("/proc/net/tcp") as table:
         rows = [line.split() for line in table.readlines()[1:]]
     return sum(1 for row in rows if int(row[1].split(":")[1], 16) == port
                and int(row[2].split(":")[1], 16) in ports and row[9] in held)
+
+
+def _fd_links(pid: int) -> list[str]:
+    """What a process's descriptors point at; one closed while they are read is skipped."""
+    fds, links = f"/proc/{pid}/fd", []
+    for fd in os.listdir(fds):
+        try:
+            links.append(os.readlink(f"{fds}/{fd}"))
+        except FileNotFoundError:
+            pass
+    return links
 
 
 def wait_until_accepted(server: LiveServer, ports: set[int], done: Callable[[int], bool],
