@@ -5,7 +5,7 @@ Nothing here imports jupyter_server or mlx: kernels stay light. The magics modul
 """
 
 from .aclient import AsyncClient, AsyncEventStream
-from .client import Client, EventStream, GenerationResult
+from .client import Client, EventStream
 from .discovery import ServerInfo, find_server
 from .errors import (
     AuthenticationError,
@@ -19,12 +19,15 @@ from .errors import (
     RequestNotFound,
     ServerError,
     ServerNotFound,
+    StructuredOutputError,
 )
+from .http import Choice, GenerationResult
 
 __all__ = [
     "AsyncClient",
     "AsyncEventStream",
     "AuthenticationError",
+    "Choice",
     "Client",
     "Conflict",
     "ConnectionFailed",
@@ -39,5 +42,6 @@ __all__ = [
     "ServerError",
     "ServerInfo",
     "ServerNotFound",
+    "StructuredOutputError",
     "find_server",
 ]

@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 from .errors import InvalidRequest, ModelNotFound, NotFound, RequestNotFound, ServerError
 from .http import GenerationResult, one_line, result_from_json
+from .structured import Structured, resolve
 
 GENERATE_PATH = "mlx/api/generate"
 STATUS_PATH = "mlx/api/status"
@@ -85,14 +86,26 @@ def set_setting(key: str, value: Any) -> Call:
 
 
 def generate(prompt: str | None, *, model: str | None, messages: Sequence[Message] | None,
-             stream: bool = False, background: bool = False, **options: Any) -> Call:
+             stream: bool = False, background: bool = False, schema: Any = None,
+             **options: Any) -> Call:
+    """`schema`: a pydantic model class, a dataclass, a TypedDict or a JSON-schema dict (see
+    `structured`); the JSON schema is sent, and the answer's `parsed` is validated into it."""
+    structured = None if schema is None else resolve(schema)
     body = generate_body(prompt, model=model, messages=messages, stream=stream,
-                         background=background, **options)
+                         background=background,
+                         schema=structured.json_schema if structured else None, **options)
     if background:
         return Call("POST", GENERATE_PATH, json=body, not_found=ModelNotFound,
                     read=lambda answer: str(answer["request_id"]))
     return Call("POST", GENERATE_PATH, json=body, not_found=ModelNotFound, stream=stream,
-                read=lambda answer: result_from_json(answer, model or ""))
+                read=lambda answer: structured_result(result_from_json(answer, model or ""),
+                                                      structured))
+
+
+def structured_result(result: GenerationResult, structured: Structured | None
+                      ) -> GenerationResult:
+    """The result with `parsed` validated into the schema, if one was given."""
+    return result if structured is None else structured.apply(result)
 
 
 def generate_body(prompt: str | None, *, model: str | None, messages: Sequence[Message] | None,

@@ -29,6 +29,7 @@ from .calls import Call, Message
 from .discovery import TOKEN_ENV, ServerInfo, find_server
 from .errors import InvalidRequest
 from .http import DEFAULT_TIMEOUT, GenerationResult, StreamReader, json_object, raise_for_status
+from .structured import resolve
 
 T = TypeVar("T")
 
@@ -62,7 +63,7 @@ class StreamBase:
         self._closed = False
         self._lock = threading.Lock()  # close() may come from another thread
         model = call.json.get("model") if isinstance(call.json, dict) else None
-        self._reader = StreamReader(model, response.headers.get("X-Request-Id"))
+        self._reader = StreamReader(call.read, model, response.headers.get("X-Request-Id"))
         self.model: str = self._reader.model
         self.request_id: str | None = self._reader.request_id
 
@@ -74,6 +75,11 @@ class StreamBase:
     def text(self) -> str:
         """The text received so far."""
         return self._reader.text
+
+    @property
+    def reasoning(self) -> str:
+        """The reasoning received so far (what the model thinks before it answers)."""
+        return self._reader.reasoning
 
     @property
     def result(self) -> GenerationResult | None:
@@ -212,14 +218,22 @@ class Methods:
     def generate(self, prompt: str | None = None, *, model: str | None = None,
                  messages: Sequence[Message] | None = None, **options: Any
                  ) -> Plan[GenerationResult]:
-        """A whole answer. Give exactly one of `prompt` or `messages`; options: max_tokens,
-        temperature, top_p, seed, stop, priority, timeout. A model left out is the server's
-        `default_model` setting."""
+        """A whole answer. Give exactly one of `prompt` or `messages` (roles system, user,
+        assistant, tool). A model left out is the server's `default_model` setting.
+
+        Options: max_tokens, temperature, top_p, top_k, min_p, seed, stop, n,
+        repetition_penalty, frequency_penalty, presence_penalty, logit_bias, priority, timeout,
+        chat_template_kwargs; `schema` (a pydantic model class, a dataclass, a TypedDict or a
+        JSON-schema dict: the answer is JSON of it, and `parsed` the validated value, else
+        StructuredOutputError); `logprobs`, `top_logprobs`; `tools`, `tool_choice`,
+        `parallel_tool_calls` (the answer's `tool_calls`). The answer also has `reasoning`
+        and, for n > 1, `choices`."""
         return (yield calls.generate(prompt, model=model, messages=messages, **options))
 
     def chat(self, messages: Sequence[Message], *, model: str | None = None,
              **options: Any) -> Plan[GenerationResult]:
-        """A whole answer to a conversation (the model's chat template applies)."""
+        """A whole answer to a conversation (the model's chat template applies); the options
+        are `generate`'s."""
         return (yield calls.generate(None, model=model, messages=messages, **options))
 
     def stream(self, prompt: str | None = None, *, model: str | None = None,
@@ -227,8 +241,11 @@ class Methods:
                ) -> Plan[StreamBase]:
         """Starts a streaming generation; errors before any output raise here.
 
-        Iterate the returned stream for {"text": ...} events and a final {"done": true, ...}
-        event; `text` is the text so far, `result` the whole result after the final event.
+        Iterate the returned stream for {"text": ...} events (and, as asked, {"reasoning"},
+        {"tool_call"} and {"logprobs"} ones; each says the `index` of its answer when n > 1)
+        and a final {"done": true, ...} event; `text` and `reasoning` are the first answer's
+        so far, `result` the whole result after the final event (the options and the result
+        are `generate`'s; a `schema`'s answer that is not valid raises at the end).
         Use it as a context manager, or close() it (from anywhere), to stop: before the final
         event, the server cancels the generation.
         """
@@ -243,18 +260,22 @@ class Methods:
                                      **options))
 
     def result(self, request_id: str, *, wait: bool = True, timeout: float | None = None,
-               poll_seconds: float = RESULT_POLL_SECONDS) -> Plan[GenerationResult | None]:
+               poll_seconds: float = RESULT_POLL_SECONDS, schema: Any = None
+               ) -> Plan[GenerationResult | None]:
         """The result of a request (a background job); with `wait`, reads it every
         `poll_seconds` until it ends. None if it has not ended (wait=False, or `timeout`
-        seconds passed). ServerError if it failed."""
+        seconds passed). ServerError if it failed. With the `schema` it was submitted with,
+        its `parsed` is the validated value (as `generate` gives)."""
         if not poll_seconds > 0:
             raise InvalidRequest(f"poll_seconds must be more than 0, not {poll_seconds!r}")
+        structured = None if schema is None else resolve(schema)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             result = calls.finished_result((yield calls.request(request_id)))
-            if result is not None or not wait or (
-                    deadline is not None and time.monotonic() >= deadline):
-                return result
+            if result is not None:
+                return calls.structured_result(result, structured)
+            if not wait or (deadline is not None and time.monotonic() >= deadline):
+                return None
             yield Sleep(poll_seconds)
 
 

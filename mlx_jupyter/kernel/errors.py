@@ -6,6 +6,11 @@ Each message is one line that says what is wrong and what to do about it: the
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .http import GenerationResult
+
 
 class MlxError(Exception):
     """Base of every error the client raises on purpose."""
@@ -63,3 +68,14 @@ class QueueFull(MlxError):
 
 class ServerError(MlxError):
     """The server or its model worker failed (HTTP 5xx, or an error event mid-stream)."""
+
+
+class StructuredOutputError(MlxError):
+    """An answer asked for with a `schema` is not a value of it: cut at max_tokens before its
+    JSON ended (`cut`), or not valid for it. `result` holds the answer as it came (`parsed`
+    None), its text included."""
+
+    def __init__(self, message: str, *, result: GenerationResult, cut: bool):
+        super().__init__(message, request_id=result.request_id or None)
+        self.result = result
+        self.cut = cut

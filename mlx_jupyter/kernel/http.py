@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,44 +31,110 @@ from .errors import (
 DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
 
 
+TokenLogprob = dict[str, Any]  # {"token", "logprob", "bytes", "top_logprobs": [...]}
+ToolCall = dict[str, Any]  # {"id", "type": "function", "function": {"name", "arguments"}}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of the `n` answers of a request (`GenerationResult.choices` when n > 1)."""
+
+    index: int
+    text: str
+    finish_reason: str
+    reasoning: str | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    parsed: Any = None  # with `schema`: the validated value
+    parse_error: str | None = None
+
+
 @dataclass(frozen=True)
 class GenerationResult:
     text: str
     request_id: str
     model: str
-    finish_reason: str  # "stop", "length", "cancelled" or "timeout"
+    # "stop", "length", "tool_calls", "cancelled" or "timeout"
+    finish_reason: str
     usage: dict[str, int] = field(default_factory=dict)  # prompt_tokens, completion_tokens
     timings: dict[str, float] = field(default_factory=dict)  # ttft_ms, total_ms, tokens_per_second
     seed: int | None = None  # the seed the server sampled with; None when greedy
     # The max_tokens the model's context left room for, when less than asked.
     max_tokens_clipped_to: int | None = None
+    reasoning: str | None = None  # what the model thought before its answer, if it did
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # with logprobs=True: one per token
+    # With `schema`: the answer as a value of it (a pydantic model's instance, a dataclass's,
+    # a dict for a TypedDict or a JSON-schema dict).
+    parsed: Any = None
+    parse_error: str | None = None  # the server's, when it could not parse the answer
+    choices: list[Choice] | None = None  # n > 1: every answer; the fields above are the first's
 
 
 class StreamReader:
-    """What a stream of NDJSON lines has said so far; `feed` each line in order."""
+    """What a stream of NDJSON lines has said so far; `feed` each line in order.
 
-    def __init__(self, model: str | None, request_id: str | None):
+    Events carry the `index` of the answer they belong to (n > 1); `text` and `reasoning` are
+    the first answer's. The last event, with what was gathered, becomes the answer's JSON as a
+    whole answer has it, which `read` (the call's own) turns into the result.
+    """
+
+    def __init__(self, read: Callable[[dict[str, Any]], GenerationResult], model: str | None,
+                 request_id: str | None):
+        self._read = read
         self.model = model or ""
         self.request_id = request_id
-        self.pieces: list[str] = []
+        self._texts: dict[int, list[str]] = {}
+        self._reasonings: dict[int, list[str]] = {}
+        self._tool_calls: dict[int, list[ToolCall]] = {}
+        self._logprobs: dict[int, list[TokenLogprob]] = {}
         self.result: GenerationResult | None = None
 
     @property
     def text(self) -> str:
-        return "".join(self.pieces)
+        return "".join(self._texts.get(0, ()))
+
+    @property
+    def reasoning(self) -> str:
+        return "".join(self._reasonings.get(0, ()))
 
     def feed(self, line: str) -> dict[str, Any] | None:
-        """The event of a line (None for a blank one); raises ServerError for an error event."""
+        """The event of a line (None for a blank one); raises ServerError for an error event
+        (and, at the end, whatever `read` raises: a schema's answer that is not valid)."""
         if not line.strip():
             return None
         event = parse_event(line)
-        if not event.get("done"):
-            self.pieces.append(str(event.get("text", "")))
+        if event.get("done"):
+            self.result = self._read(self._whole(event))
             return event
-        self.result = result_from_json(
-            {**event, "text": self.text,
-             "request_id": event.get("request_id") or self.request_id or ""}, self.model)
+        index = event.get("index", 0)
+        if not isinstance(index, int):
+            raise ServerError(f"the Jupyter server sent a stream event with a bad index: "
+                              f"{line[:80]!r}")
+        if "text" in event:
+            self._texts.setdefault(index, []).append(str(event["text"]))
+        if "reasoning" in event:
+            self._reasonings.setdefault(index, []).append(str(event["reasoning"]))
+        if isinstance(event.get("tool_call"), dict):
+            self._tool_calls.setdefault(index, []).append(event["tool_call"])
+        if isinstance(event.get("logprobs"), list):
+            self._logprobs.setdefault(index, []).extend(event["logprobs"])
         return event
+
+    def _whole(self, done: dict[str, Any]) -> dict[str, Any]:
+        """The last event with what the stream gathered: a whole answer's JSON."""
+        body = {**done, **self._gathered(0, done),
+                "request_id": done.get("request_id") or self.request_id or ""}
+        if isinstance(done.get("choices"), list):
+            body["choices"] = [{**choice, **self._gathered(choice.get("index", 0), choice)}
+                               for choice in done["choices"] if isinstance(choice, dict)]
+        return body
+
+    def _gathered(self, index: int, said: dict[str, Any]) -> dict[str, Any]:
+        reasoning = "".join(self._reasonings.get(index, ())) or said.get("reasoning")
+        return {"text": "".join(self._texts.get(index, ())), "reasoning": reasoning,
+                "tool_calls": self._tool_calls.get(index) or said.get("tool_calls") or [],
+                "logprobs": self._logprobs.get(index) or said.get("logprobs")}
 
     @staticmethod
     def cut_short() -> ConnectionFailed:
@@ -177,12 +243,27 @@ def result_from_json(body: dict[str, Any], model: str) -> GenerationResult:
         where = f" (request {request_id})" if request_id else ""
         raise ServerError(f"generation failed: {message}; see the Jupyter server log{where}",
                           request_id=request_id)
+    choices = body.get("choices")
     return GenerationResult(
         text=str(body.get("text", "")), request_id=str(body.get("request_id", "")),
         model=str(body.get("model") or model),
         finish_reason=str(body.get("finish_reason", "stop")),
         usage=body.get("usage") or {}, timings=body.get("timings") or {}, seed=body.get("seed"),
-        max_tokens_clipped_to=body.get("max_tokens_clipped_to"))
+        max_tokens_clipped_to=body.get("max_tokens_clipped_to"),
+        reasoning=body.get("reasoning") or None, tool_calls=list(body.get("tool_calls") or []),
+        logprobs=body.get("logprobs"), parsed=body.get("parsed"),
+        parse_error=body.get("parse_error"),
+        choices=[_choice(choice, body) for choice in choices if isinstance(choice, dict)]
+        if isinstance(choices, list) and choices else None)
+
+
+def _choice(choice: dict[str, Any], body: dict[str, Any]) -> Choice:
+    return Choice(
+        index=int(choice.get("index", 0)), text=str(choice.get("text") or ""),
+        finish_reason=str(choice.get("finish_reason") or body.get("finish_reason", "stop")),
+        reasoning=choice.get("reasoning") or None,
+        tool_calls=list(choice.get("tool_calls") or []), logprobs=choice.get("logprobs"),
+        parsed=choice.get("parsed"), parse_error=choice.get("parse_error"))
 
 
 def one_line(text: str) -> str:
