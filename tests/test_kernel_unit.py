@@ -858,3 +858,213 @@ def test_the_kernel_side_stays_light():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip() == "[]"
+
+
+# -- structured output, logprobs, reasoning, tools, n (the fake server speaks the contract) ----
+
+
+def person_model() -> type:
+    import pydantic
+
+    class Person(pydantic.BaseModel):
+        name: str
+        age: int
+
+    return Person
+
+
+def whole_answer(text: str, **fields: Any) -> dict[str, Any]:
+    return {"request_id": "r1", "model": "demo", "text": text, "finish_reason": "stop",
+            "usage": {"prompt_tokens": 2, "completion_tokens": 5},
+            "timings": {"tokens_per_second": 20.0}, **fields}
+
+
+def test_a_schema_is_sent_as_json_schema_and_parsed_is_validated(fake_server: FakeServer,
+                                                                  client: Any):
+    from mlx_jupyter.kernel import StructuredOutputError
+
+    person = person_model()
+    fake_server.routes[GENERATE] = json_reply(200, whole_answer(
+        '{"name": "Ada", "age": 36}', parsed={"name": "Ada", "age": 36}))
+    result = client.generate("Invent a person.", model="demo", schema=person)
+    assert fake_server.generate_bodies()[0]["schema"] == person.model_json_schema()
+    assert isinstance(result.parsed, person) and result.parsed.age == 36
+    fake_server.routes[GENERATE] = json_reply(200, whole_answer('{"name": "Ada"}'))
+    with pytest.raises(StructuredOutputError, match="not a valid Person: age: Field required"
+                       ) as failed:
+        client.generate("Invent a person.", model="demo", schema=person)
+    assert failed.value.result.text == '{"name": "Ada"}'
+    with pytest.raises(InvalidRequest, match="schema is an instance of Person"):
+        client.generate("x", schema=person(name="a", age=1))
+    assert len(fake_server.generate_bodies()) == 2  # a bad schema is not sent
+
+
+def test_the_new_options_pass_through_and_the_answer_exposes_their_fields(
+        fake_server: FakeServer, client: Any):
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
+    token = {"token": "Hi", "logprob": -0.1, "bytes": [72, 105], "top_logprobs": []}
+    fake_server.routes[GENERATE] = json_reply(200, whole_answer(
+        "Hi", finish_reason="tool_calls", reasoning="They want weather.", tool_calls=[call],
+        logprobs=[token], choices=[
+            {"index": 0, "text": "Hi", "reasoning": "They want weather.",
+             "tool_calls": [call], "logprobs": [token], "finish_reason": "tool_calls"},
+            {"index": 1, "text": "Hello", "finish_reason": "stop"}]))
+    tools = [{"type": "function", "function": {
+        "name": "weather", "parameters": {"type": "object",
+                                          "properties": {"city": {"type": "string"}}}}}]
+    options = {"tools": tools, "tool_choice": "auto", "parallel_tool_calls": False,
+               "logprobs": True, "top_logprobs": 2, "n": 2, "top_k": 40, "min_p": 0.05,
+               "repetition_penalty": 1.1, "frequency_penalty": 0.5, "presence_penalty": -0.5,
+               "logit_bias": {"17": -100}, "chat_template_kwargs": {"enable_thinking": False}}
+    result = client.chat([{"role": "user", "content": "Weather in Oslo?"}], model="demo",
+                         **options)
+    body = fake_server.generate_bodies()[0]
+    assert {key: body[key] for key in options} == options
+    assert (result.finish_reason, result.reasoning, result.tool_calls, result.logprobs) == \
+        ("tool_calls", "They want weather.", [call], [token])
+    assert [(c.index, c.text, c.finish_reason, c.tool_calls) for c in result.choices] == \
+        [(0, "Hi", "tool_calls", [call]), (1, "Hello", "stop", [])]
+
+
+def test_a_stream_gathers_reasoning_tool_calls_logprobs_and_choices(fake_server: FakeServer,
+                                                                    client: Any):
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    tokens = [{"token": "A", "logprob": -0.5, "bytes": [65], "top_logprobs": []},
+              {"token": "b", "logprob": -1.0, "bytes": [98], "top_logprobs": []}]
+    fake_server.routes[GENERATE] = ndjson_reply([
+        {"reasoning": "Hmm", "index": 0}, {"reasoning": ", yes.", "index": 0},
+        {"text": "A", "index": 0}, {"logprobs": tokens[:1], "index": 0},
+        {"text": "X", "index": 1}, {"text": "b", "index": 0},
+        {"logprobs": tokens[1:], "index": 0}, {"tool_call": call, "index": 1},
+        {**done_event("stop", 2), "choices": [
+            {"index": 0, "finish_reason": "stop"},
+            {"index": 1, "finish_reason": "tool_calls"}]}])
+    with client.stream("Hi", model="demo", n=2, logprobs=True) as events:
+        received = list(events)
+        assert events.text == "Ab" and events.reasoning == "Hmm, yes."
+    # Iteration yields every event, as before: the text pieces read as they always did.
+    assert "".join(e.get("text", "") for e in received if e.get("index") == 0) == "Ab"
+    result = events.result
+    assert (result.text, result.reasoning, result.logprobs, result.tool_calls) == \
+        ("Ab", "Hmm, yes.", tokens, [])
+    assert [(c.text, c.finish_reason, c.tool_calls, c.logprobs) for c in result.choices] == \
+        [("Ab", "stop", [], tokens), ("X", "tool_calls", [call], None)]
+
+
+def test_a_streamed_schema_answer_is_validated_at_the_end(fake_server: FakeServer,
+                                                          client: Any):
+    from mlx_jupyter.kernel import StructuredOutputError
+
+    person = person_model()
+    fake_server.routes[GENERATE] = ndjson_reply([
+        {"text": '{"name": "Ada", '}, {"text": '"age": 3}'},
+        {**done_event(), "parsed": {"name": "Ada", "age": 3}}])
+    with client.stream("Hi", schema=person) as events:
+        pieces = [e["text"] for e in events if "text" in e]
+    assert "".join(pieces) == '{"name": "Ada", "age": 3}'
+    assert events.result.parsed == person(name="Ada", age=3)
+    fake_server.routes[GENERATE] = ndjson_reply([
+        {"text": '{"name": "Ad'},
+        {**done_event("length", 4), "parsed": None, "parse_error": "unexpected end"}])
+    with client.stream("Hi", schema=person) as events:
+        with pytest.raises(StructuredOutputError, match="cut at max_tokens \\(4 tokens\\)"):
+            list(events)
+    assert events.text == '{"name": "Ad'
+
+
+def test_a_jobs_result_is_validated_with_its_schema(fake_server: FakeServer, client: Any):
+    person = person_model()
+    fake_server.routes["mlx/api/requests/j1"] = json_reply(200, {
+        "id": "j1", "status": "completed", "model": "demo", "finish_reason": "stop",
+        "output_text": '{"name": "Bo", "age": 5}', "parameters": {}})
+    assert client.result("j1", schema=person).parsed == person(name="Bo", age=5)
+    assert client.result("j1").parsed is None
+
+
+def define_person(kernel: Kernel) -> None:
+    assert kernel.run("import pydantic\n"
+                      "class Person(pydantic.BaseModel):\n"
+                      "    name: str\n"
+                      "    age: int\n").status == "ok"
+
+
+def test_a_schema_cell_stores_the_instance_and_shows_pretty_json(mlx: Kernel,
+                                                                 fake_server: FakeServer):
+    define_person(mlx)
+    fake_server.routes[GENERATE] = ndjson_reply([
+        {"text": '{"name":"Ada",'}, {"text": '"age":36}'}, done_event("stop", 9)])
+    output = mlx.run("%%mlx --schema Person -o who\nInvent a person.")
+    assert_no_traceback(output)
+    assert output.stderr == ""
+    [body] = fake_server.generate_bodies()
+    check = mlx.run("import json\n"
+                    "print(type(who).__name__, who.name, who.age, "
+                    f"Person.model_json_schema() == json.loads({json.dumps(json.dumps(body['schema']))}))")
+    assert check.stdout.strip() == "Person Ada 36 True"
+    final = output.displays[-2]["content"]["data"]
+    assert final["text/plain"] == '{\n  "name": "Ada",\n  "age": 36\n}'
+    assert final["text/markdown"].startswith("```json\n{")
+    assert output.displays[-2]["content"]["metadata"]["mlx_jupyter"]["schema"] == "Person"
+
+
+@pytest.mark.parametrize(("cell", "says"), [
+    ("%%mlx --schema Nobody\nHi", "--schema Nobody: the notebook has no variable 'Nobody'"),
+    ("%%mlx --schema pydantic.Nothing\nHi", "pydantic has no attribute 'Nothing'"),
+    ("%%mlx --schema json\nHi", "--schema json is <module 'json'"),
+])
+def test_a_schema_name_that_is_not_one_is_one_red_line(mlx: Kernel, fake_server: FakeServer,
+                                                       cell: str, says: str):
+    mlx.run("import json, pydantic")
+    output = mlx.run(cell)
+    assert_no_traceback(output)
+    assert says in one_red_line(output)
+    assert fake_server.requests == []
+
+
+def test_a_schema_answer_cut_short_says_to_raise_max_tokens(mlx: Kernel,
+                                                            fake_server: FakeServer):
+    define_person(mlx)
+    fake_server.routes[GENERATE] = json_reply(200, whole_answer(
+        '{"name": "A', finish_reason="length", parsed=None, parse_error="unexpected end"))
+    output = mlx.run("%%mlx --schema Person --no-stream --max-tokens 5 -o cut\nHi")
+    assert_no_traceback(output)
+    assert ("the answer was cut at --max-tokens (5 tokens) before its JSON was complete; "
+            "raise --max-tokens") in one_red_line(output)
+    assert output.displays[-1]["content"]["data"]["text/plain"] == '{"name": "A'
+    assert mlx.run("print('cut' in dir())").stdout.strip() == "False"
+
+
+def test_a_logprobs_cell_shows_one_shaded_span_per_token(mlx: Kernel,
+                                                         fake_server: FakeServer):
+    tokens = [{"token": "<b>", "logprob": -0.01, "bytes": [], "top_logprobs": [
+        {"token": "<b>", "logprob": -0.01, "bytes": []}]},
+        {"token": "ok", "logprob": -2.0, "bytes": [], "top_logprobs": []}]
+    fake_server.routes[GENERATE] = ndjson_reply([
+        {"text": "<b>"}, {"logprobs": tokens[:1]}, {"text": "ok"}, {"logprobs": tokens[1:]},
+        done_event("stop", 2)])
+    output = mlx.run("%%mlx --logprobs --top-logprobs 3\nHi")
+    assert_no_traceback(output)
+    body = fake_server.generate_bodies()[0]
+    assert (body["logprobs"], body["top_logprobs"]) == (True, 3)
+    final = output.displays[-2]["content"]["data"]
+    assert final["text/plain"] == "<b>ok"
+    assert final["text/html"].count("<span class='mlx-token'") == 2
+    assert "&lt;b&gt;" in final["text/html"] and "<b>" not in final["text/html"]
+
+
+def test_reasoning_is_shown_folded_above_the_answer(mlx: Kernel, fake_server: FakeServer):
+    fake_server.routes[GENERATE] = ndjson_reply([
+        {"reasoning": "The user "}, {"reasoning": "greets."}, {"text": "Hello!"},
+        done_event("stop", 2)])
+    output = mlx.run("%%mlx\nHi")
+    assert_no_traceback(output)
+    first = output.displays[0]
+    assert first["content"]["data"]["text/html"].startswith("<details open>")
+    reasoning_id = first["content"]["transient"]["display_id"]
+    ours = [d for d in output.displays if d["content"]["transient"].get("display_id")
+            == reasoning_id]
+    assert ours[-1]["content"]["data"]["text/html"] == (
+        "<details><summary>Reasoning</summary><div style='white-space:pre-wrap;"
+        "opacity:0.75'>The user greets.</div></details>")
+    assert output.markdown_updates()[-2][1] == "Hello!"

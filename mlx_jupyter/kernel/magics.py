@@ -10,6 +10,7 @@ Errors are shown as one red line, never as a traceback, and do not raise.
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import sys
 from typing import Any
@@ -19,12 +20,20 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.display import display
 from traitlets import Bool, Enum, Float, Int, Unicode
 
-from ..limits import MODEL_ACTIONS
+from ..limits import MAX_PENALTY, MAX_REPETITION_PENALTY, MODEL_ACTIONS
 from . import render
 from .client import Client, EventStream
-from .errors import AuthenticationError, ConnectionFailed, MlxError, ServerNotFound
+from .errors import (
+    AuthenticationError,
+    ConnectionFailed,
+    InvalidRequest,
+    MlxError,
+    ServerNotFound,
+    StructuredOutputError,
+)
 from .http import GenerationResult
-from .options import FORMATS, USAGE, CellRequest, parse_cell
+from .options import DEFAULT_TOP_LOGPROBS, FORMATS, USAGE, CellRequest, parse_cell
+from .structured import Structured, cut_message, resolve
 
 COMMANDS = """\
 %mlx list                  the models the server knows
@@ -40,17 +49,29 @@ COMMANDS = """\
 
 HELP = f"""\
 {USAGE}
-    Sends the cell to MODEL (default: the server's default model) and streams the answer.
+    Sends the cell to MODEL (default: the server's default model) and streams the answer;
+    what the model thinks first (its reasoning) is shown folded away above it.
     -f, --format F     markdown (default), text, code (also put in a new cell below),
                        html, json, math
     --max-tokens N     most tokens to generate
     --temperature F    sampling temperature (0 = greedy)
     --top-p F          nucleus sampling threshold
+    --top-k N          sample among the N likeliest tokens (0: all)
+    --min-p F          drop tokens less likely than F times the likeliest one
+    --repetition-penalty F
+                       above 1 discourages repeating recent tokens (at most {MAX_REPETITION_PENALTY:g})
+    --frequency-penalty F, --presence-penalty F
+                       from -{MAX_PENALTY:g} to {MAX_PENALTY:g}, as OpenAI defines them
     --seed N           random seed, for reproducible sampling (without it, the server picks
                        one and the output's metadata records it)
     --stop S           stop at S (repeatable)
     --system TEXT      a system message before the cell
     --priority N       higher runs first when the server is busy
+    --schema NAME      answer in JSON valid for NAME (a pydantic model class, a dataclass,
+                       a TypedDict or a JSON-schema dict of the notebook), checked, shown
+                       pretty-printed; -o VAR gets the value (a NAME instance, or a dict)
+    --logprobs         show each token shaded by its probability, its likeliest
+                       alternatives on hover (--top-logprobs K of them, default {DEFAULT_TOP_LOGPROBS})
     -o, --output VAR   also store the answer's text in VAR
     --chat [NAME]      continue the conversation NAME (default "default")
     --no-stream        show the answer only once it is complete
@@ -117,15 +138,26 @@ class MlxMagics(Magics):
         namespace = self.shell.user_ns if self.shell is not None and self.interpolate else None
         request = self._with_defaults(parse_cell(line, cell, self.default_model, namespace,
                                                  default_format=self.default_format))
+        structured = self._structured(request)
         messages = self._conversation_messages(request)
         output = self._new_output(request.format)
-        text, result, request_id = (_stream_to if request.stream else _generate_to)(
-            output, self.client(), request, messages)
-        bundle, problem = render.final_bundle(text, request.format)
+        options = request.options if structured is None else \
+            {**request.options, "schema": structured}
+        try:
+            text, result, request_id = (_stream_to if request.stream else _generate_to)(
+                output, self.client(), request, messages, options)
+        except StructuredOutputError as exc:
+            if exc.cut:
+                raise MlxError(cut_message(exc.result, option="--max-tokens")) from None
+            raise
         if result is None:  # interrupted: show what came, keep nothing
+            bundle, _ = render.final_bundle(text, request.format)
             output.finish(bundle, f"{request.model or 'mlx'} · cancelled",
                           _metadata(request, result, request_id))
             return
+        if result.reasoning:
+            output.reason(result.reasoning, done=True)
+        bundle, problem = _final_bundle(request, result, structured)
         output.finish(bundle, render.footer(request.model or "", result),
                       _metadata(request, result))
         if problem:
@@ -134,9 +166,29 @@ class MlxMagics(Magics):
             self.conversations[request.chat] = [*messages, {"role": "assistant",
                                                             "content": text}]
         if request.output is not None:
-            self.shell.user_ns[request.output] = text
+            self.shell.user_ns[request.output] = text if structured is None else result.parsed
         if request.format == "code" and text and self.shell is not None:
             self.shell.set_next_input(render.code_of(text), replace=False)
+
+    def _structured(self, request: CellRequest) -> Structured | None:
+        """The schema --schema names, from the notebook's namespace."""
+        if request.schema is None:
+            return None
+        namespace = self.shell.user_ns if self.shell is not None else {}
+        first, *attributes = request.schema.split(".")
+        if first not in namespace:
+            raise UsageError(f"--schema {request.schema}: the notebook has no variable "
+                             f"{first!r}; define the schema (e.g. a pydantic model) first")
+        value, path = namespace[first], first
+        for attribute in attributes:
+            if not hasattr(value, attribute):
+                raise UsageError(f"--schema {request.schema}: {path} has no attribute "
+                                 f"{attribute!r}")
+            value, path = getattr(value, attribute), f"{path}.{attribute}"
+        try:
+            return resolve(value, what=request.schema)
+        except InvalidRequest as exc:
+            raise UsageError(f"--schema {exc}") from None
 
     def _with_defaults(self, request: CellRequest) -> CellRequest:
         options = dict(request.options)
@@ -147,8 +199,7 @@ class MlxMagics(Magics):
         messages = request.messages
         if self.system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
-        return CellRequest(request.model, messages, options, request.stream, request.format,
-                           request.output, request.chat)
+        return dataclasses.replace(request, messages=messages, options=options)
 
     def _conversation_messages(self, request: CellRequest) -> list[dict[str, str]]:
         """The messages to send: the named conversation so far, then this cell's."""
@@ -288,11 +339,13 @@ _Answer = tuple[str, GenerationResult | None, str | None]
 
 
 def _stream_to(output: render.Output, client: Client, request: CellRequest,
-               messages: list[dict[str, str]]) -> _Answer:
+               messages: list[dict[str, str]], options: dict[str, Any]) -> _Answer:
     events: EventStream | None = None
     try:
-        events = client.stream(model=request.model, messages=messages, **request.options)
+        events = client.stream(model=request.model, messages=messages, **options)
         for event in events:
+            if "reasoning" in event:
+                output.reason(events.reasoning)
             if "text" in event:
                 output.update(events.text)
         result = events.result
@@ -303,6 +356,7 @@ def _stream_to(output: render.Output, client: Client, request: CellRequest,
         return events.text, None, events.request_id  # the id came with the headers
     except MlxError:
         if events is not None:  # keep what arrived before the error
+            output.reason(events.reasoning, done=True)
             output.finish({"text/plain": events.text, "text/markdown": events.text}, None)
         raise
     finally:
@@ -311,14 +365,34 @@ def _stream_to(output: render.Output, client: Client, request: CellRequest,
 
 
 def _generate_to(output: render.Output, client: Client, request: CellRequest,
-                 messages: list[dict[str, str]]) -> _Answer:
+                 messages: list[dict[str, str]], options: dict[str, Any]) -> _Answer:
     try:
-        result = client.generate(model=request.model, messages=messages, **request.options)
+        result = client.generate(model=request.model, messages=messages, **options)
     except KeyboardInterrupt:
         # httpx drops the connection on the way out, which cancels the request. A whole
         # answer has no headers before it, so its id is not known here.
         return "", None, None
+    except StructuredOutputError as exc:  # show the answer that is not valid
+        if exc.result.reasoning:
+            output.reason(exc.result.reasoning, done=True)
+        output.finish({"text/plain": exc.result.text}, None)
+        raise
     return result.text, result, result.request_id
+
+
+def _final_bundle(request: CellRequest, result: GenerationResult,
+                  structured: Structured | None) -> tuple[dict[str, Any], str | None]:
+    """The answer as the cell shows it at the end, and a problem to report, if any: its
+    tokens shaded by probability (--logprobs), its value as JSON (--schema), or its format."""
+    if request.logprobs:
+        if result.logprobs:
+            return render.logprobs_bundle(result.text, result.logprobs), None
+        if result.text:
+            bundle, _ = render.final_bundle(result.text, "text")
+            return bundle, "the server sent no logprobs with this answer"
+    if structured is not None:
+        return render.json_bundle(structured.to_json(result.parsed)), None
+    return render.final_bundle(result.text, request.format)
 
 
 def _metadata(request: CellRequest, result: GenerationResult | None,
@@ -328,7 +402,7 @@ def _metadata(request: CellRequest, result: GenerationResult | None,
     return {"mlx_jupyter": {
         "model": (result.model if result else None) or request.model,
         "request_id": result.request_id if result else request_id,
-        "parameters": request.options,
+        "parameters": request.options, "schema": request.schema,
         "seed": result.seed if result else request.options.get("seed"),
         "format": request.format, "chat": request.chat,
         "finish_reason": result.finish_reason if result else "cancelled",

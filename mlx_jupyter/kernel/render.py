@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import re
 import sys
 import time
@@ -27,7 +28,11 @@ class Output(Protocol):
     def update(self, text: str) -> None:
         """Shows the text so far; may skip updates that come too fast."""
 
-    def finish(self, bundle: dict[str, str], footer: str | None,
+    def reason(self, reasoning: str, done: bool = False) -> None:
+        """Shows what the model thought so far, before its answer; folded away once done.
+        May skip updates that come too fast, but not the one that is done."""
+
+    def finish(self, bundle: dict[str, Any], footer: str | None,
                metadata: dict[str, Any] | None = None) -> None:
         """Shows the final answer (a MIME bundle), then the footer line if any."""
 
@@ -42,6 +47,8 @@ class LiveDisplay:
         self._interval = 1.0 / updates_per_second
         self._last_update = float("-inf")
         self._display_id: str | None = None
+        self._last_reasoning = float("-inf")
+        self._reasoning_id: str | None = None  # a display of its own, above the answer's
 
     def update(self, text: str) -> None:
         now = time.monotonic()
@@ -49,7 +56,18 @@ class LiveDisplay:
             self._last_update = now
             self._show({self._mime: text, "text/plain": text})
 
-    def finish(self, bundle: dict[str, str], footer: str | None,
+    def reason(self, reasoning: str, done: bool = False) -> None:
+        now = time.monotonic()
+        if not reasoning or (not done and now - self._last_reasoning < self._interval):
+            return
+        self._last_reasoning = now
+        bundle = reasoning_bundle(reasoning, folded=done)
+        if self._reasoning_id is None:
+            self._reasoning_id = display(bundle, raw=True, display_id=True).display_id
+        else:
+            update_display(bundle, raw=True, display_id=self._reasoning_id)
+
+    def finish(self, bundle: dict[str, Any], footer: str | None,
                metadata: dict[str, Any] | None = None) -> None:
         if bundle.get("text/plain") or self._display_id is not None:
             self._show(bundle, metadata)
@@ -58,7 +76,7 @@ class LiveDisplay:
             display({"text/markdown": f"<sub>{html.escape(footer)}</sub>",
                      "text/plain": footer}, raw=True, metadata=metadata)
 
-    def _show(self, bundle: dict[str, str], metadata: dict[str, Any] | None = None) -> None:
+    def _show(self, bundle: dict[str, Any], metadata: dict[str, Any] | None = None) -> None:
         if self._display_id is None:
             handle = display(bundle, raw=True, display_id=True, metadata=metadata)
             self._display_id = handle.display_id
@@ -70,14 +88,37 @@ class PlainText:
     """Prints the text as it grows, for terminal IPython."""
 
     def __init__(self) -> None:
-        self._printed = 0
+        self._printed = ""
+        self._reasoned = 0  # characters of reasoning printed; -1 once closed by a blank line
 
     def update(self, text: str) -> None:
-        sys.stdout.write(text[self._printed:])
+        if text == self._printed:
+            return
+        self._end_reasoning()
+        # The final form of an answer may differ from what streamed (pretty-printed JSON):
+        # then it is printed whole, on a line of its own.
+        grown = text.startswith(self._printed)
+        sys.stdout.write(text[len(self._printed):] if grown else f"\n{text}")
         sys.stdout.flush()
-        self._printed = len(text)
+        self._printed = text
 
-    def finish(self, bundle: dict[str, str], footer: str | None,
+    def reason(self, reasoning: str, done: bool = False) -> None:
+        if self._reasoned < 0 or self._printed:
+            return  # the answer has begun: its reasoning was printed before it
+        if not self._reasoned and reasoning:
+            sys.stdout.write("Reasoning: ")
+        sys.stdout.write(reasoning[self._reasoned:])
+        sys.stdout.flush()
+        self._reasoned = len(reasoning)
+        if done:
+            self._end_reasoning()
+
+    def _end_reasoning(self) -> None:
+        if self._reasoned > 0:
+            sys.stdout.write("\n\n")
+        self._reasoned = -1
+
+    def finish(self, bundle: dict[str, Any], footer: str | None,
                metadata: dict[str, Any] | None = None) -> None:
         self.update(bundle.get("text/plain", ""))
         if self._printed:
@@ -110,6 +151,77 @@ def final_bundle(text: str, answer_format: str) -> tuple[dict[str, str], str | N
         except ValueError as exc:
             return bundle, f"the answer is not valid JSON ({exc})"
     return bundle, None
+
+
+def json_bundle(value: Any) -> dict[str, str]:
+    """A structured answer's value (JSON-able), pretty-printed: highlighted in notebooks."""
+    pretty = json.dumps(value, indent=2, ensure_ascii=False)
+    return {"text/plain": pretty, "text/markdown": f"```json\n{pretty}\n```"}
+
+
+def reasoning_bundle(reasoning: str, *, folded: bool = True) -> dict[str, str]:
+    """What a model thought before its answer: a "Reasoning" fold (open while it streams)."""
+    opened = "" if folded else " open"
+    return {"text/plain": f"Reasoning: {reasoning}",
+            "text/html": f"<details{opened}><summary>Reasoning</summary>"
+                         f"<div style='white-space:pre-wrap;opacity:0.75'>"
+                         f"{html.escape(reasoning)}</div></details>"}
+
+
+def logprobs_bundle(text: str, logprobs: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """The answer with each token shaded by its probability (HTML), and as text."""
+    return {"text/plain": text, "text/html": logprobs_html(logprobs)}
+
+
+def logprobs_html(logprobs: Sequence[Mapping[str, Any]]) -> str:
+    """One span per token, its background from red (improbable) through yellow to green
+    (certain), its title the token's probability and its top alternatives'."""
+    spans = "".join(_token_span(entry) for entry in logprobs)
+    return ("<div class='mlx-logprobs' style='white-space:pre-wrap;line-height:1.7;"
+            "font-family:var(--jp-code-font-family,monospace)'>" + spans + "</div>")
+
+
+def probability(logprob: object) -> float | None:
+    """exp(logprob), within [0, 1]; None for what is not a number."""
+    if not isinstance(logprob, int | float) or isinstance(logprob, bool) or \
+            math.isnan(logprob):
+        return None
+    return min(1.0, max(0.0, math.exp(min(float(logprob), 0.0))))
+
+
+def shade(p: float | None) -> str:
+    """The background of a token of probability p: hue 0 (red) at 0 to 120 (green) at 1."""
+    if p is None:
+        return "transparent"
+    return f"hsl({round(120 * p)},85%,82%)"
+
+
+def percent(p: float | None) -> str:
+    if p is None:
+        return "?"
+    if p == 0 or p >= 0.001:
+        return f"{p:.1%}"
+    return f"{p * 100:.2g}%"
+
+
+def _token_span(entry: Mapping[str, Any]) -> str:
+    token = str(entry.get("token", ""))
+    p = probability(entry.get("logprob"))
+    lines = [f"{_shown(token)}  {percent(p)}"]
+    alternatives = [alt for alt in entry.get("top_logprobs") or () if isinstance(alt, Mapping)]
+    if alternatives:
+        lines.append("top:")
+        lines += [f"  {_shown(str(alt.get('token', '')))}  "
+                  f"{percent(probability(alt.get('logprob')))}" for alt in alternatives]
+    data = "" if p is None else f" data-p='{p:.4f}'"
+    return (f"<span class='mlx-token'{data} title='{html.escape(chr(10).join(lines))}' "
+            f"style='background-color:{shade(p)};color:#111;border-radius:2px'>"
+            f"{html.escape(token)}</span>")
+
+
+def _shown(token: str) -> str:
+    """A token as the tooltip names it: quoted, its spaces and newlines visible."""
+    return json.dumps(token, ensure_ascii=False)
 
 
 def code_of(text: str) -> str:
