@@ -14,6 +14,7 @@ import math
 import pytest
 
 from mlx_jupyter.engine.context import certain_refusal, context_length
+from mlx_jupyter.engine.protocol import PARAM_DEFAULTS
 
 DEMO_CONTEXT = 256  # the bundled model's max_position_embeddings
 LONG = "the sea and the wind and the rain " * 200  # 6,800 bytes: certainly over 256 tokens
@@ -35,8 +36,8 @@ def post(server, route, body):
 
 
 def params(prompt=None, messages=None):
-    return {"prompt": prompt, "messages": messages, "max_tokens": 1, "temperature": 0.0,
-            "top_p": 1.0, "seed": None, "stop": []}
+    return {**PARAM_DEFAULTS, "prompt": prompt, "messages": messages, "max_tokens": 1,
+            "temperature": 0.0, "top_p": 1.0, "seed": None, "stop": []}
 
 
 @pytest.mark.parametrize(("prompt", "context", "token_bytes", "refused"), [

@@ -130,12 +130,26 @@ def test_text_completion_whole_and_streamed(client, live_server):
 
 
 @pytest.mark.parametrize(("change", "param", "says"), [
-    ({"n": 2}, "n", "only n=1"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role", "role"),
+    ({"n": 9}, "n", "less than or equal to 8"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0", "tool_call_id"),
     ({"temperature": 5}, "temperature", "less than or equal to 2"),
-    ({"frequency_penalty": 0.5}, None, "frequency_penalty is not supported"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, None, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format", "only response_format"),
+    ({"frequency_penalty": 2.5}, "frequency_penalty", "less than or equal to 2"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice",
+     "'g', which is not among the tools (f)"),
+    ({"tools": [{"type": "function", "function": {"name": "f",
+                                                  "parameters": {"type": "string"}}}]},
+     "tools.0.function.parameters", "an object schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "not": {"required": ["a"]}}}}},
+     "response_format.json_schema.schema", 'cannot be enforced: Unimplemented keys: ["not"]'),
+    ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "thing"}}}},
+     "response_format.json_schema.schema", "not a valid JSON schema"),
+    ({"top_logprobs": 3}, "top_logprobs", "needs logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
+    ({"messages": [{"role": "user", "content": "x", "surprise": 1}]},
+     "messages.0.surprise", "unknown field"),
     ({"stop": ["ok", ""]}, "stop.1", "must not be empty"),
 ])
 def test_bad_chat_requests_are_400s_in_openai_shape(client, change, param, says):

@@ -10,6 +10,7 @@ import time
 import pytest
 from tornado.httpclient import HTTPClientError
 
+from mlx_jupyter.engine.protocol import PARAM_DEFAULTS
 from mlx_jupyter.queue import Admission, Ticket
 
 BODY = {"model": "demo", "prompt": "The sea", "max_tokens": 4, "temperature": 0}
@@ -236,8 +237,8 @@ async def test_a_request_whose_model_fails_to_start_for_any_reason_still_ends():
 
     admission = Admission(max_active_per_model=1, aging_seconds=30.0)
     lifecycle = _Lifecycle(admission)
-    params = {"prompt": "x", "messages": None, "max_tokens": 1, "temperature": 0.0,
-              "top_p": 1.0, "seed": None, "stop": []}
+    params = {**PARAM_DEFAULTS, "prompt": "x", "messages": None, "max_tokens": 1,
+              "temperature": 0.0, "top_p": 1.0, "seed": None, "stop": []}
     first, second = Ticket("first", "m", 0), Ticket("second", "m", 0)
     generation = Generation(first, params, workers=_Unstartable(), lifecycle=lifecycle)
     admission.enqueue(first)

@@ -25,7 +25,16 @@ from tornado.iostream import StreamClosedError
 
 from .._version import __version__
 from ..contracts.errors import ErrorAnswer
-from ..contracts.generation import DoneEvent, ErrorEvent, GenerationAnswer, TextEvent
+from ..contracts.generation import (
+    DoneEvent,
+    ErrorEvent,
+    GenerationAnswer,
+    LogprobsEvent,
+    OutputEvent,
+    ReasoningEvent,
+    TextEvent,
+    ToolCallEvent,
+)
 from ..contracts.models import ForgottenModel, ModelDescription, ModelList
 from ..contracts.requests import Accepted, Cancellation, HistoryPage, QueueSnapshot, RequestDetail
 from ..contracts.settings import Setting, Settings
@@ -241,8 +250,12 @@ class NdjsonRenderer:
     def whole(self, result: GenerationAnswer) -> dict[str, Any]:
         return result.model_dump(mode="json")
 
-    def event(self, event: TextEvent | DoneEvent) -> str:
-        return event.model_dump_json() + "\n"
+    def event(self, event: OutputEvent | DoneEvent) -> str:
+        if isinstance(event, DoneEvent):
+            return event.model_dump_json() + "\n"
+        # An output event names its answer's index only past the first: {"text": ...} alone
+        # for a request of one answer.
+        return event.model_dump_json(exclude_defaults=True) + "\n"
 
     def error(self, generation: Generation, exc: MlxJupyterError) -> str:
         return generation.failed(exc).model_dump_json() + "\n"
@@ -377,8 +390,11 @@ class GenerateHandler(GenerationHandler):
                body=GenerateRequest, answer=GenerationAnswer,
                description="the answer (stream false), or its events (stream true)",
                headers=REQUEST_ID,
-               streams=(Stream(NDJSON, "stream true: text events, then the end (or an error)",
-                               (TextEvent, DoneEvent, ErrorEvent)),),
+               streams=(Stream(NDJSON, "stream true: output events (text, and thinking, tool "
+                                       "calls, log-probabilities where asked for), then the "
+                                       "end (or an error)",
+                               (TextEvent, ReasoningEvent, ToolCallEvent, LogprobsEvent,
+                                DoneEvent, ErrorEvent)),),
                also=((202, "background true: recorded and queued", Accepted),),
                errors=(404, 409, 429, 503))
     @endpoint

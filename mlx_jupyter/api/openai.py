@@ -8,6 +8,7 @@ the field, so a client never silently gets something other than what it asked fo
 
 from __future__ import annotations
 
+import collections
 import time
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -15,7 +16,19 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .._version import __version__
 from ..contracts.errors import OpenAIErrorAnswer, OpenAIErrorDetail
-from ..contracts.generation import DoneEvent, GenerationAnswer, TextEvent, Usage
+from ..contracts.generation import (
+    Choice,
+    ChoiceEnd,
+    DoneEvent,
+    GenerationAnswer,
+    LogprobsEvent,
+    OutputEvent,
+    ReasoningEvent,
+    TextEvent,
+    TokenLogprob,
+    ToolCallEvent,
+    Usage,
+)
 from ..contracts.openai import (
     AssistantMessage,
     ChatChoice,
@@ -23,21 +36,41 @@ from ..contracts.openai import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatDelta,
+    ChatLogprobs,
+    LegacyLogprobs,
     OpenAIUsage,
     PromptTokensDetails,
+    StreamedToolCall,
     TextChoice,
     TextCompletion,
     TextCompletionChunk,
 )
 from ..errors import MlxJupyterError
 from ..limits import (
+    MAX_LEGACY_LOGPROBS,
     MAX_MESSAGES,
     MAX_MODEL_NAME_CHARS,
     MAX_NOTEBOOK_CHARS,
     MAX_PROMPT_CHARS,
     MAX_TEMPERATURE,
+    MAX_TOOLS,
 )
-from .schemas import Integer, MaxTokens, Priority, Seed, Stops
+from .schemas import (
+    INTEGRAL,
+    CacheControl,
+    Integer,
+    JsonSchema,
+    MaxTokens,
+    Priority,
+    Sampling,
+    Seed,
+    Stops,
+    ToolCallIn,
+    ToolUse,
+    check_message,
+    ignored,
+    message_for_queue,
+)
 
 # Finish reasons of our own that OpenAI does not define keep their names ("cancelled",
 # "timeout"): clients treat an unknown reason as the end of the answer.
@@ -66,29 +99,38 @@ PromptText = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
 class TextPart(_OpenAIBody):
     type: Literal["text"]
     text: str = Field(max_length=MAX_PROMPT_CHARS)
+    cache_control: CacheControl = None
 
 
 class Message(_OpenAIBody):
     # "developer" is OpenAI's newer name for "system".
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] = Field(max_length=MAX_PROMPT_CHARS)
-    name: str | None = Field(None, max_length=MAX_MODEL_NAME_CHARS)  # accepted; chat templates do not use it
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = Field(max_length=MAX_PROMPT_CHARS)
+    name: str | None = Field(None, max_length=MAX_MODEL_NAME_CHARS)  # a tool's; else unused
+    tool_calls: list[ToolCallIn] | None = Field(None, max_length=MAX_TOOLS)
+    tool_call_id: str | None = Field(None, max_length=MAX_MODEL_NAME_CHARS)
+    cache_control: CacheControl = None
 
-    def text(self) -> str:
-        if isinstance(self.content, str):
+    @model_validator(mode="after")
+    def _shape(self) -> Message:
+        check_message(self.role, self.content, self.tool_calls, self.tool_call_id)
+        return self
+
+    def text(self) -> str | None:
+        if self.content is None or isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
 
-    def for_queue(self) -> dict[str, str]:
-        return {"role": "system" if self.role == "developer" else self.role,
-                "content": self.text()}
+    def for_queue(self) -> dict[str, Any]:
+        return message_for_queue("system" if self.role == "developer" else self.role,
+                                 self.text(), self.tool_calls, self.tool_call_id, self.name)
 
 
 class StreamOptions(_OpenAIBody):
     include_usage: bool = False
 
 
-class _Completion(_OpenAIBody):
+class _Completion(Sampling):
     """What chat and text completions share."""
 
     model: str | None = Field(None, min_length=1, max_length=MAX_MODEL_NAME_CHARS)
@@ -100,28 +142,13 @@ class _Completion(_OpenAIBody):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=MAX_NOTEBOOK_CHARS)  # recorded as the request's notebook
-    n: Integer | None = Field(1, json_schema_extra={"enum": [1, None]})
     priority: Priority = 0  # our extension: higher first
-    # Accepted at their neutral values only.
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    logprobs: Any = None
-    top_logprobs: Integer | None = None
-    metadata: dict[str, str] | None = None  # accepted and ignored
-    store: bool | None = None  # accepted and ignored: everything is recorded anyway
-    service_tier: str | None = None  # accepted and ignored
+    metadata: dict[str, str] | None = ignored("metadata")
+    store: bool | None = ignored("store")
+    service_tier: str | None = ignored("service_tier")
 
-    NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "frequency_penalty": (None, 0), "presence_penalty": (None, 0),
-        "logit_bias": (None, {}), "logprobs": (None, False, 0), "top_logprobs": (None, 0)}
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, value: int | None) -> int | None:
-        if value not in (None, 1):
-            raise ValueError("only n=1 is supported: one choice per request")
-        return value
+    # Fields OpenAI defines that have no meaning here: accepted at their neutral value only.
+    NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {}
 
     @model_validator(mode="after")
     def _neutral_values(self) -> _Completion:
@@ -143,36 +170,60 @@ class _Completion(_OpenAIBody):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling(self) -> dict[str, Any]:
+    def basics(self) -> dict[str, Any]:
         return {"model": self.model, "max_tokens": self.max_tokens,
                 "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
                 "stop": self.stop or []}
 
 
-class ChatCompletionRequest(_Completion):
+class JsonSchemaFormat(_OpenAIBody):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    schema_: JsonSchema | None = Field(None, alias="schema",
+                                       description="left out: any JSON object")
+    strict: bool | None = Field(None, description="the answer is always enforced to match")
+
+
+class ResponseFormat(_OpenAIBody):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema comes with type \"json_schema\", and only with it")
+        return self
+
+    def answer_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the answer must match; None: free text."""
+        if self.type == "json_object":
+            return {"type": "object"}
+        if self.json_schema is not None:
+            return self.json_schema.schema_ or {"type": "object"}
+        return None
+
+
+class ChatCompletionRequest(_Completion, ToolUse):
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: MaxTokens | None = None
-    response_format: dict[str, Any] | None = Field(None, json_schema_extra={
-        "required": ["type"], "properties": {"type": {"const": "text"}}})
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    parallel_tool_calls: bool | None = None  # accepted and ignored
+    response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
 
-    NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {
-        **_Completion.NEUTRAL, "tools": (None, []), "tool_choice": (None, "none")}
+    @model_validator(mode="after")
+    def _across_fields(self) -> ChatCompletionRequest:
+        self._check_sampling(bool(self.logprobs))
+        self._check_tools(self._schema())
+        return self
 
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value.get("type") != "text":
-            raise ValueError("only response_format {\"type\": \"text\"} is supported")
-        return value
+    def _schema(self) -> dict[str, Any] | None:
+        return self.response_format.answer_schema() if self.response_format else None
 
     def queue_params(self) -> dict[str, Any]:
-        params = self.sampling()
+        params = self.basics()
         if self.max_completion_tokens is not None:
             params["max_tokens"] = self.max_completion_tokens
-        return {**params, "messages": [message.for_queue() for message in self.messages]}
+        return {**params, "messages": [message.for_queue() for message in self.messages],
+                **self.sampling_params(bool(self.logprobs)), **self.tool_params(self._schema())}
 
 
 class CompletionRequest(_Completion):
@@ -180,9 +231,11 @@ class CompletionRequest(_Completion):
     echo: bool = False
     suffix: str | None = None
     best_of: Integer | None = None
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LEGACY_LOGPROBS), INTEGRAL] | None = Field(
+        None, description="the log-probabilities of each token and of this many rivals")
 
     NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {
-        **_Completion.NEUTRAL, "echo": (False,), "suffix": (None, ""), "best_of": (None, 1)}
+        "echo": (False,), "suffix": (None, ""), "best_of": (None, 1), "top_logprobs": (None,)}
 
     @field_validator("prompt")
     @classmethod
@@ -190,7 +243,8 @@ class CompletionRequest(_Completion):
         return value[0] if isinstance(value, list) else value
 
     def queue_params(self) -> dict[str, Any]:
-        return {**self.sampling(), "prompt": self.prompt}
+        return {**self.basics(), "prompt": self.prompt,
+                **self.sampling_params(False), "logprobs": self.logprobs}
 
 
 # -- answers ------------------------------------------------------------------------------
@@ -205,7 +259,7 @@ def usage(counts: Usage) -> OpenAIUsage:
 
 class _Renderer:
     """Answers of one request (contracts.openai), whole or as server-sent events ending with
-    [DONE].
+    [DONE]; one choice per answer (n).
 
     `seed` is our extension: the seed sampling used (the server picks one when the request
     gives none; null at temperature 0), in the whole answer and in the chunks that end it."""
@@ -225,22 +279,31 @@ class _Renderer:
         self.request_id, self.model = generation.id, generation.model
 
     # What differs between chat and text completions.
-    def choice(self, text: str | None, finish_reason: str | None, *, whole: bool) -> Any:
+    def whole_choice(self, answer: Choice) -> Any:
+        raise NotImplementedError
+
+    def delta_choice(self, event: OutputEvent) -> Any:
+        raise NotImplementedError
+
+    def end_choice(self, index: int, finish_reason: str) -> Any:
         raise NotImplementedError
 
     def whole(self, result: GenerationAnswer) -> ChatCompletion | TextCompletion:
+        answers = result.choices or [Choice(
+            index=0, text=result.text, reasoning=result.reasoning, tool_calls=result.tool_calls,
+            logprobs=result.logprobs, finish_reason=result.finish_reason)]
         return self.whole_answer(
             **self._head(result.request_id, result.model), object=self.object_name,
-            choices=[self.choice(result.text, result.finish_reason, whole=True)],
+            choices=[self.whole_choice(answer) for answer in answers],
             usage=usage(result.usage), seed=result.seed)
 
-    def event(self, event: TextEvent | DoneEvent) -> str:
+    def event(self, event: OutputEvent | DoneEvent) -> str:
         head = {**self._head(self.request_id, self.model), "object": self.chunk_object_name}
-        if isinstance(event, TextEvent):
-            return self._sse(self.chunk(**head, choices=[
-                self.choice(event.text, None, whole=False)]))
+        if not isinstance(event, DoneEvent):
+            return self._sse(self.chunk(**head, choices=[self.delta_choice(event)]))
+        ends = event.choices or [ChoiceEnd(index=0, finish_reason=event.finish_reason)]
         out = self._sse(self.chunk(**head, seed=event.seed, choices=[
-            self.choice(None, event.finish_reason, whole=False)]))
+            self.end_choice(end.index, end.finish_reason) for end in ends]))
         if self.include_usage:  # OpenAI's last chunk: no choices, the usage
             out += self._sse(self.chunk(**head, choices=[], usage=usage(event.usage),
                                         seed=event.seed))
@@ -267,20 +330,46 @@ class ChatRenderer(_Renderer):
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
     id_prefix = "chatcmpl"
-    _sent_role = False
 
-    def choice(self, text: str | None, finish_reason: str | None, *,
-               whole: bool) -> ChatChoice | ChatChunkChoice:
-        if whole:
-            return ChatChoice(index=0, message=AssistantMessage(role="assistant", content=text),
-                              finish_reason=finish_reason, logprobs=None)
+    def __init__(self, include_usage: bool = False):
+        super().__init__(include_usage)
+        self._started: set[int] = set()  # the answers whose first delta went out
+        self._calls: collections.Counter[int] = collections.Counter()  # calls per answer
+
+    def whole_choice(self, answer: Choice) -> ChatChoice:
+        message = AssistantMessage(
+            role="assistant", content=answer.text or (None if answer.tool_calls else ""),
+            tool_calls=answer.tool_calls or None, reasoning_content=answer.reasoning)
+        return ChatChoice(index=answer.index, message=message,
+                          finish_reason=answer.finish_reason,
+                          logprobs=None if answer.logprobs is None
+                          else ChatLogprobs(content=answer.logprobs))
+
+    def delta_choice(self, event: OutputEvent) -> ChatChunkChoice:
+        delta, logprobs = self._delta(event.index), None
+        if isinstance(event, TextEvent):
+            delta.content = event.text
+        elif isinstance(event, ReasoningEvent):
+            delta.reasoning_content = event.reasoning
+        elif isinstance(event, ToolCallEvent):
+            delta.tool_calls = [StreamedToolCall(index=self._calls[event.index],
+                                                 **event.tool_call.model_dump())]
+            self._calls[event.index] += 1
+        else:
+            logprobs = ChatLogprobs(content=event.logprobs)
+        return ChatChunkChoice(index=event.index, delta=delta, finish_reason=None,
+                               logprobs=logprobs)
+
+    def end_choice(self, index: int, finish_reason: str) -> ChatChunkChoice:
+        return ChatChunkChoice(index=index, delta=self._delta(index),
+                               finish_reason=finish_reason, logprobs=None)
+
+    def _delta(self, index: int) -> ChatDelta:
         delta = ChatDelta()
-        if not self._sent_role:  # OpenAI's first delta names the role
+        if index not in self._started:  # OpenAI's first delta of an answer names the role
             delta.role = "assistant"
-            self._sent_role = True
-        if text is not None:
-            delta.content = text
-        return ChatChunkChoice(index=0, delta=delta, finish_reason=finish_reason, logprobs=None)
+            self._started.add(index)
+        return delta
 
 
 class CompletionRenderer(_Renderer):
@@ -288,8 +377,39 @@ class CompletionRenderer(_Renderer):
     object_name = chunk_object_name = "text_completion"
     id_prefix = "cmpl"
 
-    def choice(self, text: str | None, finish_reason: str | None, *, whole: bool) -> TextChoice:
-        return TextChoice(index=0, text=text or "", finish_reason=finish_reason, logprobs=None)
+    def __init__(self, include_usage: bool = False):
+        super().__init__(include_usage)
+        self._offsets: collections.Counter[int] = collections.Counter()  # text per answer
+
+    def whole_choice(self, answer: Choice) -> TextChoice:
+        return TextChoice(index=answer.index, text=answer.text,
+                          finish_reason=answer.finish_reason,
+                          logprobs=None if answer.logprobs is None
+                          else self._legacy(answer.index, answer.logprobs))
+
+    def delta_choice(self, event: OutputEvent) -> TextChoice:
+        if isinstance(event, LogprobsEvent):
+            return TextChoice(index=event.index, text="", finish_reason=None,
+                              logprobs=self._legacy(event.index, event.logprobs))
+        text = event.text if isinstance(event, TextEvent) else ""
+        return TextChoice(index=event.index, text=text, finish_reason=None, logprobs=None)
+
+    def end_choice(self, index: int, finish_reason: str) -> TextChoice:
+        return TextChoice(index=index, text="", finish_reason=finish_reason, logprobs=None)
+
+    def _legacy(self, index: int, entries: list[TokenLogprob]) -> LegacyLogprobs:
+        """OpenAI's legacy columns; text_offset counts the answer's characters before each
+        token."""
+        offsets = []
+        for entry in entries:
+            offsets.append(self._offsets[index])
+            self._offsets[index] += len(entry.token)
+        return LegacyLogprobs(
+            tokens=[entry.token for entry in entries],
+            token_logprobs=[entry.logprob for entry in entries],
+            top_logprobs=[{rival.token: rival.logprob for rival in entry.top_logprobs}
+                          for entry in entries],
+            text_offset=offsets)
 
 
 def error_body(status: int, message: str, reason: str | None = None,

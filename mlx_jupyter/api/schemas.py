@@ -22,19 +22,27 @@ from pydantic_core import PydanticCustomError
 from ..contracts.requests import RequestStatusName
 from ..errors import BadBody, InvalidRequest
 from ..limits import (
+    MAX_CHOICES,
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_ENTRIES,
     MAX_MESSAGES,
     MAX_MODEL_NAME_CHARS,
     MAX_NOTEBOOK_CHARS,
     MAX_PATH_CHARS,
+    MAX_PENALTY,
     MAX_PRIORITY,
     MAX_PROMPT_CHARS,
+    MAX_REPETITION_PENALTY,
     MAX_SEED,
     MAX_STOP_STRINGS,
     MAX_TEMPERATURE,
     MAX_TIMEOUT_SECONDS,
     MAX_TOKENS,
+    MAX_TOOLS,
+    MAX_TOP_LOGPROBS,
     MIN_PRIORITY,
 )
+from ..engine.grammar.constraints import check_parameters, check_schema
 from ..models.registry import NAME_PATTERN
 
 
@@ -98,12 +106,198 @@ def one_of(*fields: str) -> dict[str, Any]:
                       for name in fields]}
 
 
+# Fields clients add that do not change the answer: accepted and ignored, each named here (and
+# in the README), so that every other unknown field is still refused and nothing a client asks
+# for is silently dropped.
+ACCEPTED_AND_IGNORED = {
+    "cache_control": "a prompt-caching hint on a message or content part (litellm, jupyter-ai "
+                     "add it): this server caches every prompt's prefix by itself",
+    "metadata": "OpenAI's tags for its dashboard",
+    "store": "OpenAI's opt-in to keep the answer: every request is recorded here anyway",
+    "service_tier": "OpenAI's processing tier",
+}
+
+
+def ignored(name: str) -> Any:
+    """The declaration of a field in ACCEPTED_AND_IGNORED."""
+    return Field(None, description=f"accepted and ignored: {ACCEPTED_AND_IGNORED[name]}")
+
+
+CacheControl = Annotated[dict[str, Any] | None, ignored("cache_control")]
+FUNCTION_NAME = r"^[A-Za-z0-9_.:-]{1,64}$"
+
+
+def _parameters(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if value is None else check_parameters(value)
+
+
+JsonSchema = Annotated[dict[str, Any], AfterValidator(check_schema)]
+
+
+class FunctionDefinition(_Body):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    parameters: Annotated[dict[str, Any] | None, AfterValidator(_parameters)] = Field(
+        None, description="a JSON schema of an object; left out: no arguments")
+    strict: bool | None = Field(None, description="calls are always enforced to match the "
+                                                  "parameters when forced (tool_choice "
+                                                  "required or named)")
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Body):
+    name: str = Field(pattern=FUNCTION_NAME)
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class FunctionCallIn(_Body):
+    name: str = Field(pattern=FUNCTION_NAME)
+    arguments: str = Field(max_length=MAX_PROMPT_CHARS, description="JSON text")
+
+
+class ToolCallIn(_Body):
+    id: str = Field(max_length=MAX_MODEL_NAME_CHARS)
+    type: Literal["function"]
+    function: FunctionCallIn
+
+
 class ChatMessage(_Body):
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=MAX_PROMPT_CHARS)
+    """A message: system, user, assistant (which may carry the tool calls it made, its content
+    then null) or tool (a call's result, naming the call)."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = Field(max_length=MAX_PROMPT_CHARS)
+    tool_calls: list[ToolCallIn] | None = Field(None, max_length=MAX_TOOLS)
+    tool_call_id: str | None = Field(None, max_length=MAX_MODEL_NAME_CHARS)
+    name: str | None = Field(None, max_length=MAX_MODEL_NAME_CHARS)
+    cache_control: CacheControl = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> ChatMessage:
+        check_message(self.role, self.content, self.tool_calls, self.tool_call_id)
+        return self
+
+    def for_queue(self) -> dict[str, Any]:
+        return message_for_queue(self.role, self.content, self.tool_calls, self.tool_call_id,
+                                 self.name)
 
 
-class GenerateRequest(_Body):
+def check_message(role: str, content: Any, tool_calls: list[Any] | None,
+                  tool_call_id: str | None) -> None:
+    if tool_calls and role != "assistant":
+        raise ValueError("only an assistant message carries tool_calls")
+    if content is None and not (role == "assistant" and tool_calls):
+        raise ValueError("content is null only in an assistant message with tool_calls")
+    if (role == "tool") != (tool_call_id is not None):
+        raise ValueError("a tool message, and only a tool message, names its tool_call_id")
+
+
+def message_for_queue(role: str, content: str | None, tool_calls: list[ToolCallIn] | None,
+                      tool_call_id: str | None, name: str | None) -> dict[str, Any]:
+    """A message as the worker's chat template gets it."""
+    message: dict[str, Any] = {"role": role, "content": content}
+    if tool_calls:
+        message["tool_calls"] = [call.model_dump() for call in tool_calls]
+    if tool_call_id is not None:
+        message["tool_call_id"] = tool_call_id
+        if name is not None:
+            message["name"] = name
+    return message
+
+
+class Sampling(_Body):
+    """What native and OpenAI requests share beyond the basics: answers, sampling, penalties,
+    log-probabilities."""
+
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES), INTEGRAL] | None = Field(
+        None, description="answers to generate (each takes a batch slot; each from the seed "
+                          "plus its index)")
+    top_k: Annotated[int, Field(ge=0), INTEGRAL] | None = Field(
+        None, description="sample from the k likeliest tokens only; 0: off")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="drop tokens less likely "
+                                                                  "than this times the "
+                                                                  "likeliest; 0: off")
+    repetition_penalty: float | None = Field(
+        None, gt=0.0, le=MAX_REPETITION_PENALTY,
+        description="divide the logits of recent tokens by this (1: off)")
+    frequency_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    presence_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")],
+                     Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = \
+        Field(None, max_length=MAX_LOGIT_BIAS_ENTRIES,
+              description="token id -> a value added to its logit")
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS), INTEGRAL] | None = Field(
+        None, description="with logprobs: the likeliest rivals of each token")
+    def _check_sampling(self, logprobs: bool) -> None:
+        """The rules across fields (InvalidRequest, naming the field: it passes through
+        pydantic's validation untouched)."""
+        if self.top_logprobs and not logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs", param="top_logprobs")
+
+    def sampling_params(self, logprobs: bool) -> dict[str, Any]:
+        """The queue's fields for these (None: left out, the worker's neutral value)."""
+        return {
+            "n": self.n or 1, "top_k": self.top_k or 0, "min_p": self.min_p or 0.0,
+            "repetition_penalty": self.repetition_penalty,
+            "frequency_penalty": self.frequency_penalty or 0.0,
+            "presence_penalty": self.presence_penalty or 0.0,
+            "logit_bias": self.logit_bias or {},
+            "logprobs": (self.top_logprobs or 0) if logprobs else None}
+
+
+class ToolUse(_Body):
+    """What chat requests (native and OpenAI) add: tools, and the chat template's options."""
+
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = Field(
+        None, description="none, auto (the default with tools), required (at least one call, "
+                          "enforced), or a named function (one call of it, enforced)")
+    parallel_tool_calls: bool | None = Field(
+        None, description="required: the answer may make several calls (the default)")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="passed to the chat template (e.g. enable_thinking)")
+
+    def _check_tools(self, schema: dict[str, Any] | None) -> None:
+        names = [tool.function.name for tool in self.tools or ()]
+        if len(set(names)) < len(names):
+            raise InvalidRequest("tools: two functions have the same name", param="tools")
+        if isinstance(self.tool_choice, NamedToolChoice) \
+                and self.tool_choice.function.name not in names:
+            raise InvalidRequest(
+                f"tool_choice names the function {self.tool_choice.function.name!r}, which is "
+                f"not among the tools ({', '.join(names) or 'none given'})",
+                param="tool_choice")
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise InvalidRequest("tool_choice asks for a call, and no tools are given",
+                                 param="tool_choice")
+        if schema is not None and self.tools and self.tool_choice != "none":
+            raise InvalidRequest("give a schema or tools, not both: an answer is either JSON "
+                                 "for the schema or tool calls", param="tools")
+
+    def tool_params(self, schema: dict[str, Any] | None) -> dict[str, Any]:
+        """The queue's fields for the schema and tools (resolved there into a constraint)."""
+        choice = self.tool_choice
+        return {
+            "schema": schema,
+            "tools": [tool.model_dump(exclude_none=True) for tool in self.tools or ()] or None,
+            "tool_choice": choice.model_dump() if isinstance(choice, NamedToolChoice)
+            else choice,
+            "parallel_tool_calls": self.parallel_tool_calls is not False,
+            "chat_template_kwargs": self.chat_template_kwargs or {}}
+
+
+class GenerateRequest(Sampling, ToolUse):
     # model, max_tokens, temperature and top_p left out (or null) take the stored settings'
     # defaults (default_model, default_max_tokens, ...).
     model_config = ConfigDict(json_schema_extra={
@@ -124,6 +318,10 @@ class GenerateRequest(_Body):
     timeout: float | None = Field(None, gt=0, le=MAX_TIMEOUT_SECONDS)  # seconds from submit to the end
     background: bool = False  # answer 202 at once; the result is read from the history
     notebook: str | None = Field(None, max_length=MAX_NOTEBOOK_CHARS)  # the kernel's JPY_SESSION_NAME
+    schema_: JsonSchema | None = Field(
+        None, alias="schema", description="a JSON schema: the answer is JSON valid for it, "
+                                          "enforced token by token ({}: any JSON value)")
+    logprobs: bool = Field(False, description="each answer token's log-probability")
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> GenerateRequest:
@@ -131,13 +329,21 @@ class GenerateRequest(_Body):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
         if self.background and self.stream:
             raise ValueError("a background request is not streamed: leave out 'stream'")
+        if self.tools and self.prompt is not None:
+            raise InvalidRequest("tools go through the chat template: give messages, not a "
+                                 "prompt", param="tools")
+        self._check_sampling(self.logprobs)
+        self._check_tools(self.schema_)
         return self
 
     def queue_params(self) -> dict[str, object]:
         """What the queue needs: the model and what its worker generates with."""
-        return {**self.model_dump(include={"model", "prompt", "messages", "max_tokens",
-                                           "temperature", "top_p", "seed"}),
-                "stop": self.stop}
+        return {**self.model_dump(include={"model", "prompt", "max_tokens", "temperature",
+                                           "top_p", "seed"}),
+                "messages": None if self.messages is None
+                else [message.for_queue() for message in self.messages],
+                "stop": self.stop, **self.sampling_params(self.logprobs),
+                **self.tool_params(self.schema_)}
 
 
 class HistoryQuery(_Body):

@@ -1,22 +1,24 @@
-"""What a generation answers: whole (`GenerationAnswer`), or streamed as `TextEvent`s then one
+"""What a generation answers: whole (`GenerationAnswer`), or streamed as output events (`TextEvent`,
+and `ReasoningEvent`, `ToolCallEvent`, `LogprobsEvent` where the request has them) then one
 `DoneEvent` (NDJSON on mlx/api/generate), or an `ErrorEvent` where it failed after its status
-line was sent. The model worker speaks the same vocabulary (`engine.protocol`): a piece of text
+line was sent. A request for n answers gets each event with its answer's `index`. The model worker speaks the same vocabulary (`engine.protocol`): a piece of text
 is {"text"}, the end is {"done": true, "finish_reason", ...}. The same figures are stored with
 the request, and the history shows them as stored."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field
 
 from ..limits import MAX_SEED
 from .base import Answer
 
-# How an answer ended; "timeout": its `timeout` passed first (it was cancelled then).
-Ending = Literal["stop", "length", "cancelled", "timeout"]
+# How an answer ended; "timeout": its `timeout` passed first (it was cancelled then);
+# "tool_calls": it ended after calling tools.
+Ending = Literal["stop", "length", "cancelled", "timeout", "tool_calls"]
 # What the history records: an answer's ending, or "error" for a request that failed.
-FinishReason = Literal["stop", "length", "cancelled", "timeout", "error"]
+FinishReason = Literal["stop", "length", "cancelled", "timeout", "tool_calls", "error"]
 
 Seed = Annotated[int | None, Field(
     ge=0, le=MAX_SEED, description="the seed sampling used (the server picks one when the "
@@ -50,8 +52,75 @@ class Timings(Answer):
                           "(admission to the first token); null if no token came")
 
 
+class FunctionCall(Answer):
+    name: str
+    arguments: str = Field(description="the arguments, as JSON text (OpenAI's shape)")
+
+
+class ToolCall(Answer):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class TopLogprob(Answer):
+    token: str = Field(description="its text (a token that is part of a character: "
+                                   "with U+FFFD for the bytes it lacks)")
+    logprob: float
+    bytes: list[int] = Field(description="its UTF-8 bytes")
+
+
+class TokenLogprob(TopLogprob):
+    """A sampled token's log-probability and its best rivals' (as the sampler saw them: after
+    the penalties and the constraint, before the temperature)."""
+
+    top_logprobs: list[TopLogprob]
+
+
+AnswerIndex = Annotated[int, Field(ge=0, description="the answer it belongs to, of the "
+                                                     "request's n")]
+Parsed = Annotated[Any, Field(description="with a schema: the answer's JSON value, valid for "
+                                          "it; null when it is not (see parse_error)")]
+ParseError = Annotated[str | None, Field(description="with a schema: why the answer is no "
+                                                     "valid JSON for it (max_tokens cut it)")]
+
+
 class TextEvent(Answer):
     text: str
+    index: AnswerIndex = 0
+
+
+class ReasoningEvent(Answer):
+    """Text inside the model family's thinking markers."""
+
+    reasoning: str
+    index: AnswerIndex = 0
+
+
+class ToolCallEvent(Answer):
+    """One whole tool call, once the model closed it."""
+
+    tool_call: ToolCall
+    index: AnswerIndex = 0
+
+
+class LogprobsEvent(Answer):
+    """The log-probabilities of the tokens sampled since the last such event."""
+
+    logprobs: list[TokenLogprob]
+    index: AnswerIndex = 0
+
+
+OutputEvent = Union[TextEvent, ReasoningEvent, ToolCallEvent, LogprobsEvent]
+
+
+class ChoiceEnd(Answer):
+    """How one of n answers ended."""
+
+    index: AnswerIndex
+    finish_reason: Ending
+    parsed: Parsed = None
+    parse_error: ParseError = None
 
 
 class DoneEvent(Answer):
@@ -63,6 +132,10 @@ class DoneEvent(Answer):
     timings: Timings
     seed: Seed
     max_tokens_clipped_to: ClippedMaxTokens = None
+    parsed: Parsed = None
+    parse_error: ParseError = None
+    choices: list[ChoiceEnd] | None = Field(None, description="n > 1: how each answer ended "
+                                                              "(the fields above: the first's)")
 
 
 class ErrorEvent(Answer):
@@ -75,12 +148,36 @@ class ErrorEvent(Answer):
     error: str
 
 
+class Choice(Answer):
+    """One answer of a request: its text, thinking, tool calls, log-probabilities."""
+
+    index: AnswerIndex
+    text: str
+    reasoning: str | None = Field(None, description="the text inside the model family's "
+                                                    "thinking markers; null: none")
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = Field(None, description="asked for: one per token")
+    parsed: Parsed = None
+    parse_error: ParseError = None
+    finish_reason: Ending
+
+
 class GenerationAnswer(Answer):
+    """The answer; with n > 1, `choices` holds every answer and the fields above are the
+    first's."""
+
     request_id: str
     model: str
     text: str
+    reasoning: str | None = Field(None, description="the text inside the model family's "
+                                                    "thinking markers; null: none")
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = Field(None, description="asked for: one per token")
+    parsed: Parsed = None
+    parse_error: ParseError = None
     finish_reason: Ending
     usage: Usage
     timings: Timings
     seed: Seed
     max_tokens_clipped_to: ClippedMaxTokens = None
+    choices: list[Choice] | None = Field(None, description="n > 1: every answer")

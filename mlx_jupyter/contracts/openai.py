@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field
 
 from .base import Answer
+from .generation import TokenLogprob, ToolCall
 
 
 class OpenAIModel(Answer):
@@ -42,16 +43,25 @@ class _Head(Answer):
                                                "for greedy decoding")
 
 
+class ChatLogprobs(Answer):
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
 class AssistantMessage(Answer):
     role: Literal["assistant"]
-    content: str
+    content: str | None = Field(description="null when it only calls tools")
+    tool_calls: list[ToolCall] | None = Field(None, description="the calls it made, if any")
+    reasoning_content: str | None = Field(None, description="the text inside the model "
+                                                            "family's thinking markers")
+    refusal: None = None
 
 
 class ChatChoice(Answer):
     index: int
     message: AssistantMessage
     finish_reason: str
-    logprobs: None
+    logprobs: ChatLogprobs | None
 
 
 class ChatCompletion(_Head):
@@ -60,16 +70,24 @@ class ChatCompletion(_Head):
     usage: OpenAIUsage
 
 
+class StreamedToolCall(ToolCall):
+    """A whole call in one delta (OpenAI's clients join the pieces of a call by index)."""
+
+    index: int = Field(description="its place among the answer's calls")
+
+
 class ChatDelta(Answer):
     role: Literal["assistant"] | None = Field(None, description="in the first delta only")
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[StreamedToolCall] | None = None
 
 
 class ChatChunkChoice(Answer):
     index: int
     delta: ChatDelta
     finish_reason: str | None
-    logprobs: None
+    logprobs: ChatLogprobs | None
 
 
 class _Chunk(_Head):
@@ -84,11 +102,20 @@ class ChatCompletionChunk(_Chunk):
     choices: list[ChatChunkChoice]
 
 
+class LegacyLogprobs(Answer):
+    """The legacy completions' log-probabilities: a column per token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
 class TextChoice(Answer):
     index: int
     text: str
     finish_reason: str | None = Field(description="null in a stream until its last chunk")
-    logprobs: None
+    logprobs: LegacyLogprobs | None
 
 
 class TextCompletion(_Head):

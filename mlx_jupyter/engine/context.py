@@ -38,7 +38,7 @@ def prompt_bytes(params: GenerationParams) -> int:
     """The UTF-8 bytes of a request's prompt, or of its messages' contents."""
     if params["prompt"] is not None:
         return len(params["prompt"].encode("utf-8", "surrogatepass"))
-    return sum(len(message["content"].encode("utf-8", "surrogatepass"))
+    return sum(len((message["content"] or "").encode("utf-8", "surrogatepass"))
                for message in params["messages"] or [])
 
 

@@ -101,6 +101,7 @@ class WorkerProxy:
         self.load_ms: float | None = None
         self.context_tokens: int | None = None  # the model's context, once loaded
         self.max_token_bytes = 1  # at least the most prompt bytes one token stands for
+        self.tool_parser: str | None = None  # its tool-call syntax (mlx-lm's parser), if any
         self.hung = False  # killed by the watchdog
         self._last_heard = time.monotonic()  # the worker's latest line, of any kind
 
@@ -156,6 +157,7 @@ class WorkerProxy:
         self.load_ms = ready["load_ms"]
         self.context_tokens = ready["context_tokens"]
         self.max_token_bytes = max(1, ready["max_token_bytes"])
+        self.tool_parser = ready.get("tool_parser")
         if self._heartbeat_seconds > 0:
             self._watchdog = asyncio.create_task(self._watch_heartbeat())
         log.info("model %s ready in worker pid %s after %.1f s", self.model_name,
@@ -205,7 +207,7 @@ class WorkerProxy:
                 message = await messages.get()
                 if isinstance(message, WorkerError):
                     raise message
-                if "text" in message:
+                if "done" not in message:  # a piece of output
                     yield cast(TextMessage, message)
                     continue
                 finished = True  # done or failed: the worker has forgotten it

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import json
 import os
 import queue
@@ -66,6 +67,8 @@ import sys
 import threading
 import time
 import traceback
+import uuid
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -79,6 +82,7 @@ from ..limits import (
 )
 from .protocol import (
     CancelCommand,
+    ChoiceEnd,
     DoneMessage,
     Ending,
     ErrorMessage,
@@ -89,71 +93,56 @@ from .protocol import (
     ReadyEvent,
     Refusal,
     TextMessage,
+    ToolCall,
     WorkerTimings,
     check_generate,
     decode_command,
     encode,
 )
 from .context import context_length
+from .grammar.constraints import compiled_grammar
+from .grammar.syntax import OutputRouter, ToolSyntax
+from .sampling import LogprobReader, argmax_sampler, make_processors, make_sampler
 from .stops import StopMatcher
 
 _PROMPT_CACHE_ENTRIES = 1 << 30  # entries are bounded by bytes, not by count
-
-
-
-def _argmax_sampler(logprobs):
-    import mlx.core as mx
-
-    return mx.argmax(logprobs, axis=-1)
-
-
-class _SeededSampler:
-    """Temperature (and top-p) sampling from a PRNG key chain owned by one request.
-
-    BatchGenerator calls a request's sampler with only that request's row of log-probabilities
-    whenever the batch's samplers differ, so each request draws from its own key sequence.
-    """
-
-    def __init__(self, temperature: float, top_p: float, seed: int):
-        import mlx.core as mx
-
-        self._inverse_temperature = 1.0 / temperature
-        self._top_p = top_p
-        self._key = mx.random.key(seed)
-
-    def __call__(self, logprobs):
-        import mlx.core as mx
-        from mlx_lm.sample_utils import apply_top_p
-
-        if 0.0 < self._top_p < 1.0:
-            logprobs = apply_top_p(logprobs, self._top_p)
-        keys = mx.random.split(self._key)
-        self._key = keys[0]
-        return mx.random.categorical(logprobs * self._inverse_temperature, key=keys[1])
-
-
-def make_sampler(command: GenerateCommand):
-    if command["temperature"] <= 0.0:
-        return _argmax_sampler  # shared, so an all-greedy batch samples in one call
-    seed = command["seed"]
-    assert seed is not None, "check_generate lets no sampled command without a seed through"
-    return _SeededSampler(float(command["temperature"]), float(command["top_p"]), seed)
+_PREFILL_CHUNK = 2048  # prompt tokens per forward pass where the worker prefills by itself
 
 
 @dataclass
 class _Request:
+    """One generate command: its prompt, once tokenized, and its n answers."""
+
     id: str
     command: GenerateCommand
     tokens: list[int] = field(default_factory=list)
     max_tokens: int = 0  # the command's, or less: what the model's context leaves room for
-    kv_tokens: int = 0  # KV positions it needs: prompt plus max_tokens
+    kv_tokens: int = 0  # KV positions each answer needs: prompt plus max_tokens
+    thinking: bool = False  # its prompt ended inside a thinking block (its template opened it)
+    answers: list[_Answer] = field(default_factory=list)
+    shared_prefix: tuple[Any, list[int]] | None = None  # n > 1: the prompt's state, once
+    admitted_at: float = 0.0
+    failed: bool = False  # an error was sent for it: it is over
+
+    def over(self) -> bool:
+        return self.failed or all(answer.ending is not None for answer in self.answers)
+
+
+@dataclass
+class _Answer:
+    """One of a request's n answers: one row of the batch."""
+
+    request: _Request
+    index: int
+    grammar: Any = None  # a Future of its grammar's matcher, for a constrained request
     uid: int | None = None
     detokenizer: Any = None
     stops: StopMatcher | None = None
+    router: OutputRouter | None = None
     completion_tokens: int = 0
     cached_tokens: int = 0
-    admitted_at: float = 0.0
     first_token_at: float | None = None
+    ending: Ending | None = None
 
 
 class Worker:
@@ -183,6 +172,12 @@ class Worker:
         self._commands: queue.Queue[GenerateCommand | CancelCommand | None] = queue.Queue()
         self._shutting_down = threading.Event()
         self.model = self.tokenizer = None
+        self.tool_parser: str | None = None  # the family's tool-call syntax, once loaded
+        self._tool_syntax = ToolSyntax()  # its markers (the JSON syntax's when it has none)
+        self._think: tuple[str, str] | None = None  # its thinking markers, if it has them
+        self._vocab_size = 0  # the width of its logits
+        self._compiler = None  # a GrammarCompiler, built at the first need
+        self._logprobs: LogprobReader | None = None
         self._generator = None
         self._eos_stops = None
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -238,7 +233,15 @@ class Worker:
 
         self.model, self.tokenizer = load(self.model_path)
         with open(os.path.join(self.model_path, "config.json"), encoding="utf-8") as config:
-            self.context_tokens = context_length(json.load(config))
+            config = json.load(config)
+        self.context_tokens = context_length(config)
+        self._vocab_size = _vocab_size(config, self.tokenizer)
+        tokenizer = self.tokenizer
+        if tokenizer.has_tool_calling:
+            self.tool_parser = tokenizer.tool_parser.__module__.rsplit(".", 1)[-1]
+            self._tool_syntax = ToolSyntax(tokenizer.tool_call_start, tokenizer.tool_call_end)
+        if tokenizer.has_thinking:
+            self._think = (tokenizer.think_start, tokenizer.think_end)
         if self.prompt_cache_bytes > 0:
             from mlx_lm.models.cache import LRUPromptCache
 
@@ -251,8 +254,19 @@ class Worker:
         self.send(ReadyEvent(event="ready", pid=os.getpid(),
                              load_ms=round((time.perf_counter() - started) * 1000, 1),
                              context_tokens=self.context_tokens,
-                             max_token_bytes=max_token_bytes(self.tokenizer)))
+                             max_token_bytes=max_token_bytes(self.tokenizer),
+                             tool_parser=self.tool_parser, thinking=self._think is not None))
         self._check_memory(force_report=True)
+
+    def _grammars(self):
+        """The grammar compiler (and llguidance's tokenizer), built at first use."""
+        if self._compiler is None:
+            from .grammar.processor import GrammarCompiler
+
+            self._compiler = GrammarCompiler(self.tokenizer._tokenizer,
+                                             sorted(self.tokenizer.eos_token_ids),
+                                             self._vocab_size)
+        return self._compiler
 
     # -- the main loop --------------------------------------------------------------------
 
@@ -267,10 +281,19 @@ class Worker:
                 self._admit()
                 if self._active:
                     self._step()
+                elif self._waiting and not self._commands.qsize():
+                    self._await_grammar()
                 if self._memory_changed:
                     self._check_memory(force_report=not self._active and not self._waiting)
         finally:
             self._end_all()
+
+    def _await_grammar(self) -> None:
+        """Nothing runs and the next answer waits for its grammar: wait for it (briefly, so a
+        command that arrives meanwhile is seen)."""
+        pending = [a.grammar for a in self._waiting if a.grammar and not a.grammar.done()]
+        if pending:
+            wait(pending, timeout=0.05, return_when=FIRST_COMPLETED)
 
     def _drain_commands(self) -> bool:
         """Handles every queued command without blocking; False once shutdown was asked for."""
@@ -293,15 +316,16 @@ class Worker:
         return True
 
     def _accept(self, request: _Request) -> None:
-        """Checks and tokenizes a new request, and refuses it at once if the KV reservation
-        can never hold it; the others wait until the batch's KV reservation holds them."""
+        """Checks and tokenizes a new request, starts compiling its grammar, and refuses it at
+        once if the KV reservation can never hold it; its answers wait until the batch's KV
+        reservation holds them."""
         try:
             check_generate(request.command)
         except ValueError as exc:
             self._error(request, message=f"invalid generate command: {exc}")
             return
         try:
-            request.tokens = self._prompt_tokens(request.command)
+            request.tokens = self._prompt_tokens(request)
         except Exception as exc:
             traceback.print_exc()
             self._error(request, exc)
@@ -316,60 +340,89 @@ class Worker:
         request.max_tokens = min(request.command["max_tokens"],
                                  context - prompt_tokens if context else MAX_TOKENS)
         request.kv_tokens = prompt_tokens + request.max_tokens
-        refusal = kv_refusal(prompt_tokens, request.max_tokens, self.max_batch_size,
+        n = request.command["n"]
+        refusal = kv_refusal(prompt_tokens * n, request.max_tokens * n, self.max_batch_size,
                              self.kv_reserve_tokens)
         if refusal:
             self._error(request, message=refusal, refused="kv_reservation")
             return
-        self._waiting.append(request)
+        request.answers = [_Answer(request, index) for index in range(n)]
+        if (constraint := request.command["constraint"]) is not None:
+            grammar = compiled_grammar(constraint, self._tool_syntax)
+            for answer in request.answers:
+                answer.grammar = self._grammars().compile(grammar)
+        self._waiting.extend(request.answers)
 
-    def _kv_fits(self, request: _Request) -> bool:
+    def _kv_fits(self, answer: _Answer) -> bool:
         """Whether the batch, padded to its longest row, stays within the KV reservation with
-        this request in it."""
-        rows = [active.kv_tokens for active in self._active.values()] + [request.kv_tokens]
+        this answer in it."""
+        rows = [active.request.kv_tokens for active in self._active.values()]
+        rows.append(answer.request.kv_tokens)
         return len(rows) * max(rows) <= self.kv_capacity
 
     def _cancel(self, request_id: str) -> None:
-        for request in self._waiting:
-            if request.id == request_id:
-                self._waiting.remove(request)
-                self._finish(request, "cancelled")
-                return
-        for uid, request in list(self._active.items()):
-            if request.id == request_id:
-                self._drop(uid)
-                self._finish(request, "cancelled")
-                return
-        # Unknown: the request has already finished.
+        answers = [a for a in list(self._waiting) + list(self._active.values())
+                   if a.request.id == request_id]
+        for answer in answers:  # unknown: the request has already finished
+            if answer.uid is None:
+                self._waiting.remove(answer)
+            else:
+                self._drop(answer.uid)
+            self._finish(answer, "cancelled")
 
     def _admit(self) -> None:
-        """Moves waiting requests into the batch, in arrival order, while its KV reservation
-        holds them. (Their number is the server's to cap: see the module's docstring.)"""
-        while self._waiting and self._kv_fits(self._waiting[0]):
-            request = self._waiting.popleft()
+        """Moves waiting answers into the batch, in arrival order, while its KV reservation
+        holds them; one whose grammar is still compiling lets those behind it go first. (Their
+        number is the server's to cap: see the module's docstring.)"""
+        for answer in list(self._waiting):
+            if not self._kv_fits(answer):
+                break
+            if answer.grammar is not None and not answer.grammar.done():
+                continue
+            self._waiting.remove(answer)
             try:
-                self._insert(request)
+                self._insert(answer)
             except Exception as exc:  # one bad request must not take the model down
                 traceback.print_exc()
-                self._error(request, exc)
+                self._fail(answer.request, exc)
 
-    def _insert(self, request: _Request) -> None:
-        command = request.command
-        max_tokens = request.max_tokens
-        sampler = make_sampler(command)
-        request.stops = StopMatcher(command["stop"])
-        request.detokenizer = self.tokenizer.detokenizer  # a fresh copy per request
+    def _insert(self, answer: _Answer) -> None:
+        request, command = answer.request, answer.request.command
+        processors = make_processors(command)
+        if answer.grammar is not None:
+            from .grammar.processor import GrammarProcessor
+
+            try:
+                matcher = answer.grammar.result()
+            except ValueError as exc:
+                raise ValueError(f"the constraint does not compile: {exc}") from None
+            processors.append(GrammarProcessor(matcher, self._vocab_size,
+                                               sorted(self.tokenizer.eos_token_ids)))
+        answer.stops = StopMatcher(command["stop"])
+        answer.detokenizer = self.tokenizer.detokenizer  # a fresh copy per answer
+        answer.router = self._router(request)
         generator = self._batch_generator()
-        cache, rest = self._cached_prefix(request.tokens)
+        cache, rest = self._answer_prefix(answer)
         cached = len(request.tokens) - len(rest)
-        (request.uid,) = generator.insert(
-            [rest], max_tokens=[max_tokens], caches=[cache],
-            all_tokens=[request.tokens[:cached]], samplers=[sampler],
-            stop_sequences=[self._eos_stops])
+        (answer.uid,) = generator.insert(
+            [rest], max_tokens=[request.max_tokens], caches=[cache],
+            all_tokens=[request.tokens[:cached]], samplers=[make_sampler(command, answer.index)],
+            logits_processors=[processors], stop_sequences=[self._eos_stops])
         del cache
-        request.cached_tokens = cached
-        request.admitted_at = time.perf_counter()
-        self._active[request.uid] = request
+        answer.cached_tokens = cached
+        if not request.admitted_at:
+            request.admitted_at = time.perf_counter()
+        self._active[answer.uid] = answer
+
+    def _router(self, request: _Request) -> OutputRouter:
+        command = request.command
+        parse = command["parse_tool_calls"]
+        return OutputRouter(  # a bare prompt has no template to open a thinking block
+            think=self._think if command["messages"] is not None else None,
+            thinking=request.thinking,
+            tools=self._tool_syntax if parse else None,
+            parse=(self.tokenizer.tool_parser or _json_call) if parse else None,
+            tool_specs=command["tools"])
 
     def _batch_generator(self):
         if self._generator is None:
@@ -385,7 +438,7 @@ class Worker:
                       "each join costs a forward pass of its own", file=sys.stderr)
             self._eos_stops = make_stop_sequences(self.tokenizer)
             self._generator = generator_class(
-                self.model, sampler=_argmax_sampler, completion_batch_size=self.max_batch_size,
+                self.model, sampler=argmax_sampler, completion_batch_size=self.max_batch_size,
                 prefill_batch_size=self.max_batch_size)
         return self._generator
 
@@ -409,6 +462,30 @@ class Worker:
             return None, tokens
         return cache, rest
 
+    def _answer_prefix(self, answer: _Answer) -> tuple[list[Any] | None, list[int]]:
+        """Where an answer's prefill starts: the prompt cache's longest prefix; for the answers
+        of a request with n > 1, the prompt is prefilled once (all but its last token) and each
+        answer starts from a copy of that state."""
+        request = answer.request
+        if len(request.answers) == 1:
+            return self._cached_prefix(request.tokens)
+        if request.shared_prefix is None:
+            from mlx_lm.models.cache import make_prompt_cache
+
+            cache, rest = self._cached_prefix(request.tokens)
+            if len(rest) > 1:
+                import mlx.core as mx
+
+                cache = cache if cache is not None else make_prompt_cache(self.model)
+                for start in range(0, len(rest) - 1, _PREFILL_CHUNK):
+                    self.model(mx.array(rest[start:min(start + _PREFILL_CHUNK,
+                                                       len(rest) - 1)])[None], cache=cache)
+                    mx.eval([layer.state for layer in cache])
+                rest = rest[-1:]
+            request.shared_prefix = (cache, rest)
+        cache, rest = request.shared_prefix
+        return (copy.deepcopy(cache) if cache is not None else None), rest
+
     def _store_cache(self, tokens: list[int] | None, cache: list[Any] | None) -> None:
         """Keeps a request's KV state, holding exactly tokens (its prompt and completion so
         far), for later prompts."""
@@ -424,16 +501,27 @@ class Worker:
         except Exception:  # the cache is an optimisation: never fail a request over it
             traceback.print_exc()
 
-    def _prompt_tokens(self, command: GenerateCommand) -> list[int]:
-        if command["messages"] is not None:
-            text = self.tokenizer.apply_chat_template(
-                command["messages"], add_generation_prompt=True, tokenize=False)
-            return self.tokenizer.encode(text, add_special_tokens=False)
-        return self.tokenizer.encode(command["prompt"] or "")
+    def _prompt_tokens(self, request: _Request) -> list[int]:
+        command = request.command
+        if command["messages"] is None:
+            return self.tokenizer.encode(command["prompt"] or "")
+        messages = [_template_message(message) for message in command["messages"]]
+        tools = command["tools"]
+        if tools and self.tool_parser is None:
+            # A template without tools cannot show them: a forced call (the only kind such a
+            # model is asked for) still needs the model to know what it calls.
+            messages.insert(0, {"role": "system", "content": _describe_tools(tools)})
+            tools = None
+        text = self.tokenizer.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=True, tokenize=False,
+            **command["chat_template_kwargs"])
+        if self._think is not None:
+            request.thinking = text.rstrip().endswith(self._think[0])
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _step(self) -> None:
         """One BatchGenerator step: a decode step for the batch and/or a prefill chunk. Its
-        events (a token for each request in the batch) go out in one write."""
+        events (a token for each answer in the batch) go out in one write."""
         self._in_step = True
         try:
             self._run_step()
@@ -447,39 +535,55 @@ class Worker:
         except Exception as exc:
             # Which request broke the step is unknown: fail the batch, start a fresh generator.
             traceback.print_exc()
-            for request in list(self._active.values()):
+            for request in {id(a.request): a.request for a in self._active.values()}.values():
                 self._error(request, exc)
             self._active.clear()
             self._reset_generator()
             return
         now = time.perf_counter()
-        for response in responses:
-            request = self._active.get(response.uid)
-            if request is None:
-                continue
-            request.completion_tokens += 1
-            if request.first_token_at is None:
-                request.first_token_at = now
-            detokenizer = request.detokenizer
+        responses = [(self._active.get(r.uid), r) for r in responses]
+        responses = [(answer, r) for answer, r in responses if answer is not None]
+        self._send_logprobs(responses)
+        for answer, response in responses:
+            answer.completion_tokens += 1
+            if answer.first_token_at is None:
+                answer.first_token_at = now
+            detokenizer = answer.detokenizer
             if response.finish_reason != "stop":  # the end-of-sequence token is not text
                 detokenizer.add_token(response.token)
             if response.finish_reason is not None:
                 detokenizer.finalize()
-            self._send_text(request, request.stops.feed(detokenizer.last_segment))
+            self._send_output(answer, answer.stops.feed(detokenizer.last_segment))
             if response.finish_reason is not None:
                 self._store_cache(response.all_tokens, response.prompt_cache)
-            if request.stops.stopped:
+            if answer.stops.stopped:
                 if response.finish_reason is None:
                     self._drop(response.uid, keep_cache=True)
                 else:
                     del self._active[response.uid]
-                self._finish(request, "stop")
+                self._finish(answer, "stop")
             elif response.finish_reason is not None:
                 del self._active[response.uid]
-                self._finish(request, response.finish_reason)
+                self._finish(answer, response.finish_reason)
+
+    def _send_logprobs(self, responses: list[tuple[_Answer, Any]]) -> None:
+        """The log-probabilities of this step's tokens, for the answers that asked (the
+        end-of-sequence token is no part of an answer)."""
+        asking = [(answer, response) for answer, response in responses
+                  if answer.request.command["logprobs"] is not None
+                  and response.finish_reason != "stop"]
+        if not asking:
+            return
+        if self._logprobs is None:
+            self._logprobs = LogprobReader(self._grammars().token_bytes)
+        entries = self._logprobs.read([(response.token, response.logprobs,
+                                        answer.request.command["logprobs"])
+                                       for answer, response in asking])
+        for (answer, _), entry in zip(asking, entries):
+            self._send_piece(answer, logprobs=[entry])
 
     def _drop(self, uid: int, *, keep_cache: bool = False) -> None:
-        """Takes a still-running request out of the batch; keep_cache (only for a request that
+        """Takes a still-running answer out of the batch; keep_cache (only for an answer that
         has just produced a token, so is generating) stores its KV state in the prompt cache."""
         del self._active[uid]
         keep_cache = keep_cache and self._prompt_cache is not None
@@ -487,7 +591,7 @@ class Worker:
             caches = self._generator.remove([uid], return_prompt_caches=keep_cache)
         except Exception:
             traceback.print_exc()
-            for request in list(self._active.values()):
+            for request in {id(a.request): a.request for a in self._active.values()}.values():
                 self._error(request, RuntimeError("the batch failed while removing a request"))
             self._active.clear()
             self._reset_generator()
@@ -505,57 +609,98 @@ class Worker:
                 traceback.print_exc()
 
     def _end_all(self) -> None:
-        """Shutdown: every request still open ends as cancelled (if anyone is still listening)."""
-        requests = list(self._active.values()) + list(self._waiting)
+        """Shutdown: every answer still open ends as cancelled (if anyone is still listening)."""
+        answers = list(self._active.values()) + list(self._waiting)
         self._active.clear()
         self._waiting.clear()
-        for request in requests:
+        for answer in answers:
             try:
-                self._finish(request, "cancelled")
+                self._finish(answer, "cancelled")
             except (BrokenPipeError, OSError, ValueError):
                 break  # the server is gone
         self._generator = None
+        if self._compiler is not None:
+            self._compiler.close()
 
     # -- events ---------------------------------------------------------------------------
 
-    def _send_text(self, request: _Request, text: str) -> None:
-        if text:
-            self.send(TextMessage(id=request.id, text=text))
+    def _send_piece(self, answer: _Answer, **piece: Any) -> None:
+        message = TextMessage(id=answer.request.id, **piece)
+        if answer.index:
+            message["index"] = answer.index
+        self.send(message)
 
-    def _finish(self, request: _Request, finish_reason: Ending) -> None:
+    def _send_output(self, answer: _Answer, text: str) -> None:
+        if text:
+            self._send_pieces(answer, answer.router.feed(text))
+
+    def _send_pieces(self, answer: _Answer, pieces: list[tuple[str, Any]]) -> None:
+        for kind, value in pieces:
+            if kind == "tool_call":
+                arguments = value.get("arguments", {})
+                value = ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", type="function",
+                                 function={"name": value["name"], "arguments": (
+                                     arguments if isinstance(arguments, str)
+                                     else json.dumps(arguments, ensure_ascii=False))})
+            self._send_piece(answer, **{kind: value})
+
+    def _finish(self, answer: _Answer, finish_reason: Ending) -> None:
+        """One answer ended; the request's done message goes once all of them did."""
+        request = answer.request
+        if request.failed or answer.ending is not None:
+            return
         self._memory_changed = True
-        if request.stops is not None:
-            self._send_text(request, request.stops.flush())  # nothing after a stop string
+        if answer.stops is not None:
+            self._send_output(answer, answer.stops.flush())  # nothing after a stop string
+            self._send_pieces(answer, answer.router.close())
+        answer.ending = finish_reason
+        if not request.over():
+            return
         self.send(DoneMessage(
-            id=request.id, done=True, finish_reason=finish_reason,
+            id=request.id, done=True, finish_reason=request.answers[0].ending,
             usage={"prompt_tokens": len(request.tokens),
-                   "completion_tokens": request.completion_tokens,
-                   "cached_tokens": request.cached_tokens},
-            timings=self._timings(request), max_tokens=request.max_tokens))
+                   "completion_tokens": sum(a.completion_tokens for a in request.answers),
+                   "cached_tokens": request.answers[0].cached_tokens},
+            timings=self._timings(request), max_tokens=request.max_tokens,
+            choices=[ChoiceEnd(index=a.index, finish_reason=a.ending,
+                               completion_tokens=a.completion_tokens)
+                     for a in request.answers]))
 
     @staticmethod
     def _timings(request: _Request) -> WorkerTimings:
         """Prefill speed (admission to the first token, which the prefill's last step
         yields) and decode speed (the tokens after the first, over the time after it), each
-        where it was measured: a request cancelled before its first token has neither, one of
-        a single token no decode speed."""
+        where it was measured, for the first answer: a request cancelled before its first
+        token has neither, one of a single token no decode speed."""
         timings: WorkerTimings = {}
-        if request.first_token_at is None:
+        answer = request.answers[0]
+        if answer.first_token_at is None:
             return timings
-        prompt_seconds = request.first_token_at - request.admitted_at
-        decode_seconds = time.perf_counter() - request.first_token_at
-        computed = len(request.tokens) - request.cached_tokens  # prefilled, not cached
+        prompt_seconds = answer.first_token_at - request.admitted_at
+        decode_seconds = time.perf_counter() - answer.first_token_at
+        computed = len(request.tokens) - answer.cached_tokens  # prefilled, not cached
         if prompt_seconds > 0:
             timings["prompt_tokens_per_second"] = round(computed / prompt_seconds, 2)
-        if request.completion_tokens > 1 and decode_seconds > 0:
+        if answer.completion_tokens > 1 and decode_seconds > 0:
             timings["tokens_per_second"] = round(
-                (request.completion_tokens - 1) / decode_seconds, 2)
+                (answer.completion_tokens - 1) / decode_seconds, 2)
         return timings
+
+    def _fail(self, request: _Request, exc: BaseException) -> None:
+        """One request failed while its answers were being placed: its others leave too."""
+        for answer in [a for a in self._waiting if a.request is request]:
+            self._waiting.remove(answer)
+        for uid in [uid for uid, a in self._active.items() if a.request is request]:
+            self._drop(uid)
+        self._error(request, exc)
 
     def _error(self, request: _Request, exc: BaseException | None = None, *,
                message: str | None = None, refused: Refusal | None = None) -> None:
         """One request failed (exc, or message), or was refused (message, and why it cannot
         run here as asked)."""
+        if request.failed:
+            return
+        request.failed = True
         self.send(ErrorMessage(id=request.id, done=True, finish_reason="error",
                                error=message or f"{type(exc).__name__}: {exc}",
                                refused=refused))
@@ -573,6 +718,51 @@ class Worker:
             return
         for event in events:  # the server logs and counts trims
             self.send(event)
+
+
+def _vocab_size(config: dict[str, Any], tokenizer: Any) -> int:
+    """The width of the model's logits: its config's vocabulary (which may be padded past the
+    tokenizer's), else the tokenizer's."""
+    for source in (config, config.get("text_config") or {}):
+        size = source.get("vocab_size")
+        if isinstance(size, int) and size > 0:
+            return max(size, len(tokenizer.get_vocab()))
+    return len(tokenizer.get_vocab())
+
+
+def _json_call(text: str, tools: Any = None) -> Any:
+    """The JSON tool-call syntax's parser, for a model that has no syntax of its own."""
+    return json.loads(text.strip())
+
+
+def _template_message(message: dict[str, Any]) -> dict[str, Any]:
+    """A message as chat templates read it: content text (never None), and a call's arguments
+    as a mapping (Hugging Face templates write them out with `tojson`)."""
+    out = {**message, "content": message.get("content") or ""}
+    if message.get("tool_calls"):
+        out["tool_calls"] = [
+            {**call, "function": {**call["function"],
+                                  "arguments": _arguments(call["function"]["arguments"])}}
+            for call in message["tool_calls"]]
+    return out
+
+
+def _arguments(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
+
+
+def _describe_tools(tools: list[dict[str, Any]]) -> str:
+    """The tools, for a model whose chat template cannot show them."""
+    lines = ["You call functions by writing <tool_call>{\"name\": ..., \"arguments\": {...}}"
+             "</tool_call>. The functions:"]
+    for tool in tools:
+        function = tool.get("function", {})
+        lines.append(json.dumps({key: function[key] for key in
+                                 ("name", "description", "parameters") if key in function}))
+    return "\n".join(lines)
 
 
 def max_token_bytes(tokenizer: Any) -> int:

@@ -1,7 +1,8 @@
 """Admission: who runs when, per model.
 
-Each model admits up to `max_active_per_model` requests to its worker at a time (the one cap on
-how many a worker holds: the worker itself only checks that its KV reservation holds them). The
+Each model admits up to `max_active_per_model` batch slots' worth of requests to its worker at a
+time (a request takes one slot per answer it asks for, `n`; this is the one cap on how many a
+worker holds: the worker itself only checks that its KV reservation holds them). The
 rest wait here, highest priority first, first come first served within a priority, with aging (a
 request gains one priority level for every `aging_seconds` it waits) so that a low priority never
 starves. Dispatch is event-driven: an enqueue, a finish or a withdrawal admits the next request
@@ -35,6 +36,7 @@ class Ticket:
         default_factory=lambda: asyncio.get_running_loop().create_future())
     admitted_at: float | None = None  # perf_counter
     seq: int = 0  # arrival order, set by Admission
+    slots: int = 1  # batch slots it takes: one per answer it asks for (n)
 
     def effective_priority(self, now: float, aging_seconds: float) -> float:
         return self.priority + (now - self.submitted) / aging_seconds
@@ -84,8 +86,11 @@ class Admission:
 
     def _dispatch(self, model: str) -> None:
         active = self._active[model]
-        while len(active) < self.max_active_per_model and self._waiting[model]:
+        while self._waiting[model]:
             chosen = self.order(model)[0]
+            if sum(t.slots for t in active.values()) + chosen.slots > \
+                    self.max_active_per_model:
+                break  # it waits for enough slots, and those behind it wait for it
             self._waiting[model].remove(chosen)
             active[chosen.id] = chosen
             chosen.admitted_at = time.perf_counter()

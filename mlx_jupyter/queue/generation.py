@@ -11,25 +11,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from ..contracts.generation import (
+    Choice,
+    ChoiceEnd,
     DoneEvent,
     ErrorEvent,
     FinishReason,
     GenerationAnswer,
+    LogprobsEvent,
+    OutputEvent,
+    ReasoningEvent,
     TextEvent,
     Timings,
+    TokenLogprob,
+    ToolCall,
+    ToolCallEvent,
     Usage,
 )
 from ..engine.context import certain_refusal, prompt_field
+from ..engine.grammar.constraints import model_refusal
 from ..engine.protocol import DoneMessage, GenerationParams, TextMessage, WorkerTimings
 from ..engine.proxy import WorkerProxy
-from ..errors import MlxJupyterError, PromptTooLong
+from ..errors import InvalidRequest, MlxJupyterError, PromptTooLong
 from ..limits import RECORD_WAIT_SECONDS
 from ..store.records import RequestStatus, utcnow
 from .admission import Ticket
@@ -38,6 +48,7 @@ log = logging.getLogger("mlx_jupyter.queue")
 
 STATUS_OF: dict[str, RequestStatus] = {
     "stop": RequestStatus.COMPLETED, "length": RequestStatus.COMPLETED,
+    "tool_calls": RequestStatus.COMPLETED,
     "cancelled": RequestStatus.CANCELLED, "timeout": RequestStatus.FAILED,
     "error": RequestStatus.FAILED}
 TIMEOUT_ERROR = "the request's timeout passed before it finished"
@@ -86,12 +97,88 @@ class Outcome:
                 **self.timings.model_dump()}
 
 
-def check_prompt_fits(worker: WorkerProxy, params: GenerationParams) -> None:
-    """Refuses (PromptTooLong) a prompt that certainly cannot fit the context of the model this
-    worker loaded, before it reaches the worker; the worker refuses one that does not fit once
-    tokenized."""
+def check_request_fits(worker: WorkerProxy, params: GenerationParams) -> None:
+    """Refuses, before it reaches the worker, a request the model this worker loaded cannot
+    run: a prompt that certainly cannot fit its context (PromptTooLong; the worker refuses one
+    that does not fit once tokenized), tools it cannot handle (InvalidRequest)."""
     if refusal := certain_refusal(params, worker.context_tokens, worker.max_token_bytes):
         raise PromptTooLong(refusal, param=prompt_field(params))
+    if refusal := model_refusal(params, worker.tool_parser):
+        raise InvalidRequest(f"model {worker.model_name!r}: {refusal}", param="tool_choice")
+
+
+class _Answer:
+    """One answer (of n) as it arrives: its text, thinking, tool calls, log-probabilities."""
+
+    def __init__(self, index: int, logprobs: bool):
+        self.index = index
+        self.text: list[str] = []
+        self.reasoning: list[str] = []
+        self.tool_calls: list[ToolCall] = []
+        self.logprobs: list[TokenLogprob] | None = [] if logprobs else None
+
+    def take(self, message: TextMessage) -> OutputEvent:
+        """Records a piece of output; its event."""
+        if "text" in message:
+            self.text.append(message["text"])
+            return TextEvent(text=message["text"], index=self.index)
+        if "reasoning" in message:
+            self.reasoning.append(message["reasoning"])
+            return ReasoningEvent(reasoning=message["reasoning"], index=self.index)
+        if "tool_call" in message:
+            call = ToolCall.model_validate(message["tool_call"])
+            self.tool_calls.append(call)
+            return ToolCallEvent(tool_call=call, index=self.index)
+        entries = [TokenLogprob.model_validate(entry) for entry in message["logprobs"]]
+        if self.logprobs is not None:
+            self.logprobs.extend(entries)
+        return LogprobsEvent(logprobs=entries, index=self.index)
+
+    def ending(self, worker_ending: str, schema: dict[str, Any] | None, max_tokens: int
+               ) -> ChoiceEnd:
+        """How it ended: "tool_calls" for an answer that called tools; with a schema, its JSON
+        value, checked against it."""
+        finish = worker_ending
+        if self.tool_calls and worker_ending == "stop":
+            finish = "tool_calls"
+        parsed, error = None, None
+        if schema is not None:
+            parsed, error = parse_answer("".join(self.text), schema, worker_ending, max_tokens)
+        return ChoiceEnd(index=self.index, finish_reason=finish, parsed=parsed,
+                         parse_error=error)
+
+    def choice(self, end: ChoiceEnd) -> Choice:
+        return Choice(index=self.index, text="".join(self.text),
+                      reasoning="".join(self.reasoning) if self.reasoning else None,
+                      tool_calls=self.tool_calls, logprobs=self.logprobs, parsed=end.parsed,
+                      parse_error=end.parse_error, finish_reason=end.finish_reason)
+
+    def stored_text(self) -> str:
+        """What the history keeps as its output: its text, or its calls where it has none."""
+        text = "".join(self.text)
+        if self.tool_calls and not text:
+            return json.dumps([call.model_dump() for call in self.tool_calls])
+        return text
+
+
+def parse_answer(text: str, schema: dict[str, Any], ending: str, max_tokens: int
+                 ) -> tuple[Any, str | None]:
+    """(the answer's JSON value, None), or (None, why it is none) for an answer that is no
+    valid JSON for its schema: one cut by max_tokens, or cancelled, before its grammar ended."""
+    import jsonschema
+
+    try:
+        value = json.loads(text)
+        jsonschema.validate(value, schema, cls=jsonschema.Draft202012Validator)
+        return value, None
+    except (ValueError, jsonschema.ValidationError) as exc:
+        if ending == "length":
+            return None, (f"max_tokens ({max_tokens}) cut the answer before its JSON was "
+                          f"complete: raise max_tokens")
+        if ending == "cancelled":
+            return None, "the answer was cancelled before its JSON was complete"
+        detail = exc.message if isinstance(exc, jsonschema.ValidationError) else str(exc)
+        return None, f"the answer is no valid JSON for the schema: {detail}"
 
 
 class Generation:
@@ -121,6 +208,9 @@ class Generation:
         self._messages: AsyncIterator[TextMessage | DoneMessage] | None = None
         self._first: asyncio.Future[TextMessage | DoneMessage] | None = None
         self._closing: asyncio.Future[None] | None = None  # abandon()'s, kept until it is done
+        self._answers = [_Answer(index, params["logprobs"] is not None)
+                         for index in range(params["n"])]
+        self._ends: list[ChoiceEnd] | None = None  # how each answer ended, once they did
 
     @property
     def id(self) -> str:
@@ -160,8 +250,8 @@ class Generation:
                       model_acquired=False)
             raise
         try:
-            check_prompt_fits(self._worker, self.params)
-        except PromptTooLong as exc:
+            check_request_fits(self._worker, self.params)
+        except (PromptTooLong, InvalidRequest) as exc:
             self._end(self._outcome_now("error", error=str(exc), fault=exc.fault))
             raise
         if self._cancel_requested:
@@ -181,8 +271,9 @@ class Generation:
             log.info("request %s answers before its row is written: the database has not "
                      "taken it within %g s", self.id, RECORD_WAIT_SECONDS)
 
-    async def events(self) -> AsyncIterator[TextEvent | DoneEvent]:
-        """Yields TextEvents, then one DoneEvent.
+    async def events(self) -> AsyncIterator[OutputEvent | DoneEvent]:
+        """Yields output events (text, and thinking, tool calls, log-probabilities where the
+        request has them; each with its answer's index), then one DoneEvent.
 
         Closing this iterator early cancels the request in the worker. A request its worker
         refuses (RequestDoesNotFit: it cannot hold its KV cache) raises before any event; one
@@ -195,33 +286,39 @@ class Generation:
             yield self._done_event(self._outcome)
             return
         assert self._messages is not None and self._first is not None
-        pieces: list[str] = []
+        first = self._answers[0]
         outcome: Outcome | None = None
         try:
             message = await self._first
-            while True:
-                if "text" in message:
-                    if self._first_text is None:
-                        self._first_text = time.perf_counter()
-                    pieces.append(message["text"])
-                    yield TextEvent(text=message["text"])
-                    message = await anext(self._messages)
-                    continue
-                if message["max_tokens"] < self.params["max_tokens"]:
-                    self._clipped_to = message["max_tokens"]
-                outcome = self._outcome_now(
-                    message["finish_reason"], text="".join(pieces),
-                    usage=Usage(**message["usage"]), worker=message["timings"])
-                yield self._done_event(outcome)
-                return
+            while "done" not in message:
+                if self._first_text is None and "logprobs" not in message:
+                    self._first_text = time.perf_counter()
+                yield self._answers[message.get("index", 0)].take(message)
+                message = await anext(self._messages)
+            done = cast(DoneMessage, message)
+            if done["max_tokens"] < self.params["max_tokens"]:
+                self._clipped_to = done["max_tokens"]
+            self._ends = self._answer_ends(done)
+            outcome = self._outcome_now(
+                self._ends[0].finish_reason, text=first.stored_text(),
+                usage=Usage(**done["usage"]), worker=done["timings"])
+            yield self._done_event(outcome)
         except MlxJupyterError as exc:
-            outcome = self._outcome_now("error", text="".join(pieces), error=str(exc),
+            outcome = self._outcome_now("error", text=first.stored_text(), error=str(exc),
                                         fault=exc.fault)
             raise
         finally:
             await self._close_messages()
             # Closed before the end: the client went away, and the worker was told.
-            self._end(outcome or self._outcome_now("cancelled", text="".join(pieces)))
+            self._end(outcome or self._outcome_now("cancelled", text=first.stored_text()))
+
+    def _answer_ends(self, done: DoneMessage) -> list[ChoiceEnd]:
+        constraint = self.params["constraint"]
+        schema = constraint["schema"] if constraint and constraint["kind"] == "json" else None
+        endings = {end["index"]: end["finish_reason"] for end in done.get("choices") or ()}
+        return [answer.ending(endings.get(answer.index, done["finish_reason"]), schema,
+                              done["max_tokens"])
+                for answer in self._answers]
 
     async def _close_messages(self) -> None:
         """Stops reading the worker's messages; one still running is cancelled there."""
@@ -232,17 +329,21 @@ class Generation:
             await self._messages.aclose()
 
     async def result(self) -> GenerationAnswer:
-        pieces: list[str] = []
         async with contextlib.aclosing(self.events()) as events:
             async for event in events:
-                if isinstance(event, TextEvent):
-                    pieces.append(event.text)
-                else:
+                if isinstance(event, DoneEvent):
                     done = event
-        return GenerationAnswer(request_id=self.id, model=self.model, text="".join(pieces),
-                                finish_reason=done.finish_reason, usage=done.usage,
-                                timings=done.timings, seed=done.seed,
-                                max_tokens_clipped_to=done.max_tokens_clipped_to)
+        ends = self._ends or [ChoiceEnd(index=answer.index, finish_reason=done.finish_reason)
+                              for answer in self._answers]
+        choices = [answer.choice(end) for answer, end in zip(self._answers, ends)]
+        first = choices[0]
+        return GenerationAnswer(
+            request_id=self.id, model=self.model, text=first.text, reasoning=first.reasoning,
+            tool_calls=first.tool_calls, logprobs=first.logprobs, parsed=first.parsed,
+            parse_error=first.parse_error, finish_reason=done.finish_reason, usage=done.usage,
+            timings=done.timings, seed=done.seed,
+            max_tokens_clipped_to=done.max_tokens_clipped_to,
+            choices=choices if len(choices) > 1 else None)
 
     def abandon(self) -> None:
         """Ends as cancelled a request whose events will not be read (its client went away
@@ -303,10 +404,14 @@ class Generation:
                        fault)
 
     def _done_event(self, outcome: Outcome) -> DoneEvent:
+        first = self._ends[0] if self._ends else None
         return DoneEvent(request_id=self.id, model=self.model,
                          finish_reason=outcome.finish_reason,
                          usage=outcome.usage or NO_TOKENS, timings=outcome.timings,
-                         seed=self.seed, max_tokens_clipped_to=self._clipped_to)
+                         seed=self.seed, max_tokens_clipped_to=self._clipped_to,
+                         parsed=first.parsed if first else None,
+                         parse_error=first.parse_error if first else None,
+                         choices=self._ends if self._ends and len(self._ends) > 1 else None)
 
     def _end(self, outcome: Outcome, *, model_acquired: bool = True) -> None:
         """Once per request: gives its model back and tells the queue how it ended."""

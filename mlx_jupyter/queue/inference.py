@@ -20,15 +20,16 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from ..engine.protocol import GenerationParams
-from ..errors import MlxJupyterError, PromptTooLong, RequestDoesNotFit
+from ..engine.grammar.constraints import for_request
+from ..engine.protocol import PARAM_DEFAULTS, GenerationParams
+from ..errors import InvalidRequest, MlxJupyterError, PromptTooLong, RequestDoesNotFit
 from ..limits import DEFAULT_MAX_BATCH_SIZE, MAX_SEED
 from ..metrics import Metrics
 from ..models.manager import ModelManager
 from ..services import StoreService
 from ..store.records import RequestRecord, RequestStatus, utcnow
 from .admission import Admission, Ticket
-from .generation import Generation, Outcome, check_prompt_fits
+from .generation import Generation, Outcome, check_request_fits
 
 log = logging.getLogger("mlx_jupyter.queue")
 
@@ -62,12 +63,20 @@ def with_seed(params: GenerationParams) -> GenerationParams:
 
 def generation_params(fields: dict[str, Any]) -> GenerationParams:
     """What a worker generates with, from a request's fields once every default is applied
-    (a new request's, or a background job's stored parameters)."""
+    (a new request's, or a background job's stored parameters, which hold the constraint as
+    resolved here; a field an older version did not store takes its neutral value)."""
+    fields = {**PARAM_DEFAULTS, **fields}
+    if "schema" in fields or "tool_choice" in fields:  # a new request's: resolve its tools
+        fields["constraint"], fields["parse_tool_calls"], fields["tools"] = for_request(
+            schema=fields.get("schema"), tools=fields.get("tools"),
+            tool_choice=fields.get("tool_choice"),
+            parallel_tool_calls=fields.get("parallel_tool_calls", True))
     return with_seed(GenerationParams(
         prompt=fields.get("prompt"), messages=fields.get("messages"),
         max_tokens=int(fields["max_tokens"]), temperature=float(fields["temperature"]),
         top_p=float(fields["top_p"]), seed=fields.get("seed"),
-        stop=list(fields.get("stop") or [])))
+        stop=list(fields.get("stop") or []),
+        **{key: fields[key] for key in PARAM_DEFAULTS}))
 
 
 class InferenceQueue:
@@ -120,9 +129,13 @@ class InferenceQueue:
         # check once it has tokenized it.
         if refusal := self.manager.kv_refusal(0, generation_fields["max_tokens"]):
             raise RequestDoesNotFit(refusal, param="max_tokens")
+        if (n := generation_fields["n"]) > self.admission.max_active_per_model:
+            raise InvalidRequest(
+                f"n {n} needs {n} batch slots, and this server's models hold "
+                f"{self.admission.max_active_per_model} (c.MlxApp.max_batch_size)", param="n")
         if (worker := self.manager.loaded_worker(model)) is not None:
             try:  # else once its model is loaded (Generation.start)
-                check_prompt_fits(worker, generation_fields)
+                check_request_fits(worker, generation_fields)
             except PromptTooLong as exc:
                 self.metrics.fault(exc.fault)
                 raise
@@ -136,7 +149,8 @@ class InferenceQueue:
         recorded = self.store.add_request(record, durable=background)
         if background:
             await recorded
-        ticket = Ticket(record.id, model, priority, submitted=submitted)
+        ticket = Ticket(record.id, model, priority, submitted=submitted,
+                        slots=generation_fields["n"])
         # Its answer names it only once its row is written (Generation.start), unless the
         # database is known not to answer: the row then lands when it is back.
         if self.store.state().state == "unavailable":
@@ -162,7 +176,8 @@ class InferenceQueue:
                                           finish_reason="error", error=error,
                                           finished_at=utcnow())
                 continue
-            ticket = Ticket(job["id"], job["model"], job["priority"])
+            ticket = Ticket(job["id"], job["model"], job["priority"],
+                            slots=min(params["n"], self.admission.max_active_per_model))
             self._enqueue(Generation(ticket, params, workers=self.manager, lifecycle=self,
                                      background=True), stored.get("timeout"))
 
