@@ -73,14 +73,35 @@ def test_each_kind_sends_its_json_schema_and_validates_into_its_type(schema, kin
     structured = resolve(schema)
     assert structured.kind == kind and structured.name == schema.__name__
     expected = schema.model_json_schema() if kind == "pydantic" else \
-        pydantic.TypeAdapter(Movie if schema is Movie else schema).json_schema() \
-        if schema is not Book else None
-    if expected is not None:
-        assert structured.json_schema == expected
+        pydantic.TypeAdapter(schema).json_schema() if schema is not Book else None
+    if expected is not None:  # closed to keys it does not declare
+        assert structured.json_schema == {**expected, "additionalProperties": False}
     result = structured.apply(answer(text))
     assert result.parsed == value and type(result.parsed) is type(value)
     assert structured.to_json(result.parsed) == json.loads(text) | (
         {"x": 1.0} if schema is Point else {})
+
+
+def test_a_class_schema_is_closed_to_undeclared_keys_where_it_says_nothing_of_them():
+    class Inner(pydantic.BaseModel):
+        properties: int  # a field named like the schema's own key
+
+    class Open(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(extra="allow")
+        inner: Inner
+        many: list[Inner] | None = None
+        table: dict[str, Inner] = {}
+
+    sent = resolve(Open).json_schema
+    assert sent["additionalProperties"] is True  # extra="allow" says so: left open
+    inner = sent["$defs"]["Inner"]
+    assert inner["additionalProperties"] is False
+    assert inner["properties"] == {"properties": {"title": "Properties", "type": "integer"}}
+    assert sent["properties"]["table"]["additionalProperties"] == {"$ref": "#/$defs/Inner"}
+    nested = {"type": "object", "properties": {"p": {"type": "object", "properties": {}}}}
+    assert resolve(nested).json_schema is nested  # a dict is sent as it is given
+    outer = dataclasses.make_dataclass("Outer", [("p", Point)])
+    assert resolve(outer).json_schema["$defs"]["Point"]["additionalProperties"] is False
 
 
 def test_a_typing_typeddict_keeps_which_keys_are_required():

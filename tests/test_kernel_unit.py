@@ -882,12 +882,13 @@ def whole_answer(text: str, **fields: Any) -> dict[str, Any]:
 def test_a_schema_is_sent_as_json_schema_and_parsed_is_validated(fake_server: FakeServer,
                                                                   client: Any):
     from mlx_jupyter.kernel import StructuredOutputError
+    from mlx_jupyter.kernel.structured import closed
 
     person = person_model()
     fake_server.routes[GENERATE] = json_reply(200, whole_answer(
         '{"name": "Ada", "age": 36}', parsed={"name": "Ada", "age": 36}))
     result = client.generate("Invent a person.", model="demo", schema=person)
-    assert fake_server.generate_bodies()[0]["schema"] == person.model_json_schema()
+    assert fake_server.generate_bodies()[0]["schema"] == closed(person.model_json_schema())
     assert isinstance(result.parsed, person) and result.parsed.age == 36
     fake_server.routes[GENERATE] = json_reply(200, whole_answer('{"name": "Ada"}'))
     with pytest.raises(StructuredOutputError, match="not a valid Person: age: Field required"
@@ -998,9 +999,10 @@ def test_a_schema_cell_stores_the_instance_and_shows_pretty_json(mlx: Kernel,
     assert_no_traceback(output)
     assert output.stderr == ""
     [body] = fake_server.generate_bodies()
-    check = mlx.run("import json\n"
+    check = mlx.run("import json\nfrom mlx_jupyter.kernel.structured import closed\n"
                     "print(type(who).__name__, who.name, who.age, "
-                    f"Person.model_json_schema() == json.loads({json.dumps(json.dumps(body['schema']))}))")
+                    "closed(Person.model_json_schema()) == "
+                    f"json.loads({json.dumps(json.dumps(body['schema']))}))")
     assert check.stdout.strip() == "Person Ada 36 True"
     final = output.displays[-2]["content"]["data"]
     assert final["text/plain"] == '{\n  "name": "Ada",\n  "age": 36\n}'

@@ -10,6 +10,7 @@ JSON schema sent for it, and the answer validated back into it.
 Four kinds, each validated the way its library does it:
 - a pydantic model class: `Model.model_json_schema()`; `Model.model_validate_json(text)`
 - a dataclass or a TypedDict: `pydantic.TypeAdapter(T).json_schema()`; `.validate_json(text)`
+  (a class's objects are sent closed to keys it does not declare: see `closed`)
 - a dict, a JSON schema as it is: the server checks the answer against it; its `parsed` is kept
 
 pydantic is imported only when a schema is given: a kernel that never asks for one does not
@@ -101,7 +102,7 @@ def resolve(schema: Any, what: str = "schema") -> Structured:
     name = getattr(schema, "__name__", None) or type(schema).__name__
     try:
         if isinstance(schema, type) and issubclass(schema, pydantic.BaseModel):
-            return Structured("pydantic", name, schema.model_json_schema(),
+            return Structured("pydantic", name, closed(schema.model_json_schema()),
                               schema.model_validate_json,
                               lambda value: value.model_dump(mode="json"))
         kind = ("dataclass" if isinstance(schema, type) and dataclasses.is_dataclass(schema)
@@ -109,7 +110,7 @@ def resolve(schema: Any, what: str = "schema") -> Structured:
         if kind is not None:
             adapter = pydantic.TypeAdapter(_pydantic_typeddict(schema) if kind == "typeddict"
                                            else schema)
-            return Structured(kind, name, adapter.json_schema(), adapter.validate_json,
+            return Structured(kind, name, closed(adapter.json_schema()), adapter.validate_json,
                               lambda value: adapter.dump_python(value, mode="json"))
     # A field pydantic cannot put in a JSON schema, or an annotation naming nothing.
     except (pydantic.PydanticUserError, NameError) as exc:
@@ -127,6 +128,36 @@ def resolve(schema: Any, what: str = "schema") -> Structured:
         raise InvalidRequest(f"{what} is an instance of {type(schema).__name__}; give the "
                              f"class itself")
     raise InvalidRequest(f"{what} is {_described(schema)}; give {KINDS}")
+
+
+def closed(schema: Any) -> Any:
+    """A class's JSON schema with `additionalProperties: false` on every object that has
+    properties and says nothing of others (as OpenAI's strict schemas are): its validation
+    would drop other keys anyway, and a model left free to add some (any key is a string)
+    may ramble in one until max_tokens. A class that allows extras (pydantic's
+    extra="allow") says so, and is left as it is. A dict schema is sent as it is given."""
+    if not isinstance(schema, dict):
+        return schema
+    shut = dict(schema)
+    for key in _SCHEMA_MAPS:  # keys naming subschemas: properties, $defs...
+        if isinstance(schema.get(key), dict):
+            shut[key] = {name: closed(sub) for name, sub in schema[key].items()}
+    for key in _SCHEMA_LISTS:
+        if isinstance(schema.get(key), list):
+            shut[key] = [closed(sub) for sub in schema[key]]
+    for key in _SCHEMA_ONES:
+        if isinstance(schema.get(key), dict):
+            shut[key] = closed(schema[key])
+    if isinstance(schema.get("properties"), dict) and "additionalProperties" not in schema:
+        shut["additionalProperties"] = False
+    return shut
+
+
+# Where a JSON schema holds subschemas: by name, in a list, or one.
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_ONES = ("items", "additionalProperties", "not", "if", "then", "else", "contains",
+                "propertyNames", "unevaluatedProperties")
 
 
 def _is_typeddict(value: Any) -> bool:
