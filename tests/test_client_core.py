@@ -199,3 +199,38 @@ def test_both_clients_do_the_same_against_a_live_server(live_server):
         ["completed", "completed", "completed", "cancelled", "completed"]
     assert [kind for kind, _ in blocking["errors"]] == \
         ["ModelNotFound", "InvalidRequest", "Conflict", "RequestNotFound", "InvalidRequest"]
+
+
+def structured_scenario(client: Any) -> dict[str, Any]:
+    """Structured output, logprobs and tools through `client`; ids left out."""
+    import pydantic
+
+    class Person(pydantic.BaseModel):
+        name: str = pydantic.Field(max_length=16)
+        age: int = pydantic.Field(ge=0, le=120)
+
+    asked = {"messages": [{"role": "user", "content": "Invent a person."}], **GREEDY,
+             "max_tokens": 60}
+    seen: dict[str, Any] = {}
+    whole = client.generate(schema=Person, **asked)
+    with client.stream(schema=Person, **asked) as events:
+        pieces = [event["text"] for event in events if "text" in event]
+    seen["schema"] = (type(whole.parsed).__name__, whole.parsed.model_dump(),
+                      events.result.parsed == whole.parsed, "".join(pieces) == whole.text)
+    seen["cut"] = error(lambda: client.generate(schema=Person, **{**asked, "max_tokens": 3}))
+    tokens = client.generate(PROMPT, logprobs=True, top_logprobs=2, **GREEDY)
+    seen["logprobs"] = [(entry["token"], round(entry["logprob"], 4), len(entry["top_logprobs"]))
+                        for entry in tokens.logprobs]
+    return seen
+
+
+def test_both_clients_read_structured_answers_alike(live_server):
+    with Client(live_server.url, live_server.token) as client:
+        blocking = structured_scenario(client)
+    with blocking_async_client(live_server.url, live_server.token) as client:
+        awaited = structured_scenario(client)
+    assert awaited == blocking
+    assert blocking["schema"][0] == "Person" and blocking["schema"][2:] == (True, True)
+    assert blocking["cut"][0] == "StructuredOutputError" and "raise max_tokens" in \
+        blocking["cut"][1]
+    assert blocking["logprobs"] and all(rivals == 2 for *_, rivals in blocking["logprobs"])

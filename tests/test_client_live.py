@@ -1,11 +1,16 @@
 """The Python client against a live server with the demo model (AsyncClient does the same:
 test_client_core runs one scenario through both)."""
 
+import dataclasses
+import json
 import os
 import signal
 import time
+import typing
 
+import pydantic
 import pytest
+import typing_extensions
 
 from mlx_jupyter import Client
 from mlx_jupyter.kernel import (
@@ -15,7 +20,10 @@ from mlx_jupyter.kernel import (
     NotFound,
     RequestNotFound,
     ServerError,
+    StructuredOutputError,
 )
+from mlx_jupyter.kernel.structured import resolve
+from mlx_jupyter.limits import MAX_CHOICES
 
 CHAT = [{"role": "user", "content": "Tell me about the sea."}]
 
@@ -113,3 +121,124 @@ def test_a_failed_background_job_raises_with_its_error(client, live_server):
     os.kill(pid, signal.SIGKILL)  # the worker dies under the job
     with pytest.raises(ServerError, match=f"request {job} failed"):
         client.result(job, timeout=60)
+
+
+# -- structured output, logprobs, tools, n: what the client reads of the real server's answers --
+
+
+class Person(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=16)
+    age: int = pydantic.Field(ge=0, le=120)
+
+
+# Bounded numbers and strings: a toy model left free writes digits until max_tokens.
+Small = typing.Annotated[int, pydantic.Field(ge=-100, le=100)]
+
+
+@dataclasses.dataclass
+class Point:
+    x: Small
+    y: Small
+
+
+class Pet(typing_extensions.TypedDict):
+    kind: typing.Literal["cat", "dog", "fish"]
+    legs: Small
+
+
+PERSON = [{"role": "user", "content": "Invent a person: a name and an age."}]
+STRICT = {"model": "demo", "max_tokens": 60, "temperature": 0}
+
+
+@pytest.mark.parametrize(("schema", "kind"), [
+    (Person, Person), (Point, Point), (Pet, dict),
+    ({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+      "additionalProperties": False}, dict),
+])
+def test_a_schema_answer_is_parsed_into_its_type(client, schema, kind):
+    result = client.chat(PERSON, schema=schema, **STRICT)
+    assert result.finish_reason == "stop", result
+    assert type(result.parsed) is kind
+    assert result.parsed == resolve(schema).apply(result).parsed  # the text says the same
+    if kind is dict and "kind" in result.parsed:
+        assert result.parsed["kind"] in ("cat", "dog", "fish")
+
+
+def test_a_schema_answer_cut_by_max_tokens_says_so(client):
+    with pytest.raises(StructuredOutputError, match="cut at max_tokens .* raise max_tokens"
+                       ) as cut:
+        client.chat(PERSON, schema=Person, model="demo", max_tokens=3, temperature=0)
+    assert cut.value.cut and cut.value.result.finish_reason == "length"
+    assert cut.value.result.text and cut.value.result.parsed is None
+
+
+def test_a_streamed_schema_answer_is_the_whole_ones(client):
+    whole = client.chat(PERSON, schema=Person, **STRICT)
+    with client.stream(messages=PERSON, schema=Person, **STRICT) as events:
+        pieces = [event["text"] for event in events if "text" in event]
+    assert "".join(pieces) == whole.text and events.result.parsed == whole.parsed
+    job = client.submit(messages=PERSON, schema=Person, **STRICT)
+    assert client.result(job, timeout=120, schema=Person).parsed == whole.parsed
+
+
+def test_logprobs_come_one_per_token_with_the_alternatives_asked(client):
+    result = client.generate("The sea", model="demo", max_tokens=12, temperature=0,
+                             logprobs=True, top_logprobs=3)
+    assert len(result.logprobs) == result.usage["completion_tokens"]
+    # The tokens spell the text (the first may keep a space its detokenized text drops).
+    spelled = "".join(entry["token"] for entry in result.logprobs)
+    assert spelled.endswith(result.text) and not spelled[:-len(result.text)].strip()
+    for entry in result.logprobs:
+        assert entry["logprob"] <= 0 and len(entry["top_logprobs"]) == 3
+        # Greedy: the token taken is the likeliest.
+        assert entry["top_logprobs"][0]["logprob"] == pytest.approx(entry["logprob"])
+    with client.stream("The sea", model="demo", max_tokens=12, temperature=0,
+                       logprobs=True, top_logprobs=3) as events:
+        pieces = [event["text"] for event in events if "text" in event]
+    assert "".join(pieces) == result.text and events.result.logprobs == result.logprobs
+
+
+def test_n_answers_come_as_choices_and_the_sampling_options_are_taken(client):
+    result = client.generate("The sea", model="demo", max_tokens=10, temperature=1.0,
+                             seed=5, n=3, top_k=20, min_p=0.01, repetition_penalty=1.1,
+                             frequency_penalty=0.2, presence_penalty=0.1,
+                             logit_bias={"5": -1.0})
+    assert [choice.index for choice in result.choices] == [0, 1, 2]
+    assert result.text == result.choices[0].text
+    assert all(choice.finish_reason in ("stop", "length") for choice in result.choices)
+    with client.stream("The sea", model="demo", max_tokens=10, temperature=1.0, seed=5, n=3,
+                       top_k=20, min_p=0.01, repetition_penalty=1.1, frequency_penalty=0.2,
+                       presence_penalty=0.1, logit_bias={"5": -1.0}) as events:
+        list(events)
+    assert [c.text for c in events.result.choices] == [c.text for c in result.choices]
+    with pytest.raises(InvalidRequest, match="n"):
+        client.generate("The sea", model="demo", n=MAX_CHOICES + 1)
+
+
+# Small: the demo's context is 256 tokens, and the tools are written into the prompt.
+WEATHER = [{"type": "function", "function": {
+    "name": "weather", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Oslo", "Rome"]}},
+        "required": ["city"], "additionalProperties": False}}}]
+
+
+def test_a_required_tool_call_is_read_as_calls(client):
+    asked = [{"role": "user", "content": "What is the weather in Oslo?"}]
+    one = {"tools": WEATHER, "tool_choice": "required", "parallel_tool_calls": False}
+    result = client.chat(asked, **one, **STRICT)
+    assert result.finish_reason == "tool_calls", result
+    [call] = result.tool_calls
+    assert call["type"] == "function" and call["function"]["name"] == "weather"
+    assert json.loads(call["function"]["arguments"])["city"] in ("Oslo", "Rome")
+    with client.stream(messages=asked, **one, **STRICT) as events:
+        received = list(events)
+    streamed = [event["tool_call"] for event in received if "tool_call" in event]
+    assert streamed == events.result.tool_calls
+    assert [c["function"] for c in streamed] == [c["function"] for c in result.tool_calls]
+    # The answer goes back as the conversation's next turns.
+    follow = client.chat([*asked, {"role": "assistant", "content": None,
+                                   "tool_calls": result.tool_calls},
+                          {"role": "tool", "tool_call_id": call["id"],
+                           "content": '{"sky": "clear"}'}],
+                         tools=WEATHER, tool_choice="none", **STRICT)
+    assert follow.tool_calls == [] and follow.finish_reason in ("stop", "length")

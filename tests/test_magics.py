@@ -1,6 +1,7 @@
 """%%mlx and %mlx in a real IPython shell: options, interpolation, and the magic against a
 live server (answers, variables, chats, formats, commands)."""
 
+import json
 import re
 
 import pytest
@@ -204,3 +205,54 @@ def test_the_footer_says_when_the_models_context_cut_max_tokens(mlx, capsys):
     assert cut and 0 < int(cut.group(1)) < 256, footer
     mlx.run_cell_magic("mlx", "demo --max-tokens 4 --temperature 0", "The sea")
     assert "cut to" not in capsys.readouterr().out
+
+
+PERSON = ("import pydantic\n"
+          "class Person(pydantic.BaseModel):\n"
+          "    name: str = pydantic.Field(max_length=16)\n"
+          "    age: int = pydantic.Field(ge=0, le=120)\n")
+
+
+def test_a_schema_cell_gives_an_instance_shown_as_pretty_json(mlx, capsys):
+    mlx.run_cell(PERSON)
+    mlx.run_cell_magic("mlx", "demo --schema Person -o who --max-tokens 60 --temperature 0",
+                       "Invent a person: a name and an age.")
+    printed = capsys.readouterr()
+    assert printed.err == ""
+    who = mlx.user_ns["who"]
+    assert type(who) is mlx.user_ns["Person"]
+    assert json.dumps(who.model_dump(), indent=2) in printed.out
+    mlx.run_cell("point_schema = {'type': 'object', 'required': ['x'], "
+                 "'properties': {'x': {'type': 'integer', 'minimum': 0, 'maximum': 99}}, "
+                 "'additionalProperties': False}")
+    mlx.run_cell_magic("mlx", "demo --schema point_schema -o point --max-tokens 40 "
+                              "--temperature 0 --no-stream", "A point.")
+    assert capsys.readouterr().err == ""
+    assert set(mlx.user_ns["point"]) == {"x"} and type(mlx.user_ns["point"]["x"]) is int
+
+
+@pytest.mark.parametrize(("line", "says"), [
+    ("demo --schema Person --max-tokens 3 --temperature 0",
+     "the answer was cut at --max-tokens (3 tokens) before its JSON was complete; "
+     "raise --max-tokens"),
+    ("demo --schema Nobody", "--schema Nobody: the notebook has no variable 'Nobody'"),
+    ("demo --schema pydantic.Field", "--schema pydantic.Field is <function Field"),
+    ("demo --schema Person.nothing", "--schema Person.nothing: Person has no attribute"),
+])
+def test_a_schema_cell_that_cannot_answer_is_one_red_line(mlx, capsys, line, says):
+    mlx.run_cell(PERSON)
+    mlx.run_cell_magic("mlx", line, "Invent a person.")
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1
+
+
+def test_bad_schema_options_reach_the_server_never(mlx, capsys, live_server):
+    from mlx_jupyter import Client
+
+    with Client(live_server.url, live_server.token) as client:
+        before = client.history(1)
+        for line in ("demo --schema Person -f code", "demo --top-logprobs 21",
+                     "demo --min-p 2", "demo --repetition-penalty 0"):
+            mlx.run_cell_magic("mlx", line, "Hi")
+            assert capsys.readouterr().err.count("\n") == 1
+        assert client.history(1) == before

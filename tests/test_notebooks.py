@@ -1,6 +1,9 @@
 """The example notebooks, executed by nbclient in a real kernel against a real server."""
 
+import html
+import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -213,3 +216,46 @@ def test_interrupting_the_kernel_cancels_the_request_on_the_server(kernel_env, t
     finally:
         kernel.stop_channels()
         manager.shutdown_kernel(now=True)
+
+
+def test_schema_logprobs_and_reasoning_cells_in_a_real_kernel(kernel_env, tmp_path):
+    """What a notebook shows: a Person from --schema, one shaded span per token of
+    --logprobs (with its alternatives in the title), in a kernel nbclient runs."""
+    cells = [
+        "%load_ext mlx_jupyter",
+        "import pydantic\n"
+        "class Person(pydantic.BaseModel):\n"
+        "    name: str = pydantic.Field(max_length=16)\n"
+        "    age: int = pydantic.Field(ge=0, le=120)",
+        "%%mlx demo --schema Person -o who --max-tokens 60 --temperature 0\n"
+        "Invent a person: a name and an age.",
+        "print(type(who).__name__, isinstance(who, Person))",
+        "%%mlx demo --logprobs --top-logprobs 3 --max-tokens 12 --temperature 0\nThe sea",
+    ]
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    for cell in notebook.cells:
+        assert not [o for o in cell.outputs if o.output_type == "stream"
+                    and o.name == "stderr"], cell.source
+
+    schema_cell = notebook.cells[2].outputs
+    answer = [o for o in schema_cell if o.output_type == "display_data"][-2]
+    assert answer["data"]["text/markdown"].startswith("```json\n{")
+    shown = json.loads(answer["data"]["text/plain"])
+    assert set(shown) == {"name", "age"} and answer.metadata["mlx_jupyter"]["schema"] == \
+        "Person"
+    assert stream_text(notebook.cells[3].outputs) == "Person True\n"
+
+    logprobs_cell = [o for o in notebook.cells[4].outputs if o.output_type == "display_data"]
+    view, footer = logprobs_cell[-2], logprobs_cell[-1]
+    tokens = view.metadata["mlx_jupyter"]["usage"]["completion_tokens"]
+    markup = view["data"]["text/html"]
+    spans = re.findall(r"<span class='mlx-token' data-p='([0-9.]+)' title='([^']*)'", markup)
+    assert len(spans) == tokens == markup.count("<span ") and tokens >= 1
+    assert all(0 < float(p) <= 1 for p, _ in spans)
+    assert all(title.count("\n") == 4 for _, title in spans)  # itself, "top:", 3 rivals
+    # The spans spell the answer (the first token may keep a space the text drops).
+    spelled, text = html.unescape(re.sub(r"<[^>]+>", "", markup)), view["data"]["text/plain"]
+    assert text and spelled.endswith(text) and not spelled[:-len(text)].strip()
+    assert "demo · " in footer["data"]["text/plain"]
