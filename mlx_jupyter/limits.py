@@ -29,6 +29,7 @@ MAX_LOGIT_BIAS = 100.0  # a logit_bias value is from -this to this (OpenAI's)
 MAX_LOGIT_BIAS_ENTRIES = 1024
 PENALTY_CONTEXT_TOKENS = 64  # the recent tokens the penalties look back on
 MAX_TOOLS = 128
+MAX_PARALLEL_CALLS = 8  # tool calls one forced answer may make at once
 MAX_SCHEMA_BYTES = 256 * 1024  # a JSON schema (response_format, a tool's parameters), as JSON
 MAX_MODEL_NAME_CHARS = 256  # Hub repo ids (org/name) fit with room to spare
 MAX_NOTEBOOK_CHARS = 4096  # a kernel's JPY_SESSION_NAME is a path

@@ -755,13 +755,15 @@ def _arguments(arguments: str) -> Any:
 
 
 def _describe_tools(tools: list[dict[str, Any]]) -> str:
-    """The tools, for a model whose chat template cannot show them."""
-    lines = ["You call functions by writing <tool_call>{\"name\": ..., \"arguments\": {...}}"
-             "</tool_call>. The functions:"]
+    """The tools, for a model whose chat template cannot show them: one line each, short (a
+    small model's context is short too; the grammar enforces the arguments anyway)."""
+    lines = ['Call a function as <tool_call>{"name": ..., "arguments": {...}}</tool_call>.']
     for tool in tools:
         function = tool.get("function", {})
-        lines.append(json.dumps({key: function[key] for key in
-                                 ("name", "description", "parameters") if key in function}))
+        names = ", ".join((function.get("parameters") or {}).get("properties") or {})
+        description = function.get("description")
+        lines.append(f"{function.get('name')}({names})"
+                     f"{': ' + description if description else ''}")
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ...limits import MAX_SCHEMA_BYTES
+from ...limits import MAX_PARALLEL_CALLS, MAX_SCHEMA_BYTES
 from ..protocol import (
     Constraint,
     FunctionSpec,
@@ -67,7 +67,8 @@ def grammar(constraint: Constraint, syntax: ToolSyntax) -> str:
     if constraint["kind"] == "json":
         return _json_grammar(constraint["schema"])
     call = _call_schema(constraint["functions"])
-    calls = "call (SEPARATOR call)*" if constraint["parallel"] else "call"
+    calls = (f"call (SEPARATOR call){{0,{MAX_PARALLEL_CALLS - 1}}}" if constraint["parallel"]
+             else "call")
     return "\n".join((
         f"start: {calls}",
         f"call: {json.dumps(syntax.call_start)} arguments {json.dumps(syntax.call_end)}",

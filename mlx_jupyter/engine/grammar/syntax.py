@@ -60,6 +60,8 @@ class OutputRouter:
         self._state = "reasoning" if thinking and think else "text"
         self._held = ""  # text not yet routed
         self._call = ""  # the tool call being read
+        self._blank = ""  # whitespace since the last call: what separates calls, not text
+        self._called = False  # a call was read
 
     def _markers(self) -> dict[str, str]:
         """The markers that may come now: marker -> the state it leads to."""
@@ -97,7 +99,7 @@ class OutputRouter:
         self._emit(self._held, pieces)
         self._held = ""
         if self._state == "tool_call":  # cut before its closing marker: kept as text
-            pieces.append(("text", self._tools.call_start + self._call))
+            pieces.append(("text", self._blank + self._tools.call_start + self._call))
             self._call = ""
         return pieces
 
@@ -106,13 +108,21 @@ class OutputRouter:
             return
         if self._state == "tool_call":
             self._call += text
+        elif self._state == "text" and self._called and not (self._blank + text).strip():
+            self._blank += text  # between or after calls: dropped unless text follows
         else:
+            if self._state == "text" and self._blank:
+                text, self._blank = self._blank + text, ""
             pieces.append((self._state, text))
 
     def _switch(self, state: str, pieces: list[Piece]) -> None:
         if self._state == "tool_call":
-            pieces.extend(self._read_call(self._call))
+            read = self._read_call(self._call)
+            self._called = self._called or any(kind == "tool_call" for kind, _ in read)
+            pieces.extend(read)
             self._call = ""
+        elif state == "tool_call":
+            self._blank = ""  # what separated it from the call before
         self._state = state
 
     def _read_call(self, text: str) -> list[Piece]:
