@@ -266,3 +266,63 @@ def test_cache_control_is_accepted_and_other_unknown_fields_are_not(client):
         client.chat.completions.create(model="demo", max_tokens=4, messages=[
             {"role": "user", "content": "Hi", "cache_hint": {}}])
     assert refused.value.body["param"] == "messages.0.cache_hint"
+
+
+THINKING_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + "
+    "'<|end|>' }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% if enable_thinking "
+    "is defined and not enable_thinking %}<think></think>{% else %}<think>{% endif %}{% endif %}")
+
+
+def make_thinking_model(folder):
+    """A random-weight Llama whose tokenizer has thinking markers (<think>, </think>: mlx-lm
+    finds them in the vocabulary) and whose template opens a thinking block unless
+    enable_thinking is false, as Qwen 3's does."""
+    import numpy as np
+    from model_factory import llama_tensors
+    from safetensors.numpy import save_file
+    from tokenizers import Tokenizer
+
+    make_model(folder)
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.add_special_tokens(["<think>", "</think>"])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    vocab = tokenizer.get_vocab_size()
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": vocab}))
+    tensors = llama_tensors(64, 2)
+    tensors["model.embed_tokens.weight"] = (
+        np.random.default_rng(2).standard_normal((vocab, 64), dtype=np.float32) * 0.02)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "mlx"})
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_config["chat_template"] = THINKING_TEMPLATE
+    tokenizer_config.pop("tool_parser_type", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return {str(tokenizer.token_to_id(marker)): -100 for marker in ("<think>", "</think>")}
+
+
+def test_thinking_is_returned_apart_and_chat_template_kwargs_reach_the_template(
+        live_server, client):
+    folder = live_server.root_dir / "thinker"
+    no_markers = make_thinking_model(folder)
+    registered = live_server.request("POST", "mlx/api/models",
+                                     json={"name": "thinker", "path": str(folder)})
+    assert registered.status_code in (200, 201), registered.text
+    try:
+        body = {"model": "thinker", "messages": ASK, "max_tokens": 12, "temperature": 0,
+                "logit_bias": no_markers}  # random weights: never close the block by chance
+        thinking = stream(live_server, **body)
+        assert {key for event in thinking[:-1] for key in event} == {"reasoning"}
+        whole = generate(live_server, **body)
+        assert whole["reasoning"] == "".join(e["reasoning"] for e in thinking[:-1])
+        assert whole["text"] == "" and whole["reasoning"]
+        direct = generate(live_server, **body,
+                          chat_template_kwargs={"enable_thinking": False})
+        assert direct["reasoning"] is None and direct["text"]
+        answer = client.chat.completions.create(
+            model="thinker", messages=ASK, max_tokens=12, temperature=0,
+            logit_bias=no_markers)
+        assert answer.choices[0].message.model_extra["reasoning_content"] == whole["reasoning"]
+    finally:
+        live_server.request("DELETE", "mlx/api/models/thinker")
+        shutil.rmtree(folder, ignore_errors=True)
