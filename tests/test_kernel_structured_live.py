@@ -53,7 +53,10 @@ def thinker(live_server):
     answer = live_server.request("POST", "mlx/api/models",
                                  json={"name": THINKER, "path": str(folder)})
     assert answer.status_code == 201, answer.text
-    return THINKER
+    yield THINKER
+    # The server is the session's: other tests count its loaded models.
+    assert live_server.request("POST", f"mlx/api/models/{THINKER}/unload").status_code == 200
+    assert live_server.request("DELETE", f"mlx/api/models/{THINKER}").status_code in (200, 204)
 
 
 def test_the_client_reads_reasoning_whole_and_streamed(live_server, thinker):
