@@ -14,7 +14,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "mlx_jupyter"
 # What runs only in a model worker's process: the one place MLX may be imported.
 WORKER_MODULES = {"mlx_jupyter.engine.worker", "mlx_jupyter.engine.batching",
-                  "mlx_jupyter.engine.memory_guard"}
+                  "mlx_jupyter.engine.memory_guard", "mlx_jupyter.engine.sampling",
+                  "mlx_jupyter.engine.grammar.processor"}
 WEB = ("tornado", "jupyter_server")
 MLX = ("mlx", "mlx_lm")
 

@@ -87,13 +87,15 @@ def test_bodies_and_answers_are_the_models_the_handlers_use(spec):
     generate = spec["paths"]["/mlx/api/generate"]["post"]
     schemas = spec["components"]["schemas"]
     body = _resolved(generate["requestBody"]["content"]["application/json"]["schema"], schemas)
-    assert set(body["properties"]) == set(GenerateRequest.model_fields)
+    assert set(body["properties"]) == {field.alias or name for name, field
+                                       in GenerateRequest.model_fields.items()}
     assert body["additionalProperties"] is False  # unknown fields are refused
     whole = generate["responses"]["200"]["content"]
     assert whole["application/json"]["schema"]["$ref"].endswith("/GenerationAnswer")
     events = whole["application/x-ndjson"]["schema"]["items"]["anyOf"]
-    assert {e["$ref"].rsplit("/", 1)[1] for e in events} == {"TextEvent", "DoneEvent",
-                                                              "ErrorEvent"}
+    assert {e["$ref"].rsplit("/", 1)[1] for e in events} == {
+        "TextEvent", "ReasoningEvent", "ToolCallEvent", "LogprobsEvent", "DoneEvent",
+        "ErrorEvent"}
     assert generate["responses"]["202"]["content"]["application/json"]["schema"][
         "$ref"].endswith("/Accepted")
     assert generate["responses"]["429"]["headers"]["Retry-After"]["required"] is True

@@ -429,7 +429,20 @@ export interface components {
         AssistantMessage: {
             /** @constant */
             role: "assistant";
-            content: string;
+            /** @description null when it only calls tools */
+            content: string | null;
+            /**
+             * @description the calls it made, if any
+             * @default null
+             */
+            tool_calls: components["schemas"]["ToolCall"][] | null;
+            /**
+             * @description the text inside the model family's thinking markers
+             * @default null
+             */
+            reasoning_content: string | null;
+            /** @default null */
+            refusal: null;
         };
         /** Cancellation */
         Cancellation: {
@@ -450,14 +463,14 @@ export interface components {
             index: number;
             message: components["schemas"]["AssistantMessage"];
             finish_reason: string;
-            logprobs: null;
+            logprobs: components["schemas"]["ChatLogprobs"] | null;
         };
         /** ChatChunkChoice */
         ChatChunkChoice: {
             index: number;
             delta: components["schemas"]["ChatDelta"];
             finish_reason: string | null;
-            logprobs: null;
+            logprobs: components["schemas"]["ChatLogprobs"] | null;
         };
         /** ChatCompletion */
         ChatCompletion: {
@@ -495,6 +508,61 @@ export interface components {
         /** ChatCompletionRequest */
         ChatCompletionRequest: {
             /** @default null */
+            tools: components["schemas"]["Tool"][] | null;
+            /**
+             * @description none, auto (the default with tools), required (at least one call, enforced), or a named function (one call of it, enforced)
+             * @default null
+             */
+            tool_choice: ("none" | "auto" | "required") | components["schemas"]["NamedToolChoice"] | null;
+            /**
+             * @description required: the answer may make several calls (the default)
+             * @default null
+             */
+            parallel_tool_calls: boolean | null;
+            /**
+             * @description passed to the chat template (e.g. enable_thinking)
+             * @default null
+             */
+            chat_template_kwargs: {
+                [key: string]: unknown;
+            } | null;
+            /**
+             * @description answers to generate (each takes a batch slot; each from the seed plus its index)
+             * @default null
+             */
+            n: number | null;
+            /**
+             * @description sample from the k likeliest tokens only; 0: off
+             * @default null
+             */
+            top_k: number | null;
+            /**
+             * @description drop tokens less likely than this times the likeliest; 0: off
+             * @default null
+             */
+            min_p: number | null;
+            /**
+             * @description divide the logits of recent tokens by this (1: off)
+             * @default null
+             */
+            repetition_penalty: number | null;
+            /** @default null */
+            frequency_penalty: number | null;
+            /** @default null */
+            presence_penalty: number | null;
+            /**
+             * @description token id -> a value added to its logit
+             * @default null
+             */
+            logit_bias: {
+                [key: string]: number;
+            } | null;
+            /**
+             * @description with logprobs: the likeliest rivals of each token
+             * @default null
+             */
+            top_logprobs: number | null;
+            /** @default null */
             model: string | null;
             /** @default null */
             max_tokens: number | null;
@@ -513,70 +581,34 @@ export interface components {
             /** @default null */
             user: string | null;
             /**
-             * @default 1
-             * @enum {unknown}
-             */
-            n: 1 | null;
-            /**
              * @description higher first; waiting raises it (aging)
              * @default 0
              */
             priority: number;
             /**
+             * @description accepted and ignored: OpenAI's tags for its dashboard
              * @default null
-             * @enum {unknown}
              */
-            frequency_penalty: null | 0;
-            /**
-             * @default null
-             * @enum {unknown}
-             */
-            presence_penalty: null | 0;
-            /**
-             * @default null
-             * @enum {unknown}
-             */
-            logit_bias: null | Record<string, never>;
-            /**
-             * @default null
-             * @enum {unknown}
-             */
-            logprobs: null | false | 0;
-            /**
-             * @default null
-             * @enum {unknown}
-             */
-            top_logprobs: null | 0;
-            /** @default null */
             metadata: {
                 [key: string]: string;
             } | null;
-            /** @default null */
+            /**
+             * @description accepted and ignored: OpenAI's opt-in to keep the answer: every request is recorded here anyway
+             * @default null
+             */
             store: boolean | null;
-            /** @default null */
+            /**
+             * @description accepted and ignored: OpenAI's processing tier
+             * @default null
+             */
             service_tier: string | null;
             messages: components["schemas"]["Message"][];
             /** @default null */
             max_completion_tokens: number | null;
             /** @default null */
-            response_format: {
-                /** @constant */
-                type: "text";
-            } | {
-                [key: string]: unknown;
-            } | null;
-            /**
-             * @default null
-             * @enum {unknown}
-             */
-            tools: null | never[];
-            /**
-             * @default null
-             * @enum {unknown}
-             */
-            tool_choice: null | "none";
+            response_format: components["schemas"]["ResponseFormat"] | null;
             /** @default null */
-            parallel_tool_calls: boolean | null;
+            logprobs: boolean | null;
         };
         /** ChatDelta */
         ChatDelta: {
@@ -587,15 +619,131 @@ export interface components {
             role: "assistant" | null;
             /** @default null */
             content: string | null;
+            /** @default null */
+            reasoning_content: string | null;
+            /** @default null */
+            tool_calls: components["schemas"]["StreamedToolCall"][] | null;
         };
-        /** ChatMessage */
+        /** ChatLogprobs */
+        ChatLogprobs: {
+            content: components["schemas"]["TokenLogprob"][] | null;
+            /** @default null */
+            refusal: null;
+        };
+        /**
+         * ChatMessage
+         * @description A message: system, user, assistant (which may carry the tool calls it made, its content
+         *     then null) or tool (a call's result, naming the call).
+         */
         ChatMessage: {
             /** @enum {string} */
-            role: "system" | "user" | "assistant";
-            content: string;
+            role: "system" | "user" | "assistant" | "tool";
+            content: string | null;
+            /** @default null */
+            tool_calls: components["schemas"]["ToolCallIn"][] | null;
+            /** @default null */
+            tool_call_id: string | null;
+            /** @default null */
+            name: string | null;
+            /**
+             * @description accepted and ignored: a prompt-caching hint on a message or content part (litellm, jupyter-ai add it): this server caches every prompt's prefix by itself
+             * @default null
+             */
+            cache_control: {
+                [key: string]: unknown;
+            } | null;
+        };
+        /**
+         * Choice
+         * @description One answer of a request: its text, thinking, tool calls, log-probabilities.
+         */
+        Choice: {
+            /** @description the answer it belongs to, of the request's n */
+            index: number;
+            text: string;
+            /**
+             * @description the text inside the model family's thinking markers; null: none
+             * @default null
+             */
+            reasoning: string | null;
+            tool_calls?: components["schemas"]["ToolCall"][];
+            /**
+             * @description asked for: one per token
+             * @default null
+             */
+            logprobs: components["schemas"]["TokenLogprob"][] | null;
+            /**
+             * @description with a schema: the answer's JSON value, valid for it; null when it is not (see parse_error)
+             * @default null
+             */
+            parsed: Record<string, never> | unknown[] | string | number | boolean | null;
+            /**
+             * @description with a schema: why the answer is no valid JSON for it (max_tokens cut it)
+             * @default null
+             */
+            parse_error: string | null;
+            /** @enum {string} */
+            finish_reason: "stop" | "length" | "cancelled" | "timeout" | "tool_calls";
+        };
+        /**
+         * ChoiceEnd
+         * @description How one of n answers ended.
+         */
+        ChoiceEnd: {
+            /** @description the answer it belongs to, of the request's n */
+            index: number;
+            /** @enum {string} */
+            finish_reason: "stop" | "length" | "cancelled" | "timeout" | "tool_calls";
+            /**
+             * @description with a schema: the answer's JSON value, valid for it; null when it is not (see parse_error)
+             * @default null
+             */
+            parsed: Record<string, never> | unknown[] | string | number | boolean | null;
+            /**
+             * @description with a schema: why the answer is no valid JSON for it (max_tokens cut it)
+             * @default null
+             */
+            parse_error: string | null;
         };
         /** CompletionRequest */
         CompletionRequest: {
+            /**
+             * @description answers to generate (each takes a batch slot; each from the seed plus its index)
+             * @default null
+             */
+            n: number | null;
+            /**
+             * @description sample from the k likeliest tokens only; 0: off
+             * @default null
+             */
+            top_k: number | null;
+            /**
+             * @description drop tokens less likely than this times the likeliest; 0: off
+             * @default null
+             */
+            min_p: number | null;
+            /**
+             * @description divide the logits of recent tokens by this (1: off)
+             * @default null
+             */
+            repetition_penalty: number | null;
+            /** @default null */
+            frequency_penalty: number | null;
+            /** @default null */
+            presence_penalty: number | null;
+            /**
+             * @description token id -> a value added to its logit
+             * @default null
+             */
+            logit_bias: {
+                [key: string]: number;
+            } | null;
+            /**
+             * @description with logprobs: the likeliest rivals of each token
+             * @default null
+             * @enum {unknown}
+             */
+            top_logprobs: null;
             /** @default null */
             model: string | null;
             /** @default null */
@@ -615,47 +763,26 @@ export interface components {
             /** @default null */
             user: string | null;
             /**
-             * @default 1
-             * @enum {unknown}
-             */
-            n: 1 | null;
-            /**
              * @description higher first; waiting raises it (aging)
              * @default 0
              */
             priority: number;
             /**
+             * @description accepted and ignored: OpenAI's tags for its dashboard
              * @default null
-             * @enum {unknown}
              */
-            frequency_penalty: null | 0;
-            /**
-             * @default null
-             * @enum {unknown}
-             */
-            presence_penalty: null | 0;
-            /**
-             * @default null
-             * @enum {unknown}
-             */
-            logit_bias: null | Record<string, never>;
-            /**
-             * @default null
-             * @enum {unknown}
-             */
-            logprobs: null | false | 0;
-            /**
-             * @default null
-             * @enum {unknown}
-             */
-            top_logprobs: null | 0;
-            /** @default null */
             metadata: {
                 [key: string]: string;
             } | null;
-            /** @default null */
+            /**
+             * @description accepted and ignored: OpenAI's opt-in to keep the answer: every request is recorded here anyway
+             * @default null
+             */
             store: boolean | null;
-            /** @default null */
+            /**
+             * @description accepted and ignored: OpenAI's processing tier
+             * @default null
+             */
             service_tier: string | null;
             prompt: string | string[];
             /**
@@ -673,6 +800,11 @@ export interface components {
              * @enum {unknown}
              */
             best_of: null | 1;
+            /**
+             * @description the log-probabilities of each token and of this many rivals
+             * @default null
+             */
+            logprobs: number | null;
         };
         /** DatabaseInfo */
         DatabaseInfo: {
@@ -723,7 +855,7 @@ export interface components {
             request_id: string;
             model: string;
             /** @enum {string} */
-            finish_reason: "stop" | "length" | "cancelled" | "timeout";
+            finish_reason: "stop" | "length" | "cancelled" | "timeout" | "tool_calls";
             usage: components["schemas"]["Usage"];
             timings: components["schemas"]["Timings"];
             /** @description the seed sampling used (the server picks one when the request gives none); null for greedy decoding (temperature 0) */
@@ -733,6 +865,21 @@ export interface components {
              * @default null
              */
             max_tokens_clipped_to: number | null;
+            /**
+             * @description with a schema: the answer's JSON value, valid for it; null when it is not (see parse_error)
+             * @default null
+             */
+            parsed: Record<string, never> | unknown[] | string | number | boolean | null;
+            /**
+             * @description with a schema: why the answer is no valid JSON for it (max_tokens cut it)
+             * @default null
+             */
+            parse_error: string | null;
+            /**
+             * @description n > 1: how each answer ended (the fields above: the first's)
+             * @default null
+             */
+            choices: components["schemas"]["ChoiceEnd"][] | null;
         };
         /** ErrorAnswer */
         ErrorAnswer: {
@@ -785,8 +932,97 @@ export interface components {
             source: "bundled" | "registered" | "folder" | "huggingface";
             deleted_files: boolean;
         };
+        /** FunctionCall */
+        FunctionCall: {
+            name: string;
+            /** @description the arguments, as JSON text (OpenAI's shape) */
+            arguments: string;
+        };
+        /** FunctionCallIn */
+        FunctionCallIn: {
+            name: string;
+            /** @description JSON text */
+            arguments: string;
+        };
+        /** FunctionDefinition */
+        FunctionDefinition: {
+            name: string;
+            /** @default null */
+            description: string | null;
+            /**
+             * @description a JSON schema of an object; left out: no arguments
+             * @default null
+             */
+            parameters: {
+                [key: string]: unknown;
+            } | null;
+            /**
+             * @description calls are always enforced to match the parameters when forced (tool_choice required or named)
+             * @default null
+             */
+            strict: boolean | null;
+        };
+        /** FunctionName */
+        FunctionName: {
+            name: string;
+        };
         /** GenerateRequest */
         GenerateRequest: {
+            /** @default null */
+            tools: components["schemas"]["Tool"][] | null;
+            /**
+             * @description none, auto (the default with tools), required (at least one call, enforced), or a named function (one call of it, enforced)
+             * @default null
+             */
+            tool_choice: ("none" | "auto" | "required") | components["schemas"]["NamedToolChoice"] | null;
+            /**
+             * @description required: the answer may make several calls (the default)
+             * @default null
+             */
+            parallel_tool_calls: boolean | null;
+            /**
+             * @description passed to the chat template (e.g. enable_thinking)
+             * @default null
+             */
+            chat_template_kwargs: {
+                [key: string]: unknown;
+            } | null;
+            /**
+             * @description answers to generate (each takes a batch slot; each from the seed plus its index)
+             * @default null
+             */
+            n: number | null;
+            /**
+             * @description sample from the k likeliest tokens only; 0: off
+             * @default null
+             */
+            top_k: number | null;
+            /**
+             * @description drop tokens less likely than this times the likeliest; 0: off
+             * @default null
+             */
+            min_p: number | null;
+            /**
+             * @description divide the logits of recent tokens by this (1: off)
+             * @default null
+             */
+            repetition_penalty: number | null;
+            /** @default null */
+            frequency_penalty: number | null;
+            /** @default null */
+            presence_penalty: number | null;
+            /**
+             * @description token id -> a value added to its logit
+             * @default null
+             */
+            logit_bias: {
+                [key: string]: number;
+            } | null;
+            /**
+             * @description with logprobs: the likeliest rivals of each token
+             * @default null
+             */
+            top_logprobs: number | null;
             /** @default null */
             model: string | null;
             /** @default null */
@@ -815,18 +1051,55 @@ export interface components {
             background: boolean;
             /** @default null */
             notebook: string | null;
+            /**
+             * @description a JSON schema: the answer is JSON valid for it, enforced token by token ({}: any JSON value)
+             * @default null
+             */
+            schema: {
+                [key: string]: unknown;
+            } | null;
+            /**
+             * @description each answer token's log-probability
+             * @default false
+             */
+            logprobs: boolean;
         } & ({
             prompt: unknown;
         } | {
             messages: unknown;
         });
-        /** GenerationAnswer */
+        /**
+         * GenerationAnswer
+         * @description The answer; with n > 1, `choices` holds every answer and the fields above are the
+         *     first's.
+         */
         GenerationAnswer: {
             request_id: string;
             model: string;
             text: string;
+            /**
+             * @description the text inside the model family's thinking markers; null: none
+             * @default null
+             */
+            reasoning: string | null;
+            tool_calls?: components["schemas"]["ToolCall"][];
+            /**
+             * @description asked for: one per token
+             * @default null
+             */
+            logprobs: components["schemas"]["TokenLogprob"][] | null;
+            /**
+             * @description with a schema: the answer's JSON value, valid for it; null when it is not (see parse_error)
+             * @default null
+             */
+            parsed: Record<string, never> | unknown[] | string | number | boolean | null;
+            /**
+             * @description with a schema: why the answer is no valid JSON for it (max_tokens cut it)
+             * @default null
+             */
+            parse_error: string | null;
             /** @enum {string} */
-            finish_reason: "stop" | "length" | "cancelled" | "timeout";
+            finish_reason: "stop" | "length" | "cancelled" | "timeout" | "tool_calls";
             usage: components["schemas"]["Usage"];
             timings: components["schemas"]["Timings"];
             /** @description the seed sampling used (the server picks one when the request gives none); null for greedy decoding (temperature 0) */
@@ -836,6 +1109,11 @@ export interface components {
              * @default null
              */
             max_tokens_clipped_to: number | null;
+            /**
+             * @description n > 1: every answer
+             * @default null
+             */
+            choices: components["schemas"]["Choice"][] | null;
         };
         /** HistoryPage */
         HistoryPage: {
@@ -868,6 +1146,36 @@ export interface components {
             prompt_preview: string | null;
             output_preview: string | null;
         };
+        /** JsonSchemaFormat */
+        JsonSchemaFormat: {
+            name: string;
+            /** @default null */
+            description: string | null;
+            /**
+             * @description left out: any JSON object
+             * @default null
+             */
+            schema: {
+                [key: string]: unknown;
+            } | null;
+            /**
+             * @description the answer is always enforced to match
+             * @default null
+             */
+            strict: boolean | null;
+        };
+        /**
+         * LegacyLogprobs
+         * @description The legacy completions' log-probabilities: a column per token.
+         */
+        LegacyLogprobs: {
+            tokens: string[];
+            token_logprobs: number[];
+            top_logprobs: {
+                [key: string]: number;
+            }[] | null;
+            text_offset: number[];
+        };
         /**
          * LiveMemory
          * @description What a loaded model's worker holds now, by its latest report.
@@ -890,6 +1198,18 @@ export interface components {
             max_loaded: number;
             loaded: components["schemas"]["ModelState"][];
         };
+        /**
+         * LogprobsEvent
+         * @description The log-probabilities of the tokens sampled since the last such event.
+         */
+        LogprobsEvent: {
+            logprobs: components["schemas"]["TokenLogprob"][];
+            /**
+             * @description the answer it belongs to, of the request's n
+             * @default 0
+             */
+            index: number;
+        };
         /** Memory */
         Memory: {
             /** @description the machine's memory, bytes */
@@ -905,10 +1225,21 @@ export interface components {
         /** Message */
         Message: {
             /** @enum {string} */
-            role: "system" | "developer" | "user" | "assistant";
-            content: string | components["schemas"]["TextPart"][];
+            role: "system" | "developer" | "user" | "assistant" | "tool";
+            content: (string | components["schemas"]["TextPart"][]) | null;
             /** @default null */
             name: string | null;
+            /** @default null */
+            tool_calls: components["schemas"]["ToolCallIn"][] | null;
+            /** @default null */
+            tool_call_id: string | null;
+            /**
+             * @description accepted and ignored: a prompt-caching hint on a message or content part (litellm, jupyter-ai add it): this server caches every prompt's prefix by itself
+             * @default null
+             */
+            cache_control: {
+                [key: string]: unknown;
+            } | null;
         };
         /**
          * ModelDescription
@@ -992,6 +1323,12 @@ export interface components {
             last_used_at: string | null;
             error: string | null;
         };
+        /** NamedToolChoice */
+        NamedToolChoice: {
+            /** @constant */
+            type: "function";
+            function: components["schemas"]["FunctionName"];
+        };
         /** OpenAIErrorAnswer */
         OpenAIErrorAnswer: {
             error: components["schemas"]["OpenAIErrorDetail"];
@@ -1057,6 +1394,18 @@ export interface components {
             /** @description since it was submitted */
             waited_seconds: number;
         };
+        /**
+         * ReasoningEvent
+         * @description Text inside the model family's thinking markers.
+         */
+        ReasoningEvent: {
+            reasoning: string;
+            /**
+             * @description the answer it belongs to, of the request's n
+             * @default 0
+             */
+            index: number;
+        };
         /** RegisterModel */
         RegisterModel: {
             name: string;
@@ -1110,6 +1459,13 @@ export interface components {
             timeout: number | null;
         } & {
             [key: string]: unknown;
+        };
+        /** ResponseFormat */
+        ResponseFormat: {
+            /** @enum {string} */
+            type: "text" | "json_object" | "json_schema";
+            /** @default null */
+            json_schema: components["schemas"]["JsonSchemaFormat"] | null;
         };
         /** Set_default_max_tokens */
         Set_default_max_tokens: {
@@ -1205,13 +1561,25 @@ export interface components {
             /** @default false */
             include_usage: boolean;
         };
+        /**
+         * StreamedToolCall
+         * @description A whole call in one delta (OpenAI's clients join the pieces of a call by index).
+         */
+        StreamedToolCall: {
+            id: string;
+            /** @constant */
+            type: "function";
+            function: components["schemas"]["FunctionCall"];
+            /** @description its place among the answer's calls */
+            index: number;
+        };
         /** TextChoice */
         TextChoice: {
             index: number;
             text: string;
             /** @description null in a stream until its last chunk */
             finish_reason: string | null;
-            logprobs: null;
+            logprobs: components["schemas"]["LegacyLogprobs"] | null;
         };
         /** TextCompletion */
         TextCompletion: {
@@ -1249,12 +1617,24 @@ export interface components {
         /** TextEvent */
         TextEvent: {
             text: string;
+            /**
+             * @description the answer it belongs to, of the request's n
+             * @default 0
+             */
+            index: number;
         };
         /** TextPart */
         TextPart: {
             /** @constant */
             type: "text";
             text: string;
+            /**
+             * @description accepted and ignored: a prompt-caching hint on a message or content part (litellm, jupyter-ai add it): this server caches every prompt's prefix by itself
+             * @default null
+             */
+            cache_control: {
+                [key: string]: unknown;
+            } | null;
         };
         /**
          * Timings
@@ -1283,6 +1663,59 @@ export interface components {
              * @default null
              */
             prompt_tokens_per_second: number | null;
+        };
+        /**
+         * TokenLogprob
+         * @description A sampled token's log-probability and its best rivals' (as the sampler saw them: after
+         *     the penalties and the constraint, before the temperature).
+         */
+        TokenLogprob: {
+            /** @description its text (a token that is part of a character: with U+FFFD for the bytes it lacks) */
+            token: string;
+            logprob: number;
+            /** @description its UTF-8 bytes */
+            bytes: number[];
+            top_logprobs: components["schemas"]["TopLogprob"][];
+        };
+        /** Tool */
+        Tool: {
+            /** @constant */
+            type: "function";
+            function: components["schemas"]["FunctionDefinition"];
+        };
+        /** ToolCall */
+        ToolCall: {
+            id: string;
+            /** @constant */
+            type: "function";
+            function: components["schemas"]["FunctionCall"];
+        };
+        /**
+         * ToolCallEvent
+         * @description One whole tool call, once the model closed it.
+         */
+        ToolCallEvent: {
+            tool_call: components["schemas"]["ToolCall"];
+            /**
+             * @description the answer it belongs to, of the request's n
+             * @default 0
+             */
+            index: number;
+        };
+        /** ToolCallIn */
+        ToolCallIn: {
+            id: string;
+            /** @constant */
+            type: "function";
+            function: components["schemas"]["FunctionCallIn"];
+        };
+        /** TopLogprob */
+        TopLogprob: {
+            /** @description its text (a token that is part of a character: with U+FFFD for the bytes it lacks) */
+            token: string;
+            logprob: number;
+            /** @description its UTF-8 bytes */
+            bytes: number[];
         };
         /** Usage */
         Usage: {
@@ -1394,7 +1827,7 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["GenerationAnswer"];
-                    "application/x-ndjson": (components["schemas"]["TextEvent"] | components["schemas"]["DoneEvent"] | components["schemas"]["ErrorEvent"])[];
+                    "application/x-ndjson": (components["schemas"]["TextEvent"] | components["schemas"]["ReasoningEvent"] | components["schemas"]["ToolCallEvent"] | components["schemas"]["LogprobsEvent"] | components["schemas"]["DoneEvent"] | components["schemas"]["ErrorEvent"])[];
                 };
             };
             /** @description background true: recorded and queued */

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field
+from pydantic import Field, WithJsonSchema
 
 from ..limits import MAX_SEED
 from .base import Answer
@@ -79,8 +79,12 @@ class TokenLogprob(TopLogprob):
 
 AnswerIndex = Annotated[int, Field(ge=0, description="the answer it belongs to, of the "
                                                      "request's n")]
-Parsed = Annotated[Any, Field(description="with a schema: the answer's JSON value, valid for "
-                                          "it; null when it is not (see parse_error)")]
+# Any JSON value, stated as such (a bare Any would publish no schema at all).
+JSON_VALUE = {"anyOf": [{"type": kind} for kind in
+                        ("object", "array", "string", "number", "boolean", "null")]}
+Parsed = Annotated[Any, WithJsonSchema(JSON_VALUE), Field(
+    description="with a schema: the answer's JSON value, valid for it; null when it is not "
+                "(see parse_error)")]
 ParseError = Annotated[str | None, Field(description="with a schema: why the answer is no "
                                                      "valid JSON for it (max_tokens cut it)")]
 
