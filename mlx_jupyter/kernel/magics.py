@@ -59,7 +59,8 @@ HELP = f"""\
     --top-k N          sample among the N likeliest tokens (0: all)
     --min-p F          drop tokens less likely than F times the likeliest one
     --repetition-penalty F
-                       above 1 discourages repeating recent tokens (at most {MAX_REPETITION_PENALTY:g})
+                       above 1 discourages repeating recent tokens (at most
+                       {MAX_REPETITION_PENALTY:g})
     --frequency-penalty F, --presence-penalty F
                        from -{MAX_PENALTY:g} to {MAX_PENALTY:g}, as OpenAI defines them
     --seed N           random seed, for reproducible sampling (without it, the server picks
@@ -71,8 +72,9 @@ HELP = f"""\
                        a TypedDict or a JSON-schema dict of the notebook), checked, shown
                        pretty-printed; -o VAR gets the value (a NAME instance, or a dict)
     --logprobs         show each token shaded by its probability, its likeliest
-                       alternatives on hover (--top-logprobs K of them, default {DEFAULT_TOP_LOGPROBS})
-    -o, --output VAR   also store the answer's text in VAR
+                       alternatives on hover
+    --top-logprobs K   how many alternatives (default {DEFAULT_TOP_LOGPROBS}); implies --logprobs
+    -o, --output VAR   also store the answer's text in VAR (with --schema, its value)
     --chat [NAME]      continue the conversation NAME (default "default")
     --no-stream        show the answer only once it is complete
     --no-interpolate   send {{var}}, {{In[n]}}, {{Out[n]}} as written instead of their values
