@@ -226,13 +226,23 @@ def train_tokenizer(folder: str | os.PathLike[str], vocab_size: int) -> None:
 
 
 def make_tool_model(folder: str | os.PathLike[str], *, context: int = 8192,
-                    vocab_size: int | None = None, hidden: int = 64, layers: int = 2,
+                    vocab_size: int | None = None, favour: tuple[str, ...] = (),
+                    hidden: int = 64, layers: int = 2,
                     age_seconds: float = 60.0) -> FakeModel:
     """A random-weight Llama folder whose chat template has tool support (TOOL_CHAT_TEMPLATE)
     and whose context holds `context` tokens: for clients whose prompts carry many tools
     (jupyter-ai's Jupyternaut sends 14 with a 13,000-character system prompt). Its tokenizer is
     the demo's, or with `vocab_size` one trained by train_tokenizer (the embedding sized to
-    it)."""
+    it).
+
+    `favour`: pieces of the vocabulary (e.g. "{" and "}") that the model then prefers at every
+    step, whatever came before, by ~14 in logit over all others: random weights otherwise
+    never end a JSON object whose schema leaves keys open (a tool without parameters is
+    `{"type": "object", "properties": {}}`), so a forced call of such a tool would run to
+    max_tokens; favouring "{" and "}", it writes `{}` (where `{` is valid, "}" is not, and the
+    other way round). Made in the tied embedding: every row shares a component along one
+    axis, which the final norm turns into most of the hidden state, and the favoured rows have
+    more of it."""
     vocab = vocab_size or VOCAB_SIZE
     config = {**llama_config(hidden, layers), "max_position_embeddings": context,
               "vocab_size": vocab}
@@ -245,6 +255,17 @@ def make_tool_model(folder: str | os.PathLike[str], *, context: int = 8192,
         rng = np.random.default_rng(1)
         tensors["model.embed_tokens.weight"] = (
             rng.standard_normal((vocab, hidden), dtype=np.float32) * 0.02)
+    if favour:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        embedding = tensors["model.embed_tokens.weight"]
+        embedding[:, 0] += 1.0
+        for piece in favour:
+            if (favoured := tokenizer.token_to_id(piece)) is None:
+                raise ValueError(f"{piece!r} is not one piece of this model's vocabulary")
+            embedding[favoured, 0] += 2.0
+    if vocab_size or favour:
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "mlx"})
     tokenizer_config = json.loads((path / "tokenizer_config.json").read_text())
     tokenizer_config.update(chat_template=TOOL_CHAT_TEMPLATE, model_max_length=context)
