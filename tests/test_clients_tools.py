@@ -42,18 +42,19 @@ class Weather(BaseModel):
     note: str = Field(max_length=12)
 
 
-# As small as tools get: the demo's context is 256 tokens, and the tools' JSON goes into the
-# prompt.
+# Small (the demo's context is 256 tokens, and the tools go into the prompt) and closed
+# (additionalProperties false, as OpenAI's strict tools are): the arguments have nowhere to
+# ramble. LangChain's tools below are sent as LangChain sends them, open.
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "The forecast.",
     "parameters": {"type": "object",
                    "properties": {"city": {"enum": ["Paris", "Oslo"]},
                                   "days": {"type": "integer", "minimum": 1, "maximum": 7}},
-                   "required": ["city", "days"]}}}
+                   "required": ["city", "days"], "additionalProperties": False}}}
 TIME_TOOL = {"type": "function", "function": {
     "name": "get_time", "parameters": {"type": "object",
                                        "properties": {"city": {"enum": ["Paris", "Oslo"]}},
-                                       "required": ["city"]}}}
+                                       "required": ["city"], "additionalProperties": False}}}
 TOOLS = [WEATHER_TOOL, TIME_TOOL]
 PARAMETERS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
@@ -80,12 +81,15 @@ def client(base_url, live_server):
 @pytest.fixture(scope="module")
 def tool_model(live_server):
     """A random-weight Llama with a tool-capable chat template and an 8k context, registered
-    with the live server under TOOL_MODEL."""
+    with the live server under TOOL_MODEL; unloaded and forgotten after."""
     folder = make_tool_model(live_server.root_dir / TOOL_MODEL).path
     answer = live_server.request("POST", "mlx/api/models",
                                  json={"name": TOOL_MODEL, "path": str(folder)})
     assert answer.status_code == 201, answer.text
-    return TOOL_MODEL
+    yield TOOL_MODEL
+    # the live server is the session's, and other tests count its models
+    assert live_server.request("POST", f"mlx/api/models/{TOOL_MODEL}/unload").status_code == 200
+    assert live_server.request("DELETE", f"mlx/api/models/{TOOL_MODEL}").status_code in (200, 204)
 
 
 @pytest.fixture(params=TOOL_MODELS)
@@ -155,7 +159,7 @@ def accumulate_tool_calls(chunks) -> tuple[dict[int, dict], str | None, str]:
     return calls, finish, text
 
 
-# -- what works before the tools: plain chat through each client -----------------------------
+# -- plain chat through each client ---------------------------------------------------------
 
 def test_plain_chat_through_the_openai_sdk_langchain_and_litellm(client, chat_model, base_url,
                                                                  live_server, proxy, litellm):
@@ -359,7 +363,8 @@ def test_langchain_bind_tools_with_a_forced_choice(base_url, live_server, proxy,
                                                   schema):
     name = convert_to_openai_tool(schema)["function"]["name"]
     with exchange(proxy):
-        message = chat_model_for(base_url, live_server, model).bind_tools([schema], tool_choice=name).invoke(
+        chat = chat_model_for(base_url, live_server, model)
+        message = chat.bind_tools([schema], tool_choice=name).invoke(
             "What is the weather in Paris?")
         assert isinstance(message, AIMessage)
         [call] = message.tool_calls
@@ -386,7 +391,8 @@ def test_langchain_with_structured_output(base_url, live_server, proxy, model, m
     prompt = ("Give the weather in Paris as a JSON object." if method == "json_mode"
               else "What is the weather in Paris?")
     with exchange(proxy):
-        answer = chat_model_for(base_url, live_server, model).with_structured_output(schema, method=method).invoke(prompt)
+        chat = chat_model_for(base_url, live_server, model)
+        answer = chat.with_structured_output(schema, method=method).invoke(prompt)
         assert isinstance(answer, schema), answer
 
 
