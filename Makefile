@@ -13,6 +13,16 @@ NODE_MODULES := $(LABEXT_DIR)/node_modules/.package-lock.json
 LABEXT_SRC   := $(wildcard $(LABEXT_DIR)/src/*.ts $(LABEXT_DIR)/style/*) \
                 $(LABEXT_DIR)/package.json $(LABEXT_DIR)/tsconfig.json
 
+JUPYTER_AI_SERVER_EXTENSIONS := jupyter_ai_acp_client jupyter_ai_chat_commands \
+	jupyter_ai_jupyternaut jupyter_ai_litellm jupyter_ai_persona_manager jupyter_ai_router \
+	jupyter_ai_tools jupyter_live_content jupyter_server_mcp jupyterlab_chat \
+	jupyterlab_commands_toolkit
+JUPYTER_AI_LAB_EXTENSIONS := @jupyter-ai/acp-client @jupyter-ai/chat-commands \
+	@jupyter-ai/jupyternaut @jupyter-ai/persona-manager @jupyter-ai/router \
+	@jupyter-ai-contrib/live-content jupyterlab-ai-commands \
+	jupyterlab-cell-input-footer-extension jupyterlab-chat-extension \
+	jupyterlab-commands-toolkit jupyterlab-diff
+
 .PHONY: setup system-deps browser-deps lab test bench clean
 
 setup: system-deps $(LABEXT) $(STAMP)
@@ -45,6 +55,13 @@ $(STAMP): pyproject.toml | $(LABEXT)
 	$(PYTHON) -m pip install -q -e ".[test]"
 	# jsonschema's optional rfc3987-syntax adds ~4 s to every server start and nothing needs it.
 	$(PYTHON) -m pip uninstall -q -y rfc3987-syntax
+	# jupyter-ai (a test dependency: its Jupyternaut is tested against us) enables 11 server
+	# extensions (an MCP server among them: 3 s -> 19 s per server start) and 11 JupyterLab
+	# ones; the tests build its agent themselves, so they stay off here.
+	for e in $(JUPYTER_AI_SERVER_EXTENSIONS); do \
+		$(VENV)/bin/jupyter server extension disable --sys-prefix $$e >/dev/null 2>&1 || true; done
+	for e in $(JUPYTER_AI_LAB_EXTENSIONS); do \
+		$(VENV)/bin/jupyter labextension disable --level=sys_prefix $$e >/dev/null 2>&1 || true; done
 	rm -rf $(VENV)/share/jupyter/labextensions/mlx-jupyter
 	ln -s $(CURDIR)/mlx_jupyter/labextension $(VENV)/share/jupyter/labextensions/mlx-jupyter
 	touch $(STAMP)

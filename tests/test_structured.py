@@ -207,9 +207,8 @@ def test_legacy_completions_take_an_integer_logprobs(client):
     logprobs = answer.choices[0].logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == answer.usage.completion_tokens
     assert all(len(top) <= 2 for top in logprobs.top_logprobs)
-    # The detokenizer drops the answer's leading space; the tokens keep it, as sampled.
-    assert logprobs.text_offset[0] == 0
-    assert "".join(logprobs.tokens).lstrip() == answer.choices[0].text.lstrip()
+    assert logprobs.text_offset[0] == 0 and "".join(logprobs.tokens) == answer.choices[0].text
+    assert answer.choices[0].text.startswith(" ")  # it continues the prompt, space and all
 
 
 def test_n_answers_each_from_the_seed_plus_its_index(client, live_server):

@@ -57,6 +57,8 @@ from ..limits import (
 )
 from .schemas import (
     INTEGRAL,
+    MESSAGE_RULES,
+    SAMPLING_RULES,
     CacheControl,
     Integer,
     JsonSchema,
@@ -103,6 +105,8 @@ class TextPart(_OpenAIBody):
 
 
 class Message(_OpenAIBody):
+    model_config = ConfigDict(json_schema_extra=MESSAGE_RULES)
+
     # "developer" is OpenAI's newer name for "system".
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = Field(max_length=MAX_PROMPT_CHARS)
@@ -204,6 +208,14 @@ class ResponseFormat(_OpenAIBody):
 
 
 class ChatCompletionRequest(_Completion, ToolUse):
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        *SAMPLING_RULES,
+        {"not": {"required": ["response_format", "tools"],
+                 "properties": {"response_format": {"required": ["type"], "properties": {
+                                    "type": {"enum": ["json_object", "json_schema"]}}},
+                                "tools": {"type": "array", "minItems": 1},
+                                "tool_choice": {"not": {"const": "none"}}}}}]})
+
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: MaxTokens | None = None
     response_format: ResponseFormat | None = None

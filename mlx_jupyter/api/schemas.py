@@ -172,10 +172,44 @@ class ToolCallIn(_Body):
     function: FunctionCallIn
 
 
+# check_message's rules, stated in the document too (so that what it allows the server
+# accepts).
+MESSAGE_RULES = {"allOf": [
+    {"if": {"properties": {"role": {"const": "tool"}}},
+     "then": {"required": ["tool_call_id"], "properties": {"tool_call_id": {"type": "string"}}},
+     "else": {"properties": {"tool_call_id": {"type": "null"}}}},
+    {"if": {"required": ["tool_calls"],
+            "properties": {"tool_calls": {"type": "array", "minItems": 1}}},
+     "then": {"properties": {"role": {"const": "assistant"}}}},
+    {"if": {"properties": {"content": {"type": "null"}}},
+     "then": {"required": ["tool_calls"],
+              "properties": {"role": {"const": "assistant"},
+                             "tool_calls": {"type": "array", "minItems": 1}}}}]}
+# _check_sampling's and _check_tools' rules that JSON Schema can state (the others: a named
+# tool_choice names one of the tools, the tools' names differ).
+SAMPLING_RULES = [
+    {"if": {"required": ["top_logprobs"],
+            "properties": {"top_logprobs": {"type": "integer", "minimum": 1}}},
+     "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}},
+    {"if": {"required": ["tool_choice"],
+            "properties": {"tool_choice": {"not": {"enum": ["none", "auto", None]}}}},
+     "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}},
+]
+
+
+def schema_or_tools(schema_field: str) -> dict[str, Any]:
+    """The rule "a schema or tools, not both", for the field that holds the schema."""
+    return {"not": {"required": [schema_field, "tools"],
+                    "properties": {schema_field: {"type": "object"},
+                                   "tools": {"type": "array", "minItems": 1},
+                                   "tool_choice": {"not": {"const": "none"}}}}}
+
+
 class ChatMessage(_Body):
     """A message: system, user, assistant (which may carry the tool calls it made, its content
     then null) or tool (a call's result, naming the call)."""
 
+    model_config = ConfigDict(json_schema_extra=MESSAGE_RULES)
     role: Literal["system", "user", "assistant", "tool"]
     content: str | None = Field(max_length=MAX_PROMPT_CHARS)
     tool_calls: list[ToolCallIn] | None = Field(None, max_length=MAX_TOOLS)
@@ -302,8 +336,13 @@ class GenerateRequest(Sampling, ToolUse):
     # defaults (default_model, default_max_tokens, ...).
     model_config = ConfigDict(json_schema_extra={
         **one_of("prompt", "messages"),
-        "not": {"required": ["background", "stream"],
-                "properties": {"background": {"const": True}, "stream": {"const": True}}}})
+        "allOf": [
+            {"not": {"required": ["background", "stream"],
+                     "properties": {"background": {"const": True}, "stream": {"const": True}}}},
+            {"not": {"required": ["prompt", "tools"],
+                     "properties": {"prompt": {"type": "string"},
+                                    "tools": {"type": "array", "minItems": 1}}}},
+            schema_or_tools("schema"), *SAMPLING_RULES]})
 
     model: str | None = Field(None, min_length=1, max_length=MAX_MODEL_NAME_CHARS)
     prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)

@@ -40,13 +40,14 @@ Worker -> server (the protocol pipe, the worker's original stdout), two families
 - About the worker itself: the message names its "event".
 
     ReadyEvent        {"event": "ready", "pid", "load_ms", "context_tokens", "max_token_bytes",
-                       "tool_parser", "thinking"}
+                       "tool_parser", "thinking", "vocab_size"}
                                                            loaded: its context (None when the
                                                            config gives none), the most
                                                            UTF-8 bytes one token of its
                                                            tokenizer stands for (at least),
-                                                           its tool-call syntax, and whether
-                                                           it has thinking markers
+                                                           its tool-call syntax, whether it
+                                                           has thinking markers, and the
+                                                           width of its logits
     HeartbeatEvent    {"event": "heartbeat"}               from a thread that does no MLX work,
                                                            every --heartbeat-interval seconds
     FatalEvent        {"event": "fatal", "message"}        the model could not load; it exits
@@ -259,6 +260,7 @@ class ReadyEvent(TypedDict):
     max_token_bytes: int
     tool_parser: str | None  # the model family's tool-call syntax (mlx-lm's parser); None: none
     thinking: bool  # its tokenizer has thinking markers
+    vocab_size: int  # the width of its logits: token ids are below it
 
 
 class HeartbeatEvent(TypedDict):

@@ -102,6 +102,7 @@ class WorkerProxy:
         self.context_tokens: int | None = None  # the model's context, once loaded
         self.max_token_bytes = 1  # at least the most prompt bytes one token stands for
         self.tool_parser: str | None = None  # its tool-call syntax (mlx-lm's parser), if any
+        self.vocab_size: int | None = None  # the width of its logits, once loaded
         self.hung = False  # killed by the watchdog
         self._last_heard = time.monotonic()  # the worker's latest line, of any kind
 
@@ -158,6 +159,7 @@ class WorkerProxy:
         self.context_tokens = ready["context_tokens"]
         self.max_token_bytes = max(1, ready["max_token_bytes"])
         self.tool_parser = ready.get("tool_parser")
+        self.vocab_size = ready.get("vocab_size")
         if self._heartbeat_seconds > 0:
             self._watchdog = asyncio.create_task(self._watch_heartbeat())
         log.info("model %s ready in worker pid %s after %.1f s", self.model_name,

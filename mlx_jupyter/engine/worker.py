@@ -255,7 +255,8 @@ class Worker:
                              load_ms=round((time.perf_counter() - started) * 1000, 1),
                              context_tokens=self.context_tokens,
                              max_token_bytes=max_token_bytes(self.tokenizer),
-                             tool_parser=self.tool_parser, thinking=self._think is not None))
+                             tool_parser=self.tool_parser, thinking=self._think is not None,
+                             vocab_size=self._vocab_size))
         self._check_memory(force_report=True)
 
     def _grammars(self):
@@ -346,6 +347,10 @@ class Worker:
         if refusal:
             self._error(request, message=refusal, refused="kv_reservation")
             return
+        if any(int(token) >= self._vocab_size for token in request.command["logit_bias"]):
+            self._error(request, message=f"logit_bias names a token id past this model's "
+                                         f"vocabulary (ids below {self._vocab_size})")
+            return
         request.answers = [_Answer(request, index) for index in range(n)]
         if (constraint := request.command["constraint"]) is not None:
             grammar = compiled_grammar(constraint, self._tool_syntax)
@@ -400,6 +405,8 @@ class Worker:
                                                sorted(self.tokenizer.eos_token_ids)))
         answer.stops = StopMatcher(command["stop"])
         answer.detokenizer = self.tokenizer.detokenizer  # a fresh copy per answer
+        if command["messages"] is None:
+            _keep_leading_space(answer.detokenizer)
         answer.router = self._router(request)
         generator = self._batch_generator()
         cache, rest = self._answer_prefix(answer)
@@ -718,6 +725,15 @@ class Worker:
             return
         for event in events:  # the server logs and counts trims
             self.send(event)
+
+
+def _keep_leading_space(detokenizer: Any) -> None:
+    """A bare prompt's answer continues its text, so its leading space is part of it; mlx-lm's
+    detokenizers drop it (right for a chat answer, whose template ends its turn)."""
+    if hasattr(detokenizer, "trim_space"):  # SentencePiece's
+        detokenizer.trim_space = False
+    elif callable(getattr(detokenizer, "_maybe_trim_space", None)):  # byte-level BPE's
+        detokenizer._maybe_trim_space = lambda text: text
 
 
 def _vocab_size(config: dict[str, Any], tokenizer: Any) -> int:

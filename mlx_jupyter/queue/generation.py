@@ -105,6 +105,10 @@ def check_request_fits(worker: WorkerProxy, params: GenerationParams) -> None:
         raise PromptTooLong(refusal, param=prompt_field(params))
     if refusal := model_refusal(params, worker.tool_parser):
         raise InvalidRequest(f"model {worker.model_name!r}: {refusal}", param="tool_choice")
+    vocabulary = worker.vocab_size
+    if vocabulary and any(int(token) >= vocabulary for token in params["logit_bias"]):
+        raise InvalidRequest(f"logit_bias: model {worker.model_name!r} has token ids below "
+                             f"{vocabulary}", param="logit_bias")
 
 
 class _Answer:

@@ -62,10 +62,50 @@ def check_parameters(parameters: Any) -> dict[str, Any]:
     return schema
 
 
+# Keywords whose value is a schema, a list of schemas, or a map of names to schemas.
+_SUBSCHEMA = ("items", "additionalItems", "contains", "not", "if", "then", "else",
+              "additionalProperties", "propertyNames", "unevaluatedItems")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions",
+                   "dependentSchemas")
+_OPEN_KEYWORDS = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+
+
+def closed(schema: Any, *, may_close: bool = True) -> Any:
+    """The schema with every object that lists its properties (all it requires among them),
+    and says nothing of others, closed to them (additionalProperties: false), as OpenAI's strict schemas are. What the
+    closed schema accepts, the open one accepts too; a small model left free rambles in keys
+    of its own until max_tokens. Objects under allOf stay as they are (their properties may be
+    listed in another branch)."""
+    if isinstance(schema, list):
+        return [closed(item, may_close=may_close) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA:
+        if isinstance(out.get(key), dict):
+            out[key] = closed(out[key])
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = closed(out[key])
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed(sub) for name, sub in out[key].items()}
+    if isinstance(out.get("allOf"), list):
+        out["allOf"] = closed(out["allOf"], may_close=False)
+        may_close = False
+    listed = out.get("properties")
+    if may_close and isinstance(listed, dict) and not any(k in out for k in _OPEN_KEYWORDS) \
+            and set(out.get("required") or ()) <= set(listed):
+        out["additionalProperties"] = False
+    return out
+
+
 def grammar(constraint: Constraint, syntax: ToolSyntax) -> str:
-    """The llguidance grammar of a constraint (tool calls in `syntax`'s markers)."""
+    """The llguidance grammar of a constraint (tool calls in `syntax`'s markers), its
+    schemas closed."""
     if constraint["kind"] == "json":
-        return _json_grammar(constraint["schema"])
+        return _json_grammar(closed(constraint["schema"]))
     call = _call_schema(constraint["functions"])
     calls = (f"call (SEPARATOR call){{0,{MAX_PARALLEL_CALLS - 1}}}" if constraint["parallel"]
              else "call")
@@ -101,7 +141,7 @@ def _call_schema(functions: list[FunctionSpec]) -> dict[str, Any]:
     {"name": ..., "arguments": {...}}."""
     options = [{"type": "object",
                 "properties": {"name": {"const": function["name"]},
-                               "arguments": function["parameters"]},
+                               "arguments": closed(function["parameters"])},
                 "required": ["name", "arguments"], "additionalProperties": False}
                for function in functions]
     schema = options[0] if len(options) == 1 else {"anyOf": options}
