@@ -160,3 +160,13 @@ def _fields(model: type, outline: object) -> None:
 def test_the_readmes_status_outline_is_the_status_answer():
     outline = re.search(r"`GET mlx/api/status` answers `(\{.*?\})`:", README, re.S).group(1)
     _fields(Status, _outline(outline))
+
+
+def test_the_fields_accepted_and_ignored_are_exactly_those_the_readme_lists():
+    from mlx_jupyter.api.schemas import ACCEPTED_AND_IGNORED
+
+    paragraph = re.search(r"Fields that change nothing here are accepted and ignored.*?\n\n",
+                          section("OpenAI-compatible API"), re.S)
+    assert paragraph, "the README's OpenAI section lists no accepted-and-ignored fields"
+    listed = set(re.findall(r"`(\w+)`", paragraph.group(0))) - {"ACCEPTED_AND_IGNORED"}
+    assert listed == set(ACCEPTED_AND_IGNORED)
