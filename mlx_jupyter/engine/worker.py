@@ -25,12 +25,14 @@ is handled between two decode steps and removes only its request; shutdown ends 
 (as "cancelled") at the next step. When no request is active the main thread blocks on the
 command queue; while generating it drains the queue without blocking.
 
-Sampling: temperature 0 is argmax. Otherwise each request samples with its own PRNG key chain,
-started from its seed (the server picks one for a request that gives none), so a request's
-random draws never depend on which other requests share the batch. Same seed, same parameters
-and same prompt therefore give the same text, alone or batched, up to floating-point
-differences in the logits caused by the batch's composition (which can only change a token at
-a near tie; the same caveat applies to temperature 0).
+Answers: a request for n answers takes n rows of the batch; its prompt is prefilled once and
+each row starts from a copy of that state. Each row samples with its own sampler and logits
+processors (`sampling`: seeded per answer, so a request's draws never depend on which others
+share the batch; same seed, parameters and prompt give the same text, alone or batched, up to
+floating-point differences in the logits caused by the batch's composition, which can only
+change a token at a near tie) and, for a constrained request, its grammar's mask
+(`grammar.processor`; a request waits for its grammar to compile before it joins). Its text is
+split into answer text, thinking and tool calls (`grammar.syntax.OutputRouter`) as it streams.
 
 Prompt cache: the KV cache of every request that finishes on its own ("stop" or "length",
 including a stop string) is kept in mlx-lm's `LRUPromptCache`, keyed by the tokens it holds
