@@ -609,7 +609,7 @@ export interface components {
             response_format: components["schemas"]["ResponseFormat"] | null;
             /** @default null */
             logprobs: boolean | null;
-        };
+        } & (unknown & unknown & unknown);
         /** ChatDelta */
         ChatDelta: {
             /**
@@ -652,14 +652,12 @@ export interface components {
             cache_control: {
                 [key: string]: unknown;
             } | null;
-        };
+        } & (unknown & unknown & unknown);
         /**
          * Choice
-         * @description One answer of a request: its text, thinking, tool calls, log-probabilities.
+         * @description One answer of a request for n.
          */
         Choice: {
-            /** @description the answer it belongs to, of the request's n */
-            index: number;
             text: string;
             /**
              * @description the text inside the model family's thinking markers; null: none
@@ -684,6 +682,8 @@ export interface components {
             parse_error: string | null;
             /** @enum {string} */
             finish_reason: "stop" | "length" | "cancelled" | "timeout" | "tool_calls";
+            /** @description the answer it belongs to, of the request's n */
+            index: number;
         };
         /**
          * ChoiceEnd
@@ -967,7 +967,7 @@ export interface components {
             name: string;
         };
         /** GenerateRequest */
-        GenerateRequest: {
+        GenerateRequest: ({
             /** @default null */
             tools: components["schemas"]["Tool"][] | null;
             /**
@@ -1063,19 +1063,17 @@ export interface components {
              * @default false
              */
             logprobs: boolean;
-        } & ({
+        } & (unknown & unknown & unknown & unknown & unknown)) & ({
             prompt: unknown;
         } | {
             messages: unknown;
         });
         /**
          * GenerationAnswer
-         * @description The answer; with n > 1, `choices` holds every answer and the fields above are the
-         *     first's.
+         * @description The answer; with n > 1, `choices` holds every answer and the fields of the first are
+         *     also here.
          */
         GenerationAnswer: {
-            request_id: string;
-            model: string;
             text: string;
             /**
              * @description the text inside the model family's thinking markers; null: none
@@ -1100,6 +1098,8 @@ export interface components {
             parse_error: string | null;
             /** @enum {string} */
             finish_reason: "stop" | "length" | "cancelled" | "timeout" | "tool_calls";
+            request_id: string;
+            model: string;
             usage: components["schemas"]["Usage"];
             timings: components["schemas"]["Timings"];
             /** @description the seed sampling used (the server picks one when the request gives none); null for greedy decoding (temperature 0) */
@@ -1240,7 +1240,7 @@ export interface components {
             cache_control: {
                 [key: string]: unknown;
             } | null;
-        };
+        } & (unknown & unknown & unknown);
         /**
          * ModelDescription
          * @description A model as `GET mlx/api/models` lists it: where it is, its size and estimate, its state

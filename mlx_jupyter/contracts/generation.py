@@ -152,10 +152,9 @@ class ErrorEvent(Answer):
     error: str
 
 
-class Choice(Answer):
-    """One answer of a request: its text, thinking, tool calls, log-probabilities."""
+class AnswerOutput(Answer):
+    """What one answer holds: its text, thinking, tool calls, log-probabilities, ending."""
 
-    index: AnswerIndex
     text: str
     reasoning: str | None = Field(None, description="the text inside the model family's "
                                                     "thinking markers; null: none")
@@ -166,20 +165,18 @@ class Choice(Answer):
     finish_reason: Ending
 
 
-class GenerationAnswer(Answer):
-    """The answer; with n > 1, `choices` holds every answer and the fields above are the
-    first's."""
+class Choice(AnswerOutput):
+    """One answer of a request for n."""
+
+    index: AnswerIndex
+
+
+class GenerationAnswer(AnswerOutput):
+    """The answer; with n > 1, `choices` holds every answer and the fields of the first are
+    also here."""
 
     request_id: str
     model: str
-    text: str
-    reasoning: str | None = Field(None, description="the text inside the model family's "
-                                                    "thinking markers; null: none")
-    tool_calls: list[ToolCall] = Field(default_factory=list)
-    logprobs: list[TokenLogprob] | None = Field(None, description="asked for: one per token")
-    parsed: Parsed = None
-    parse_error: ParseError = None
-    finish_reason: Ending
     usage: Usage
     timings: Timings
     seed: Seed

@@ -340,12 +340,10 @@ class Generation:
         ends = self._ends or [ChoiceEnd(index=answer.index, finish_reason=done.finish_reason)
                               for answer in self._answers]
         choices = [answer.choice(end) for answer, end in zip(self._answers, ends)]
-        first = choices[0]
+        first = choices[0].model_dump(exclude={"index", "finish_reason"})
         return GenerationAnswer(
-            request_id=self.id, model=self.model, text=first.text, reasoning=first.reasoning,
-            tool_calls=first.tool_calls, logprobs=first.logprobs, parsed=first.parsed,
-            parse_error=first.parse_error, finish_reason=done.finish_reason, usage=done.usage,
-            timings=done.timings, seed=done.seed,
+            **first, request_id=self.id, model=self.model, finish_reason=done.finish_reason,
+            usage=done.usage, timings=done.timings, seed=done.seed,
             max_tokens_clipped_to=done.max_tokens_clipped_to,
             choices=choices if len(choices) > 1 else None)
 
