@@ -84,6 +84,7 @@ test: setup browser-deps
 
 bench: setup
 	$(PYTHON) benchmarks/bench_generate.py
+	$(PYTHON) benchmarks/bench_structured.py
 	$(PYTHON) benchmarks/bench_store.py --postgres temp
 	$(PYTHON) benchmarks/bench_models.py
 	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/bench_serving.py
