@@ -51,4 +51,8 @@ def _documented_valid(body) -> bool:
                 check_parameters(tool["function"]["parameters"])
     except ValueError:
         return False
-    return all(int(token) < DEMO_VOCABULARY for token in body.get("logit_bias") or {})
+    bias = body.get("logit_bias") or {}
+    # Its keys are token ids (the document's propertyNames, which the fuzzer does not keep to).
+    return all(token.isdigit() and len(token) <= 9 and int(token) < DEMO_VOCABULARY
+               and isinstance(value, (int, float)) and not isinstance(value, bool)
+               for token, value in bias.items())
