@@ -58,9 +58,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "tests"))
 from _common import OPENBLAS, median, save, table  # noqa: E402
 from model_factory import (  # noqa: E402
-    DEMO,
-    SPECIAL_TOKENS,
-    TOKENIZER_FILES,
     backdate,
     llama_config,
     llama_tensors,
@@ -96,31 +93,15 @@ def json_constraint(title: str = "title") -> dict:
 
 # -- the model ------------------------------------------------------------------------------
 
-def train_large_tokenizer(folder: Path, vocab_size: int) -> None:
-    """model_factory.train_tokenizer's tokenizer (same special tokens, same post-processor,
-    same tokenizer_config.json) trained on more text: Python's documentation tops out at
-    ~9,200 pieces, its documentation and standard library sources (~5 MB) reach 32,000."""
+def large_corpus() -> list[str]:
+    """Python's documentation and standard library sources (~5 MB): enough text for 32,000
+    pieces (the documentation alone tops out at ~9,200)."""
     import pydoc_data.topics
     import sysconfig
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    texts = sorted(pydoc_data.topics.topics.values())
-    texts += [path.read_text(errors="ignore") for path in sorted(stdlib.glob("*.py"))]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), min_frequency=1,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<|bos|> $A", pair="<|bos|> $A <|bos|> $B", special_tokens=[("<|bos|>", 0)])
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
-    for name in TOKENIZER_FILES[1:]:
-        shutil.copyfile(DEMO / name, folder / name)
+    return sorted(pydoc_data.topics.topics.values()) + [
+        path.read_text(errors="ignore") for path in sorted(stdlib.glob("*.py"))]
 
 
 def build_model(folder: Path, hidden: int, layers: int, vocab_size: int) -> tuple[int, int]:
@@ -129,10 +110,7 @@ def build_model(folder: Path, hidden: int, layers: int, vocab_size: int) -> tupl
     from safetensors.numpy import save_file
     from tokenizers import Tokenizer
 
-    if vocab_size <= 8192:
-        train_tokenizer(folder, vocab_size)
-    else:
-        train_large_tokenizer(folder, vocab_size)
+    train_tokenizer(folder, vocab_size, None if vocab_size <= 8192 else large_corpus())
     pieces = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size()
     config = {**llama_config(hidden, layers), "vocab_size": pieces}
     (folder / "config.json").write_text(json.dumps(config))
