@@ -424,13 +424,16 @@ class Worker:
         self._active[answer.uid] = answer
 
     def _router(self, request: _Request) -> OutputRouter:
+        # A model with no tool syntax of its own is given the JSON one (grammar.syntax).
+        from mlx_lm.tool_parsers import json_tools
+
         command = request.command
         parse = command["parse_tool_calls"]
         return OutputRouter(  # a bare prompt has no template to open a thinking block
             think=self._think if command["messages"] is not None else None,
             thinking=request.thinking,
             tools=self._tool_syntax if parse else None,
-            parse=(self.tokenizer.tool_parser or _json_call) if parse else None,
+            parse=(self.tokenizer.tool_parser or json_tools.parse_tool_call) if parse else None,
             tool_specs=command["tools"])
 
     def _batch_generator(self):
@@ -746,11 +749,6 @@ def _vocab_size(config: dict[str, Any], tokenizer: Any) -> int:
         if isinstance(size, int) and size > 0:
             return max(size, len(tokenizer.get_vocab()))
     return len(tokenizer.get_vocab())
-
-
-def _json_call(text: str, tools: Any = None) -> Any:
-    """The JSON tool-call syntax's parser, for a model that has no syntax of its own."""
-    return json.loads(text.strip())
 
 
 def _template_message(message: dict[str, Any]) -> dict[str, Any]:

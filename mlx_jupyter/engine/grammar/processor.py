@@ -5,8 +5,9 @@ mlx-lm's `BatchGenerator` takes logits processors per sequence, so a constrained
 an unconstrained one share every decode step: only the constrained row's logits are masked.
 A processor is called once per step of its row, with the row's tokens so far; the first call
 (whose last token is the prompt's) starts the grammar, each later one first advances it by the
-token sampled at the step before. Reading that token waits for the step before to finish,
-which is the price of a grammar: the next step's graph cannot be built ahead of it.
+token sampled at the step before. Reading that token waits for the step before to finish:
+the step's forward pass is already queued by then, but its mask and sampling are not, which is
+the price of a grammar (benchmarks/bench_structured.py measures it).
 
 `GrammarCompiler` builds llguidance matchers on a thread of its own (llguidance releases the
 GIL while it compiles), cached by the grammar's hash: a request waits for its grammar before

@@ -99,7 +99,7 @@ class OutputRouter:
         self._emit(self._held, pieces)
         self._held = ""
         if self._state == "tool_call":  # cut before its closing marker: kept as text
-            pieces.append(("text", self._blank + self._tools.call_start + self._call))
+            pieces.append(("text", self._tools.call_start + self._call))
             self._call = ""
         return pieces
 
