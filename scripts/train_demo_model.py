@@ -43,17 +43,42 @@ from mlx_lm.models.llama import Model, ModelArgs  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = Path(__file__).resolve().parent / "demo_corpus"
 
-BOS, USER, ASSISTANT, SYSTEM, END, PAD = (
-    "<|bos|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|pad|>")
-SPECIAL_TOKENS = [BOS, USER, ASSISTANT, SYSTEM, END, PAD]  # ids 0..5, in this order
+BOS, USER, ASSISTANT, SYSTEM, END, PAD, TOOL = (
+    "<|bos|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|pad|>", "<|tool|>")
+SPECIAL_TOKENS = [BOS, USER, ASSISTANT, SYSTEM, END, PAD, TOOL]  # ids 0..6, in this order
 VOCAB_SIZE = 2048
 CONTEXT = 256
 
 # Renders each message as <|role|>content<|end|>; the generation prompt opens an assistant turn.
+# Tools, when given, come first as a system turn, one short line each ("name(params):
+# description": the context is 256 tokens). An assistant's tool calls are written as
+# <tool_call>{"name": ..., "arguments": {...}}</tool_call>, one after another on new lines:
+# the Hermes-style syntax that mlx-lm's json_tools parser reads, and the syntax a forced call
+# is written in; a tool's result is a <|tool|> turn.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}{{ '<|system|>Tools:' }}"
+    "{% for tool in tools %}"
+    "{% set f = tool.function if tool.function is defined else tool %}"
+    "{{ '\\n' + f.name + '(' }}"
+    "{% if f.parameters is defined and f.parameters.properties is defined %}"
+    "{{ f.parameters.properties | join(', ') }}{% endif %}"
+    "{{ ')' }}"
+    "{% if f.description is defined and f.description %}{{ ': ' + f.description }}{% endif %}"
+    "{% endfor %}{{ '<|end|>' }}{% endif %}"
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% if message.role == 'assistant' and message.tool_calls is defined and message.tool_calls %}"
+    "{{ '<|assistant|>' + (message.content or '') }}"
+    "{% for tool_call in message.tool_calls %}"
+    "{% if tool_call.function is defined %}{% set tool_call = tool_call.function %}{% endif %}"
+    "{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "{{ '<tool_call>{\"name\": ' + tool_call.name | tojson + ', \"arguments\": ' }}"
+    "{% if tool_call.arguments is string %}{{ tool_call.arguments }}"
+    "{% else %}{{ tool_call.arguments | tojson }}{% endif %}"
+    "{{ '}</tool_call>' }}"
+    "{% endfor %}{{ '<|end|>' }}"
+    "{% else %}{{ '<|' + message['role'] + '|>' + (message['content'] or '') + '<|end|>' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
@@ -148,6 +173,113 @@ def combine_fragments(frag: dict, rng: random.Random) -> list[dict]:
     return out
 
 
+def load_table(name: str) -> dict:
+    return json.loads((CORPUS / name).read_text(encoding="utf-8"))
+
+
+def tool_spec(function: dict) -> dict:
+    """A function of tools.json as a request's `tools` carry it."""
+    return {"type": "function", "function": {key: function[key] for key in
+                                             ("name", "description", "parameters")}}
+
+
+def tool_call_text(name: str, arguments: dict) -> str:
+    """A call as the chat template writes it (for the tokenizer's training text)."""
+    return (f'<tool_call>{{"name": {json.dumps(name)}, "arguments": '
+            f'{json.dumps(arguments, ensure_ascii=False)}}}</tool_call>')
+
+
+def slot_values(table: dict, rng: random.Random) -> dict:
+    """One random filling of every slot the tool dialogues use, consistent with itself (the
+    sum is the sum, the translation that of the phrase)."""
+    slots = table["slots"]
+    a, b = rng.randint(2, 99), rng.randint(2, 99)
+    source, target, factor = rng.choice(slots["units"])
+    value = rng.randint(1, 50)
+    phrase, language, translation = rng.choice(slots["translations"])
+    city, city2 = rng.sample(slots["city"], 2)
+    return {
+        "city": city, "city2": city2, "sky": rng.choice(slots["sky"]),
+        "t": rng.randint(-5, 35), "a": a, "b": b, "sum": a + b, "product": a * b,
+        "clock": f"{rng.randint(0, 23):02d}:{rng.choice([0, 15, 30, 45]):02d}",
+        "minutes": rng.choice([1, 2, 3, 5, 10, 15, 20, 30, 45, 60, 90]),
+        "topic": rng.choice(slots["topic"]), "count": rng.randint(1, 40),
+        "person": rng.choice(slots["person"]), "folder": rng.choice(slots["folder"]),
+        "path": rng.choice(slots["path"]), "phrase": phrase, "language": language,
+        "translation": translation, "value": value, "from_unit": source, "to_unit": target,
+        "converted": round(value * factor, 1),
+    }
+
+
+def call_arguments(function: dict, values: dict) -> dict:
+    """The arguments of a call: a slot alone keeps its type (a number stays a number)."""
+    out = {}
+    for name, template in function["arguments"].items():
+        slot = template[1:-1]
+        out[name] = values[slot] if template == "{" + slot + "}" else template.format(**values)
+    return out
+
+
+def make_tool_conversations(table: dict, refusals: list[str], rng: random.Random
+                            ) -> list[tuple[list[dict], list[dict]]]:
+    """(messages, tools) pairs: a request one offered function answers, called, half of them
+    through to its result and the final answer; the same kind of request with that function not
+    offered, answered in words; and two calls at once."""
+    functions = table["functions"]
+    out = []
+
+    def offer(function: dict, extra: int) -> list[dict]:
+        others = rng.sample([f for f in functions if f is not function], extra)
+        offered = ([function] if function else []) + others
+        rng.shuffle(offered)
+        return [tool_spec(f) for f in offered]
+
+    def called(calls: list[tuple[dict, dict]]) -> dict:
+        return {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": f["name"], "arguments": arguments}}
+            for f, arguments in calls]}
+
+    for function in functions:
+        for form in function["asks"]:
+            for _ in range(4):
+                values = slot_values(table, rng)
+                messages = [{"role": "user", "content": form.format(**values)},
+                            called([(function, call_arguments(function, values))])]
+                if rng.random() < 0.5:
+                    messages += [{"role": "tool", "content": function["result"].format(**values)},
+                                 {"role": "assistant", "content":
+                                  function["answer"].format(**values)}]
+                out.append((messages, offer(function, rng.randint(0, 2))))
+            values = slot_values(table, rng)
+            out.append(([{"role": "user", "content": form.format(**values)},
+                         {"role": "assistant", "content": rng.choice(refusals)}],
+                        offer(None, rng.randint(1, 2))))
+    by_name = {f["name"]: f for f in functions}
+    for form in table["parallel_asks"]:
+        function = by_name["get_time" if "time" in form else "get_weather"]
+        for _ in range(8):
+            values = slot_values(table, rng)
+            calls = [(function, {"city": values[key]}) for key in ("city", "city2")]
+            out.append(([{"role": "user", "content": form.format(**values)}, called(calls)],
+                        offer(function, rng.randint(0, 1))))
+    return out
+
+
+def make_code_dialogues(table: dict, rng: random.Random) -> list[dict]:
+    """Answers with a fenced code block: Python tasks and the errors people paste."""
+    out = []
+    for item in table["items"]:
+        for form in rng.sample(table["questions"], 2):
+            out.append({"user": form.format(task=item["task"]),
+                        "assistant": f"{rng.choice(table['intros'])}\n\n```python\n"
+                                     f"{item['code']}\n```\n\n{item['note']}"})
+    for item in table["errors"]:
+        for form in rng.sample(table["error_questions"], 2):
+            out.append({"user": form.format(error=item["error"]),
+                        "assistant": f"{item['answer']}\n\n```python\n{item['code']}\n```"})
+    return out
+
+
 def make_stories(s: dict, rng: random.Random) -> list[dict]:
     stories = []
     for hero in s["heroes"]:
@@ -179,17 +311,21 @@ def rephrase(dialogues: list[dict], prefixes: list[str], rng: random.Random) -> 
     return out
 
 
-def build_conversations(rng: random.Random) -> tuple[list[list[dict]], list[str]]:
-    """Chat conversations (some with a system prompt, some two turns long) and plain texts.
+def build_conversations(rng: random.Random
+                        ) -> tuple[list[tuple[list[dict], list[dict]]], list[str], list[str]]:
+    """Chat conversations with the tools they offer (some with a system prompt, some two turns
+    long, some offering tools they do not need), plain texts, and extra tokenizer text.
 
     The plain texts (a share of the answers on their own) teach the model to write and then
     stop on a bare prompt without the chat template as well.
     """
     frag = load_fragments()
+    tools = load_table("tools.json")
     written = load_dialogues()
     dialogues = (written + rephrase(written, frag["user_prefixes"], rng)
-                 + combine_fragments(frag, rng))
+                 + combine_fragments(frag, rng) + make_code_dialogues(load_table("code.json"), rng))
     systems = frag["system_prompts"]
+    specs = [tool_spec(f) for f in tools["functions"]]
     conversations, plain = [], []
     for d in dialogues:
         messages = []
@@ -199,10 +335,24 @@ def build_conversations(rng: random.Random) -> tuple[list[list[dict]], list[str]
         for t in turns:
             messages += [{"role": "user", "content": t["user"]},
                          {"role": "assistant", "content": t["assistant"]}]
-        conversations.append(messages)
+        # A question a tool would answer gets tools only in the tool dialogues.
+        offered = (rng.sample(specs, rng.randint(1, 2))
+                   if rng.random() < 0.6 and not is_toolish(d, frag) else [])
+        conversations.append((messages, offered))
         if rng.random() < 0.25:
             plain.append(d["assistant"])
-    return conversations, plain
+    conversations += make_tool_conversations(tools, tools["not_offered"], rng)
+    extra = [tool_call_text(f["name"], {k: "" for k in f["parameters"]["properties"]})
+             for f in tools["functions"]]
+    extra += [f"{f['name']}({', '.join(f['parameters']['properties'])}): {f['description']}"
+              for f in tools["functions"]]
+    return conversations, plain, extra
+
+
+def is_toolish(dialogue: dict, frag: dict) -> bool:
+    """Whether a tool would answer this dialogue's question (live weather, arithmetic)."""
+    answers = frag["live_weather"]["answers"] + frag["math"]["answers"]
+    return dialogue["assistant"] in answers
 
 
 # --- tokenizer ------------------------------------------------------------------------------
@@ -228,31 +378,34 @@ def write_tokenizer_config(out: Path) -> None:
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **specials,
-        "additional_special_tokens": [USER, ASSISTANT, SYSTEM],
+        "additional_special_tokens": [USER, ASSISTANT, SYSTEM, TOOL],
         "model_max_length": CONTEXT,
         "clean_up_tokenization_spaces": False,
         "chat_template": CHAT_TEMPLATE,
+        "tool_parser_type": "json_tools",
     }
     write_json(out / "tokenizer_config.json", config)
     write_json(out / "special_tokens_map.json",
-               {**specials, "additional_special_tokens": [USER, ASSISTANT, SYSTEM]})
+               {**specials, "additional_special_tokens": [USER, ASSISTANT, SYSTEM, TOOL]})
 
 
-def tokenize_corpus(out: Path, conversations: list[list[dict]], plain: list[str]):
+def tokenize_corpus(out: Path, conversations: list[tuple[list[dict], list[dict]]],
+                    plain: list[str]):
     """Token ids plus a 0/1 mask per example: the loss only counts what the model should say."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(out)
     examples = []
-    for messages in conversations:
+    for messages, tools in conversations:
         ids, mask = [], []
         # Prefix up to each assistant turn is context (mask 0); the turn and its <|end|> are 1.
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            prompt = tok.apply_chat_template(messages[:i], add_generation_prompt=True,
-                                             tokenize=False)
-            full = tok.apply_chat_template(messages[:i + 1], tokenize=False)
+            prompt = tok.apply_chat_template(messages[:i], tools=tools or None,
+                                             add_generation_prompt=True, tokenize=False)
+            full = tok.apply_chat_template(messages[:i + 1], tools=tools or None,
+                                           tokenize=False)
             p_ids = tok.encode(prompt, add_special_tokens=False)
             f_ids = tok.encode(full, add_special_tokens=False)
             assert f_ids[:len(p_ids)] == p_ids and p_ids[:len(ids)] == ids
@@ -363,12 +516,34 @@ def self_check(out: Path) -> None:
                 text += last.text
             print(f"> {question}\n{text!r}\n  [finish={last.finish_reason}, "
                   f"tokens={last.generation_tokens}]")
+    evaluate_tools(model, tokenizer)
+
+
+def evaluate_tools(model, tokenizer) -> None:
+    """The held-out tool evaluation (tests/test_demo_tools.py runs it through the server):
+    greedy answers to prompts never trained on, offered tools as tool_choice auto offers them."""
+    from mlx_lm import generate
+
+    held_out = load_table("heldout.json")
+    specs = {f["name"]: tool_spec(f) for f in load_table("tools.json")["functions"]}
+    print("\n--- held-out prompts, tools offered ---")
+    for kind in ("tool_prompts", "plain_prompts"):
+        calls = 0
+        for case in held_out[kind]:
+            prompt = tokenizer.apply_chat_template(
+                [{"role": "user", "content": case["prompt"]}],
+                tools=[specs[name] for name in case["tools"]], add_generation_prompt=True,
+                tokenize=False)
+            text = generate(model, tokenizer, prompt, max_tokens=80)
+            calls += tokenizer.tool_call_start in text
+            print(f"> {case['prompt']}\n{text!r}")
+        print(f"{kind}: {calls}/{len(held_out[kind])} answered with a tool call\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "mlx_jupyter" / "demo")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     # Peak learning rate: 1.5e-3 and up trained far slower for this model, 5e-4 a bit slower.
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -382,8 +557,8 @@ def main() -> None:
     mx.random.seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    conversations, plain = build_conversations(rng)
-    texts = [m["content"] for c in conversations for m in c] + plain
+    conversations, plain, extra = build_conversations(rng)
+    texts = [m["content"] for c, _ in conversations for m in c] + plain + extra
     print(f"corpus: {len(conversations)} conversations, {len(plain)} plain texts, "
           f"{sum(len(t.encode()) for t in texts) / 1024:.0f} KiB")
     train_tokenizer(texts, args.out)
