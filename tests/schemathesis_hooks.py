@@ -38,8 +38,6 @@ def _documented_valid(body) -> bool:
         return False
     if len(set(names)) < len(names):
         return False
-    if names and choice in (None, "auto"):
-        return False  # the demo's template has no tool support: a documented 400
     response_format = body.get("response_format") or {}
     schemas = [body.get("schema"), (response_format.get("json_schema") or {}).get("schema")]
     try:

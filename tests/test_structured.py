@@ -132,8 +132,7 @@ def test_a_forced_call_streams_over_the_openai_sdk_and_the_tool_loop_completes(c
         {"role": "assistant", "content": None, "tool_calls": [
             {"id": call["id"], "type": "function",
              "function": {"name": "add", "arguments": call["arguments"]}}]},
-        {"role": "tool", "tool_call_id": call["id"], "content": "5"}], tools=[ADD],
-        tool_choice="none")
+        {"role": "tool", "tool_call_id": call["id"], "content": "5"}], tools=[ADD])
     assert final.choices[0].finish_reason in ("stop", "length", "tool_calls")
     assert final.choices[0].message.content or final.choices[0].message.tool_calls
 
