@@ -197,8 +197,7 @@ def test_parse_with_a_pydantic_model_gives_an_instance(client, proxy):
 
 
 def test_json_object_mode_answers_a_json_object(client, proxy):
-    messages = [{"role": "system", "content": "Answer in JSON."},
-                {"role": "user", "content": "Give the weather in Paris as a JSON object."}]
+    messages = [{"role": "user", "content": "Give me a JSON object."}]
     with exchange(proxy):
         answer = client.chat.completions.create(
             model=MODEL, messages=messages, response_format={"type": "json_object"},
@@ -388,7 +387,7 @@ class Loose(BaseModel):
     (TOOL_MODEL, "json_schema"), (TOOL_MODEL, "function_calling")], indirect=["model"])
 def test_langchain_with_structured_output(base_url, live_server, proxy, model, method):
     schema = Loose if method == "json_mode" else GetWeather
-    prompt = ("Give the weather in Paris as a JSON object." if method == "json_mode"
+    prompt = ("Give me a JSON object." if method == "json_mode"
               else "What is the weather in Paris?")
     with exchange(proxy):
         chat = chat_model_for(base_url, live_server, model)
