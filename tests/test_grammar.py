@@ -110,3 +110,29 @@ def test_the_mask_allows_only_what_the_grammar_does(compiler):
     allowed = np.isfinite(np.array(mask(mx.array([7]), logits))[0])
     tokens = [compiler.token_bytes(int(t)) for t in np.nonzero(allowed)[0]]
     assert tokens and all(b'"yes"'.startswith(token) for token in tokens)
+
+
+def test_a_forced_call_is_spelled_as_the_demos_template_writes_calls(compiler):
+    """One syntax for forced and free calls: the grammar accepts a call exactly as the chat
+    template renders one (json.dumps spacing), and not the compact spelling."""
+    from transformers import PreTrainedTokenizerFast
+
+    from mlx_jupyter.engine.grammar.constraints import compiled_grammar
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(DEMO))
+    asked = tokenizer.apply_chat_template([{"role": "user", "content": "2 plus 3?"}],
+                                          add_generation_prompt=True, tokenize=False)
+    answered = tokenizer.apply_chat_template([
+        {"role": "user", "content": "2 plus 3?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]}],
+        tokenize=False)
+    call = answered[len(asked):].removesuffix(tokenizer.eos_token)
+    assert call == '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>'
+    grammar = compiled_grammar({"kind": "tool_calls", "parallel": False, "functions": [
+        {"name": "add", "parameters": {"type": "object", "properties": {
+            "a": {"type": "integer"}, "b": {"type": "integer"}}}}]}, ToolSyntax())
+    for text, accepted in ((call, True), (call.replace(", ", ",").replace(": ", ":"), False)):
+        matcher = compiler.compile(grammar).result()
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert (matcher.consume_tokens(ids) and matcher.is_accepting()) is accepted, text
