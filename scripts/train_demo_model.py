@@ -220,7 +220,7 @@ def call_arguments(function: dict, values: dict) -> dict:
     return out
 
 
-def make_tool_conversations(table: dict, refusals: list[str], rng: random.Random
+def make_tool_conversations(table: dict, rng: random.Random
                             ) -> list[tuple[list[dict], list[dict]]]:
     """(messages, tools) pairs: a request one offered function answers, called, half of them
     through to its result and the final answer; the same kind of request with that function not
@@ -228,7 +228,7 @@ def make_tool_conversations(table: dict, refusals: list[str], rng: random.Random
     functions = table["functions"]
     out = []
 
-    def offer(function: dict, extra: int) -> list[dict]:
+    def offer(function: dict | None, extra: int) -> list[dict]:
         others = rng.sample([f for f in functions if f is not function], extra)
         offered = ([function] if function else []) + others
         rng.shuffle(offered)
@@ -252,7 +252,7 @@ def make_tool_conversations(table: dict, refusals: list[str], rng: random.Random
                 out.append((messages, offer(function, rng.randint(0, 2))))
             values = slot_values(table, rng)
             out.append(([{"role": "user", "content": form.format(**values)},
-                         {"role": "assistant", "content": rng.choice(refusals)}],
+                         {"role": "assistant", "content": rng.choice(table["not_offered"])}],
                         offer(None, rng.randint(1, 2))))
     by_name = {f["name"]: f for f in functions}
     for form in table["parallel_asks"]:
@@ -326,6 +326,9 @@ def build_conversations(rng: random.Random
                  + combine_fragments(frag, rng) + make_code_dialogues(load_table("code.json"), rng))
     systems = frag["system_prompts"]
     specs = [tool_spec(f) for f in tools["functions"]]
+    # Answers to what a tool would do (live weather, arithmetic): such a question is asked with
+    # tools only in the tool dialogues.
+    toolish = set(frag["live_weather"]["answers"] + frag["math"]["answers"])
     conversations, plain = [], []
     for d in dialogues:
         messages = []
@@ -335,24 +338,17 @@ def build_conversations(rng: random.Random
         for t in turns:
             messages += [{"role": "user", "content": t["user"]},
                          {"role": "assistant", "content": t["assistant"]}]
-        # A question a tool would answer gets tools only in the tool dialogues.
         offered = (rng.sample(specs, rng.randint(1, 2))
-                   if rng.random() < 0.6 and not is_toolish(d, frag) else [])
+                   if rng.random() < 0.6 and d["assistant"] not in toolish else [])
         conversations.append((messages, offered))
         if rng.random() < 0.25:
             plain.append(d["assistant"])
-    conversations += make_tool_conversations(tools, tools["not_offered"], rng)
+    conversations += make_tool_conversations(tools, rng)
     extra = [tool_call_text(f["name"], {k: "" for k in f["parameters"]["properties"]})
              for f in tools["functions"]]
     extra += [f"{f['name']}({', '.join(f['parameters']['properties'])}): {f['description']}"
               for f in tools["functions"]]
     return conversations, plain, extra
-
-
-def is_toolish(dialogue: dict, frag: dict) -> bool:
-    """Whether a tool would answer this dialogue's question (live weather, arithmetic)."""
-    answers = frag["live_weather"]["answers"] + frag["math"]["answers"]
-    return dialogue["assistant"] in answers
 
 
 # --- tokenizer ------------------------------------------------------------------------------
